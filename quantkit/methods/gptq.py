@@ -1,0 +1,128 @@
+"""GPTQ: Hessian-weighted error compensation, generic over weight formats.
+
+The engine needs from a format only `fit` (group parameters from the group's current, error-updated
+weights), `quantize` and `dequantize` of single columns under those parameters (see formats/base.py), so
+uniform INT, HLQ, INT6 and NVFP4 weights all reuse it unchanged.
+
+Algorithm (Frantar et al. 2022, with the usual lazy block updates): H = 2/n Σ x xᵀ; dead inputs (H_ii = 0)
+get H_ii = 1 and zero weights; H += λ·mean(diag H)·I; U = chol(H⁻¹)ᵀ; columns are quantized left to right,
+each column's error e = (w − q)/U_ii is pushed onto the not-yet-quantized columns through U's row.
+
+Groups: without act-order, a group's parameters are fitted when the sweep reaches its first column, on the
+weights as updated so far (including the in-block updates that the reference implementation omits). With
+act-order, columns are visited in descending diag(H) order but groups stay contiguous in the original order
+("static groups"): every group's parameters are fitted up front on the original weights, so the packed
+layout needs no g_idx and kernels see plain contiguous groups.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from quantkit.formats.base import Params, WeightFormat
+
+
+class HessianAccumulator:
+    """Running H = 2/n Σ xᵀx over the rows of every batch passed to `add` (x: [..., K])."""
+
+    def __init__(self, k: int, device: torch.device | str):
+        self.h = torch.zeros(k, k, dtype=torch.float32, device=device)
+        self.n = 0
+
+    @torch.no_grad()
+    def add(self, x: torch.Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1]).to(self.h.device, torch.float32)
+        m = x.shape[0]
+        if m == 0:
+            return
+        self.h.mul_(self.n / (self.n + m))
+        self.n += m
+        x = x * (2.0 / self.n) ** 0.5
+        self.h.addmm_(x.t(), x)
+
+
+def _inverse_cholesky(h: torch.Tensor, damping: float) -> torch.Tensor:
+    """Upper Cholesky factor of H⁻¹ with damping; escalates damping until H is positive definite."""
+    k = h.shape[0]
+    mean_diag = torch.mean(torch.diag(h)).clamp_min(1e-8)
+    eye = torch.eye(k, device=h.device, dtype=h.dtype)
+    lam = damping
+    for _ in range(8):
+        l, info = torch.linalg.cholesky_ex(h + lam * mean_diag * eye)
+        if info == 0:
+            hinv = torch.cholesky_inverse(l)
+            u, info = torch.linalg.cholesky_ex(hinv, upper=True)
+            if info == 0 and torch.isfinite(u).all():
+                return u
+        lam = max(lam * 10, 1e-4)
+    raise RuntimeError("Hessian could not be made positive definite even with heavy damping")
+
+
+@torch.no_grad()
+def gptq_quantize(
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    fmt: WeightFormat,
+    damping: float = 0.01,
+    block_size: int = 128,
+    act_order: bool = False,
+) -> tuple[torch.Tensor, Params]:
+    """Quantize `weight: [N, K]` with GPTQ under format `fmt`.
+
+    Returns codes `[N, K]` (original column order) and parameters stacked per group `{name: [N, groups,
+    ...]}`, the same shapes `fmt.quantize_rtn` returns.
+    """
+    w = weight.detach().to(torch.float32).clone()
+    n, k = w.shape
+    h = hessian.to(w.device, torch.float32).clone()
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+    bounds = fmt.group_bounds(k)
+    group_of = torch.empty(k, dtype=torch.long)
+    for gi, (s, e) in enumerate(bounds):
+        group_of[s:e] = gi
+    params: list[Params | None] = [None] * len(bounds)
+
+    if act_order:
+        perm = torch.argsort(torch.diag(h), descending=True)
+        for gi, (s, e) in enumerate(bounds):  # static groups, fitted on the original weights
+            params[gi] = fmt.fit(w[:, s:e])
+        w = w[:, perm]
+        h = h[perm][:, perm]
+    else:
+        perm = torch.arange(k, device=w.device)
+    perm_cpu = perm.cpu().tolist()
+
+    u = _inverse_cholesky(h, damping)
+    codes = torch.zeros(n, k, dtype=torch.int64, device=w.device)
+
+    for i1 in range(0, k, block_size):
+        i2 = min(i1 + block_size, k)
+        w1 = w[:, i1:i2].clone()
+        err1 = torch.zeros_like(w1)
+        u1 = u[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = perm_cpu[i1 + i]
+            gi = int(group_of[col])
+            if not act_order and col == bounds[gi][0]:
+                s, e = bounds[gi]
+                # current weights of the whole group: in-block columns from w1; columns beyond this block
+                # still owe this block's pending updates, applied here without committing them.
+                cur = w1[:, i : min(e, i2) - i1]
+                if e > i2:
+                    rest = w[:, i2:e] - err1[:, :i] @ u[i1 : i1 + i, i2:e]
+                    cur = torch.cat([cur, rest], dim=1)
+                params[gi] = fmt.fit(cur)
+            p = params[gi]
+            col_w = w1[:, i : i + 1]
+            q = fmt.quantize(col_w, p)
+            dq = fmt.dequantize(q, p)
+            codes[:, col] = q[:, 0]
+            e_col = (col_w[:, 0] - dq[:, 0]) / u1[i, i]
+            w1[:, i:] -= e_col.unsqueeze(1) * u1[i, i:].unsqueeze(0)
+            err1[:, i] = e_col
+        w[:, i2:] -= err1 @ u[i1:i2, i2:]
+
+    stacked = {key: torch.stack([p[key] for p in params], dim=1) for key in params[0]}
+    return codes, stacked

@@ -1,0 +1,86 @@
+"""Runtime Linear modules that hold packed quantized weights.
+
+`QuantLinear` is format-generic: it holds the tensors its format's `pack` produced (as buffers, so they
+travel with `.to()` and land in the state dict under `<module>.<name>`) and computes
+
+    y = x @ dequantize(packed)[:, :in_features]ᵀ + bias
+
+On CUDA a kernel registered for the format in `KERNELS` serves the forward instead (quantkit.kernels fills
+it); the torch reference above is what CPU runs and what kernels are tested against.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from quantkit.formats import make_format
+from quantkit.recipe import WeightSpec
+
+# format name -> fn(module, x) returning y, or None to fall back to the torch reference
+KERNELS: dict[str, Callable[["QuantLinear", torch.Tensor], torch.Tensor | None]] = {}
+
+
+class QuantLinear(nn.Module):
+    """A Linear whose weight is stored packed. x: [..., in_features] → [..., out_features]."""
+
+    def __init__(self, in_features: int, out_features: int, spec: WeightSpec,
+                 packed: dict[str, torch.Tensor], bias: torch.Tensor | None = None):
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.spec = spec
+        self.fmt = make_format(spec)
+        for name, t in packed.items():
+            self.register_buffer(name, t)
+        self.packed_names = tuple(packed)
+        self.bias = nn.Parameter(bias, requires_grad=False) if bias is not None else None
+        self._cached: torch.Tensor | None = None  # dequantized weight, only while `cache_weight` is on
+        self.cache_weight = False
+
+    @classmethod
+    def from_codes(cls, linear: nn.Linear, spec: WeightSpec, codes: torch.Tensor, params) -> "QuantLinear":
+        fmt = make_format(spec)
+        packed = fmt.pack(codes, params, linear.in_features)
+        bias = linear.bias.detach().clone() if linear.bias is not None else None
+        return cls(linear.in_features, linear.out_features, spec, packed, bias)
+
+    def packed(self) -> dict[str, torch.Tensor]:
+        return {name: getattr(self, name) for name in self.packed_names}
+
+    def dequantize_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The weight the packed tensors represent: [out_features, in_features] in `dtype`."""
+        if self._cached is not None and self._cached.dtype == dtype:
+            return self._cached
+        codes, params = self.fmt.unpack(self.packed(), self.fmt.padded_k(self.in_features))
+        w = self.fmt.dequantize_grouped(codes, params)[:, : self.in_features].to(dtype)
+        if self.cache_weight:
+            self._cached = w
+        return w
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_cuda:
+            kernel = KERNELS.get(self.fmt.name)
+            if kernel is not None:
+                y = kernel(self, x)
+                if y is not None:
+                    return y
+        return F.linear(x, self.dequantize_weight(x.dtype), self.bias)
+
+    def extra_repr(self) -> str:
+        s = self.spec
+        g = s.group_size or "channel"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, format={s.format}, "
+                f"bits={s.bits}, group_size={g}, symmetric={s.symmetric}")
+
+
+def set_weight_cache(model: nn.Module, on: bool) -> None:
+    """Keep dequantized weights between forwards (fast CPU evaluation at fp-model memory cost)."""
+    for m in model.modules():
+        if isinstance(m, QuantLinear):
+            m.cache_weight = on
+            if not on:
+                m._cached = None

@@ -1,0 +1,270 @@
+"""Recipes: YAML presets validated into dataclasses.
+
+A recipe says which Linear modules of the decoder get which weight scheme and which method quantizes them::
+
+    name: gptq-w4g128
+    description: GPTQ, 4-bit asymmetric integer weights, groups of 128
+    method: {name: gptq, damping: 0.01, block_size: 128, act_order: false}
+    weights: {format: int, bits: 4, group_size: 128, symmetric: false}
+    targets: ["*"]          # module-name patterns inside the decoder layers (glob, or "re:<regex>")
+    ignore: []              # patterns left in full precision (lm_head and embeddings are never touched)
+    overrides:              # later entries win; keys merge over `weights`
+      - {match: ["*.down_proj"], weights: {bits: 8}}
+
+`quantkit recipes` lists the shipped ones; `--recipe NAME` finds them, a path to a .yaml works too.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import fnmatch
+import re
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from quantkit.errors import QuantkitError
+
+METHODS = ("rtn", "gptq")
+
+
+@dataclass(frozen=True)
+class WeightSpec:
+    """How one Linear's weights are stored. group_size None = per output channel."""
+
+    format: str = "int"
+    bits: int = 4
+    group_size: int | None = 128
+    symmetric: bool = False
+    options: tuple[tuple[str, Any], ...] = ()  # format-specific settings (e.g. HLQ fitting), hashable
+
+    def option(self, key: str, default: Any = None) -> Any:
+        return dict(self.options).get(key, default)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {"format": self.format, "bits": self.bits, "group_size": self.group_size,
+             "symmetric": self.symmetric}
+        d.update(dict(self.options))
+        return d
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    name: str = "rtn"
+    damping: float = 0.01  # GPTQ: fraction of mean(diag H) added to the diagonal
+    block_size: int = 128  # GPTQ: columns per lazy-update block
+    act_order: bool = False  # GPTQ: columns in descending diag(H) order (groups stay static, see gptq.py)
+    true_sequential: bool = True  # GPTQ: re-collect inputs after quantizing each sub-block of a layer
+
+
+@dataclass(frozen=True)
+class Override:
+    match: tuple[str, ...]
+    weights: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    description: str = ""
+    method: MethodSpec = field(default_factory=MethodSpec)
+    weights: WeightSpec = field(default_factory=WeightSpec)
+    activations: dict[str, Any] | None = None  # reserved for activation-quantizing methods
+    targets: tuple[str, ...] = ("*",)
+    ignore: tuple[str, ...] = ()
+    overrides: tuple[Override, ...] = ()
+
+    def scheme_for(self, module_name: str) -> WeightSpec | None:
+        """The weight spec of a decoder Linear, or None when it stays in full precision."""
+        if not any(match_pattern(p, module_name) for p in self.targets):
+            return None
+        if any(match_pattern(p, module_name) for p in self.ignore):
+            return None
+        spec = self.weights
+        for ov in self.overrides:
+            if any(match_pattern(p, module_name) for p in ov.match):
+                spec = _weights_from_dict({**spec.to_dict(), **ov.weights}, where=f"override {ov.match}")
+        return spec
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name, "description": self.description,
+            "method": dataclasses.asdict(self.method), "weights": self.weights.to_dict(),
+            "activations": self.activations, "targets": list(self.targets), "ignore": list(self.ignore),
+            "overrides": [{"match": list(o.match), "weights": o.weights} for o in self.overrides],
+        }
+
+
+def match_pattern(pattern: str, name: str) -> bool:
+    """`re:<regex>` (full match), else a glob that may match the whole name or a trailing part of it."""
+    if pattern.startswith("re:"):
+        return re.fullmatch(pattern[3:], name) is not None
+    return fnmatch.fnmatchcase(name, pattern) or fnmatch.fnmatchcase(name, "*." + pattern)
+
+
+# ---------------------------------------------------------------- validation
+
+_FORMAT_LIMITS = {  # format -> (min bits, max bits, min group size, format-specific option names)
+    "int": (2, 8, 8, ()),
+}
+
+
+def register_format_limits(name: str, min_bits: int, max_bits: int, min_group: int, options=()) -> None:
+    """Formats added by later modules declare their valid ranges and extra recipe keys here."""
+    _FORMAT_LIMITS[name] = (min_bits, max_bits, min_group, tuple(options))
+
+
+def _unknown_key(key: str, valid, where: str) -> QuantkitError:
+    near = difflib.get_close_matches(key, list(valid), n=1)
+    hint = f"; did you mean '{near[0]}'?" if near else f"; valid keys: {', '.join(sorted(valid))}"
+    return QuantkitError(f"unknown recipe key '{key}' in {where}{hint}")
+
+
+def _check_keys(d: dict, valid, where: str) -> None:
+    if not isinstance(d, dict):
+        raise QuantkitError(f"recipe section '{where}' must be a mapping, got {type(d).__name__}")
+    for k in d:
+        if k not in valid:
+            raise _unknown_key(str(k), valid, where)
+
+
+def _typed(value, typ, key: str, where: str):
+    if typ is bool:
+        if not isinstance(value, bool):
+            raise QuantkitError(f"recipe key '{key}' in {where} must be true or false, got {value!r}")
+        return value
+    if typ is int and (isinstance(value, bool) or not isinstance(value, int)):
+        raise QuantkitError(f"recipe key '{key}' in {where} must be an integer, got {value!r}")
+    if typ is float and (isinstance(value, bool) or not isinstance(value, (int, float))):
+        raise QuantkitError(f"recipe key '{key}' in {where} must be a number, got {value!r}")
+    return typ(value)
+
+
+def _weights_from_dict(d: dict, where: str = "weights") -> WeightSpec:
+    fmt = d.get("format", "int")
+    if fmt not in _FORMAT_LIMITS:
+        raise _unknown_key(str(fmt), _FORMAT_LIMITS, f"{where}.format (a weight format)")
+    lo, hi, min_group, opts = _FORMAT_LIMITS[fmt]
+    _check_keys(d, {"format", "bits", "group_size", "symmetric", *opts}, where)
+    bits = _typed(d.get("bits", 4), int, "bits", where)
+    if not lo <= bits <= hi:
+        raise QuantkitError(f"{where}.bits = {bits} is out of range for format '{fmt}': use {lo}..{hi}")
+    gs = d.get("group_size", 128)
+    if gs in (None, -1, "channel", "per-channel"):
+        gs = None
+    else:
+        gs = _typed(gs, int, "group_size", where)
+        if gs < min_group:
+            raise QuantkitError(
+                f"{where}.group_size = {gs} is out of range for format '{fmt}': use >= {min_group}, "
+                f"or 'channel' for one group per output row"
+            )
+    sym = _typed(d.get("symmetric", False), bool, "symmetric", where)
+    options = tuple(sorted((k, d[k]) for k in opts if k in d))
+    return WeightSpec(format=fmt, bits=bits, group_size=gs, symmetric=sym, options=options)
+
+
+def _method_from_dict(d: dict) -> MethodSpec:
+    valid = {f.name for f in dataclasses.fields(MethodSpec)}
+    _check_keys(d, valid, "method")
+    name = d.get("name", "rtn")
+    if name not in METHODS:
+        raise _unknown_key(str(name), METHODS, "method.name (a method)")
+    kw = {"name": name}
+    for f in dataclasses.fields(MethodSpec):
+        if f.name != "name" and f.name in d:
+            kw[f.name] = _typed(d[f.name], type(f.default), f.name, "method")
+    spec = MethodSpec(**kw)
+    if not 0 <= spec.damping < 1:
+        raise QuantkitError(f"method.damping = {spec.damping} is out of range: use 0 <= damping < 1")
+    if spec.block_size < 1:
+        raise QuantkitError(f"method.block_size = {spec.block_size} must be >= 1")
+    return spec
+
+
+def _patterns(value, key: str) -> tuple[str, ...]:
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise QuantkitError(f"recipe key '{key}' must be a pattern or a list of patterns")
+    for v in value:
+        if v.startswith("re:"):
+            try:
+                re.compile(v[3:])
+            except re.error as e:
+                raise QuantkitError(f"recipe key '{key}': bad regular expression '{v[3:]}': {e}") from None
+    return tuple(value)
+
+
+def recipe_from_dict(d: dict, default_name: str = "recipe") -> Recipe:
+    top = {"name", "description", "method", "weights", "activations", "targets", "ignore", "overrides"}
+    _check_keys(d, top, "the recipe")
+    weights = _weights_from_dict(d.get("weights") or {})
+    overrides = []
+    for i, ov in enumerate(d.get("overrides") or []):
+        _check_keys(ov, {"match", "weights"}, f"overrides[{i}]")
+        if "match" not in ov:
+            raise QuantkitError(f"overrides[{i}] needs a 'match' pattern list")
+        w = ov.get("weights") or {}
+        _weights_from_dict({**weights.to_dict(), **w}, where=f"overrides[{i}].weights")  # validate early
+        overrides.append(Override(match=_patterns(ov["match"], f"overrides[{i}].match"), weights=dict(w)))
+    acts = d.get("activations")
+    if acts is not None:
+        raise QuantkitError("recipe key 'activations' is reserved for activation-quantizing methods; "
+                            "remove it for weight-only methods")
+    return Recipe(
+        name=str(d.get("name", default_name)),
+        description=str(d.get("description", "")),
+        method=_method_from_dict(d.get("method") or {}),
+        weights=weights,
+        targets=_patterns(d.get("targets", ["*"]), "targets"),
+        ignore=_patterns(d.get("ignore", []), "ignore"),
+        overrides=tuple(overrides),
+    )
+
+
+# ---------------------------------------------------------------- lookup
+
+def _shipped_dir():
+    return resources.files("quantkit.recipes")
+
+
+def shipped_recipes() -> dict[str, str]:
+    """name -> description of every recipe shipped with the package."""
+    out = {}
+    for entry in sorted(_shipped_dir().iterdir(), key=lambda e: e.name):
+        if entry.name.endswith(".yaml"):
+            data = yaml.safe_load(entry.read_text()) or {}
+            out[entry.name[:-5]] = str(data.get("description", ""))
+    return out
+
+
+def load_recipe(name_or_path: str | Path | Recipe | dict) -> Recipe:
+    """A shipped recipe by name, a YAML path, a dict, or a Recipe (returned as is)."""
+    if isinstance(name_or_path, Recipe):
+        return name_or_path
+    if isinstance(name_or_path, dict):
+        return recipe_from_dict(name_or_path)
+    s = str(name_or_path)
+    p = Path(s).expanduser()
+    if p.suffix in (".yaml", ".yml") or p.exists():
+        if not p.is_file():
+            raise QuantkitError(f"recipe file '{s}' does not exist")
+        text, default = p.read_text(), p.stem
+    else:
+        entry = _shipped_dir() / f"{s}.yaml"
+        if not entry.is_file():
+            names = list(shipped_recipes())
+            near = difflib.get_close_matches(s, names, n=1)
+            hint = f"did you mean '{near[0]}'?" if near else "run 'quantkit recipes' to list them"
+            raise QuantkitError(f"unknown recipe '{s}': {hint}")
+        text, default = entry.read_text(), s
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        raise QuantkitError(f"recipe '{s}' is not valid YAML: {str(e).splitlines()[0]}") from None
+    return recipe_from_dict(data, default_name=default)
