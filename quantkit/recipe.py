@@ -147,6 +147,8 @@ def _typed(value, typ, key: str, where: str):
 def _weights_from_dict(d: dict, where: str = "weights") -> WeightSpec:
     fmt = d.get("format", "int")
     if fmt not in _FORMAT_LIMITS:
+        import quantkit.formats  # noqa: F401  (format modules register their limits on import)
+    if fmt not in _FORMAT_LIMITS:
         raise _unknown_key(str(fmt), _FORMAT_LIMITS, f"{where}.format (a weight format)")
     lo, hi, min_group, opts = _FORMAT_LIMITS[fmt]
     _check_keys(d, {"format", "bits", "group_size", "symmetric", *opts}, where)

@@ -1,6 +1,7 @@
 """Number formats: exact quantize / dequantize / pack / unpack, pure torch."""
 
 from quantkit.formats.base import FORMATS, Params, WeightFormat, register_format
+from quantkit.formats.hlq import HLQ
 from quantkit.formats.packing import pack_codes, unpack_codes
 from quantkit.formats.uniform import UniformInt
 
@@ -13,5 +14,5 @@ def make_format(spec) -> WeightFormat:
     )
 
 
-__all__ = ["FORMATS", "Params", "WeightFormat", "register_format", "pack_codes", "unpack_codes",
-           "UniformInt", "make_format"]
+__all__ = ["FORMATS", "HLQ", "Params", "UniformInt", "WeightFormat", "make_format", "pack_codes",
+           "register_format", "unpack_codes"]
