@@ -1,0 +1,10 @@
+"""quantkit: post-training quantization for LLMs on one layer-by-layer pipeline."""
+
+__version__ = "0.1.0"
+
+from quantkit import eval  # noqa: E402,F401  (quantkit.eval lives in the top-level eval/ folder)
+from quantkit.api import load, load_model, quantize, save  # noqa: E402
+from quantkit.errors import QuantkitError  # noqa: E402
+from quantkit.recipe import Recipe, load_recipe  # noqa: E402
+
+__all__ = ["QuantkitError", "Recipe", "eval", "load", "load_model", "load_recipe", "quantize", "save"]

@@ -1,0 +1,267 @@
+"""Packed checkpoints: save and load (format described in docs/FORMAT.md).
+
+A checkpoint is an HF-style folder: `config.json` (the model config + `quantization_config`), sharded
+`model-0000i-of-0000n.safetensors` + `model.safetensors.index.json`, tokenizer files. Quantized Linears
+store their packed tensors under `<module>.<name>`; every other tensor is stored as it was. Loading builds
+the model skeleton on the meta device, swaps in QuantLinear modules from `quantization_config.modules`,
+and assigns the stored tensors — no calibration code, no pickle.
+
+Writes go to `<out>.partial/`, each shard through a temp file + rename, and the folder is renamed into
+place only when complete, so an interrupted save never leaves a half-valid checkpoint at `<out>`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from quantkit.errors import QuantkitError
+from quantkit.nn import QuantLinear
+from quantkit.recipe import WeightSpec, _weights_from_dict
+
+FORMAT_VERSION = 1
+INDEX_NAME = "model.safetensors.index.json"
+DEFAULT_SHARD_BYTES = 2 * 1024**3
+
+
+def check_out_dir(out: Path, overwrite: bool) -> None:
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise QuantkitError(f"output '{out}' exists and is not empty; pass --overwrite (overwrite=True) "
+                            f"or choose another --out")
+
+
+def _state_for_saving(model) -> dict[str, torch.Tensor]:
+    sd = model.state_dict()
+    out, seen = {}, {}
+    for name, t in sd.items():
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape)) if t.numel() else None
+        if key is not None and key in seen:  # tied weights (lm_head = embeddings) are stored once
+            continue
+        if key is not None:
+            seen[key] = name
+        out[name] = t.detach().to("cpu").contiguous()
+    return out
+
+
+def _shards(tensors: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, torch.Tensor]]:
+    shards, cur, size = [], {}, 0
+    for name, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        if cur and size + nbytes > max_bytes:
+            shards.append(cur)
+            cur, size = {}, 0
+        cur[name] = t
+        size += nbytes
+    if cur or not shards:
+        shards.append(cur)
+    return shards
+
+
+def quantization_config(model) -> dict:
+    report = getattr(model, "quantkit_report", None)
+    modules = dict(report.modules) if report is not None else {}
+    if not modules:  # a model loaded from a checkpoint: rebuild the table from its modules
+        for name, m in model.named_modules():
+            if isinstance(m, QuantLinear):
+                modules[name] = {**m.spec.to_dict(), "in_features": m.in_features,
+                                 "out_features": m.out_features, "bias": m.bias is not None}
+    if not modules:
+        raise QuantkitError("the model has no quantized modules; run quantize() first")
+    qc = {"quant_method": "quantkit", "format_version": FORMAT_VERSION, "modules": modules}
+    recipe = getattr(model, "quantkit_recipe", None)
+    if recipe is not None:
+        qc["recipe"] = recipe
+    return qc
+
+
+def save(model, out: str | os.PathLike, tokenizer=None, overwrite: bool = False,
+         max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> Path:
+    """Write `model` (with QuantLinear modules) as a packed checkpoint folder. Returns the folder."""
+    out = Path(out).expanduser()
+    check_out_dir(out, overwrite)
+    tokenizer = tokenizer if tokenizer is not None else getattr(model, "quantkit_tokenizer", None)
+    qc = quantization_config(model)
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        tensors = _state_for_saving(model)
+        shards = _shards(tensors, max_shard_bytes)
+        weight_map, total = {}, 0
+        for i, shard in enumerate(shards):
+            fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            part = tmp / (fname + ".tmp")
+            save_file(shard, str(part), metadata={"format": "pt", "quantkit_format_version": str(FORMAT_VERSION)})
+            os.replace(part, tmp / fname)
+            for name, t in shard.items():
+                weight_map[name] = fname
+                total += t.numel() * t.element_size()
+        index = {"metadata": {"total_size": total, "quantkit_format_version": FORMAT_VERSION},
+                 "weight_map": weight_map}
+        (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2))
+        cfg = model.config.to_dict()
+        cfg["quantization_config"] = qc
+        (tmp / "config.json").write_text(json.dumps(cfg, indent=2, default=str))
+        gen = getattr(model, "generation_config", None)
+        if gen is not None:
+            gen.save_pretrained(str(tmp))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
+        if out.exists():
+            old = out.with_name(out.name + ".old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise QuantkitError(f"could not write checkpoint to '{out}': {e.strerror or e}") from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _read_config(path: Path) -> tuple[dict, dict]:
+    cfg_path = path / "config.json"
+    if not cfg_path.exists():
+        raise QuantkitError(f"'{path}' has no config.json; it is not a quantkit checkpoint")
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except json.JSONDecodeError as e:
+        raise QuantkitError(f"'{cfg_path}' is not valid JSON ({e.msg}); the checkpoint is corrupt") from None
+    qc = cfg.pop("quantization_config", None) or {}
+    if qc.get("quant_method") != "quantkit":
+        raise QuantkitError(f"'{path}' is not a quantkit checkpoint (no quantization_config with "
+                            f"quant_method 'quantkit')")
+    version = qc.get("format_version")
+    if version != FORMAT_VERSION:
+        raise QuantkitError(f"'{path}' has checkpoint format_version {version}; this quantkit reads version "
+                            f"{FORMAT_VERSION}: upgrade quantkit or re-export the checkpoint")
+    return cfg, qc
+
+
+def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    index = path / INDEX_NAME
+    if index.exists():
+        try:
+            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (json.JSONDecodeError, KeyError):
+            raise QuantkitError(f"'{index}' is corrupt; re-export the checkpoint") from None
+    else:
+        files = sorted(p.name for p in path.glob("*.safetensors"))
+    if not files:
+        raise QuantkitError(f"'{path}' holds no .safetensors shards")
+    tensors = {}
+    for fname in files:
+        f = path / fname
+        if not f.exists():
+            raise QuantkitError(f"checkpoint shard '{f}' is missing; the checkpoint is incomplete")
+        try:
+            with safe_open(str(f), framework="pt") as sf:
+                for k in sf.keys():
+                    tensors[k] = sf.get_tensor(k)
+        except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
+            raise QuantkitError(f"checkpoint shard '{f}' is truncated or corrupt ({str(e).splitlines()[0]}); "
+                                f"re-export the checkpoint") from None
+    return tensors
+
+
+def load(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
+    """Load a quantkit checkpoint: an HF causal LM whose quantized Linears are QuantLinear modules."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(path).expanduser()
+    if not path.is_dir():
+        raise QuantkitError(f"checkpoint folder '{path}' does not exist")
+    cfg, qc = _read_config(path)
+    config = AutoConfig.for_model(**cfg)
+    tensors = _read_tensors(path)
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype or _stored_dtype(tensors))
+    for name, entry in qc.get("modules", {}).items():
+        try:
+            old = model.get_submodule(name)
+        except AttributeError:
+            raise QuantkitError(f"checkpoint lists module '{name}', which the model config does not have") \
+                from None
+        spec = _spec_from_entry(entry, name)
+        k, n = int(entry["in_features"]), int(entry["out_features"])
+        if (getattr(old, "in_features", k), getattr(old, "out_features", n)) != (k, n):
+            raise QuantkitError(f"module '{name}': checkpoint says {k}->{n}, the model config says "
+                                f"{old.in_features}->{old.out_features}")
+        fmt_names = _packed_names(spec, k, n)
+        packed = {}
+        for pname, (shape, pdtype) in fmt_names.items():
+            key = f"{name}.{pname}"
+            if key not in tensors:
+                raise QuantkitError(f"checkpoint is missing tensor '{key}'; it is incomplete or corrupt")
+            t = tensors.pop(key)
+            if tuple(t.shape) != shape or t.dtype != pdtype:
+                raise QuantkitError(f"tensor '{key}' has shape {tuple(t.shape)} {t.dtype}, expected {shape} "
+                                    f"{pdtype}; the checkpoint does not match its quantization_config")
+            packed[pname] = t
+        bias = tensors.pop(f"{name}.bias", None)
+        if entry.get("bias") and bias is None:
+            raise QuantkitError(f"checkpoint is missing tensor '{name}.bias'")
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, QuantLinear(k, n, spec, packed, bias))
+    expected = set(model.state_dict().keys())
+    missing = [k for k in expected if k not in tensors and not _is_quant_key(model, k)]
+    tied = getattr(config, "tie_word_embeddings", False)
+    missing = [k for k in missing if not (tied and k.endswith("lm_head.weight"))]
+    if missing:
+        raise QuantkitError(f"checkpoint is missing {len(missing)} tensors (e.g. '{missing[0]}'); "
+                            f"it is incomplete or corrupt")
+    model.load_state_dict(tensors, strict=False, assign=True)
+    if tied:
+        model.tie_weights()
+    model.eval()
+    model = model.to(device)
+    try:
+        model.quantkit_tokenizer = AutoTokenizer.from_pretrained(str(path))
+    except Exception:  # noqa: BLE001 - a checkpoint without tokenizer files still loads
+        model.quantkit_tokenizer = None
+    model.quantkit_recipe = qc.get("recipe")
+    return model
+
+
+def _is_quant_key(model, key: str) -> bool:
+    mod_name = key.rpartition(".")[0]
+    try:
+        return isinstance(model.get_submodule(mod_name), QuantLinear)
+    except AttributeError:
+        return False
+
+
+def _stored_dtype(tensors: dict[str, torch.Tensor]) -> torch.dtype:
+    floats = [t.dtype for k, t in tensors.items() if t.is_floating_point() and "embed" in k]
+    return floats[0] if floats else torch.float32
+
+
+def _spec_from_entry(entry: dict, name: str) -> WeightSpec:
+    keys = {k: v for k, v in entry.items() if k not in ("method", "in_features", "out_features", "bias")}
+    try:
+        return _weights_from_dict(keys, where=f"quantization_config.modules['{name}']")
+    except QuantkitError as e:
+        raise QuantkitError(f"checkpoint config is invalid: {e}") from None
+
+
+def _packed_names(spec: WeightSpec, k: int, n: int) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """Names, shapes and dtypes of the packed tensors a module of this spec stores (from a tiny pack)."""
+    from quantkit.formats import make_format
+
+    fmt = make_format(spec)
+    groups = fmt.groups(k)
+    probe = fmt.pack(torch.zeros(1, k, dtype=torch.int64),
+                     fmt.fit(torch.zeros(1, groups, fmt.group_size or k)), k)
+    return {name: (tuple(t.shape[:-1]) + (n,), t.dtype) for name, t in probe.items()}

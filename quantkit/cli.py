@@ -1,0 +1,181 @@
+"""The `quantkit` command line (click). Errors in user input print one line and exit with status 2."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import click
+
+from quantkit.errors import QuantkitError
+
+
+def _device_option(f):
+    return click.option("--device", default="cpu", show_default=True,
+                        help="Where each layer is quantized / the model runs: cpu, cuda, cuda:1, ...")(f)
+
+
+def _check_device(device: str) -> None:
+    import torch
+
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise QuantkitError(f"--device {device} asked for, but torch sees no CUDA GPU; use --device cpu")
+    if not (device == "cpu" or device.startswith("cuda")):
+        raise QuantkitError(f"unknown --device '{device}': use cpu or cuda[:N]")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="quantkit")
+def cli() -> None:
+    """quantkit: quantize Hugging Face causal LMs, export packed checkpoints, evaluate them."""
+
+
+@cli.command()
+@click.argument("model")
+@click.option("--recipe", "-r", required=True, help="A shipped recipe name (see `quantkit recipes`) or a YAML path.")
+@click.option("--out", "-o", required=True, type=click.Path(path_type=Path), help="Output checkpoint folder.")
+@click.option("--dataset", default="ptb", show_default=True, help="Calibration data: ptb, wikitext2, c4 or a file.")
+@click.option("--nsamples", default=128, show_default=True, help="Calibration windows.")
+@click.option("--seq-len", default=2048, show_default=True, help="Tokens per calibration window.")
+@click.option("--seed", default=0, show_default=True, help="Seed for picking calibration windows.")
+@_device_option
+@click.option("--overwrite", is_flag=True, help="Replace a non-empty --out folder.")
+def quantize(model, recipe, out, dataset, nsamples, seq_len, seed, device, overwrite):
+    """Quantize MODEL ('demo', an HF folder or a .gguf file) with a recipe and write a packed checkpoint."""
+    import quantkit as qk
+    from quantkit.checkpoint import check_out_dir
+
+    _check_device(device)
+    rec = qk.load_recipe(recipe)
+    check_out_dir(out, overwrite)  # fail before the long part, not after
+    t0 = time.perf_counter()
+    m = qk.quantize(model, rec, dataset=dataset, nsamples=nsamples, seq_len=seq_len, device=device, seed=seed)
+    secs = time.perf_counter() - t0
+    qk.save(m, out, overwrite=overwrite)
+    click.echo(f"quantized {len(m.quantkit_report.modules)} modules with '{rec.name}' in {secs:.1f} s "
+               f"-> {out}")
+
+
+@cli.group(name="eval")
+def eval_group() -> None:
+    """Evaluation jobs."""
+
+
+@eval_group.command(name="ppl")
+@click.argument("model")
+@click.option("--dataset", default="ptb", show_default=True)
+@click.option("--split", default="test", show_default=True)
+@click.option("--seq-len", default=2048, show_default=True)
+@click.option("--max-windows", type=int, default=None, help="Evaluate at most this many windows.")
+@click.option("--json", "json_path", type=click.Path(path_type=Path), default=None, help="Write results here.")
+@_device_option
+def eval_ppl(model, dataset, split, seq_len, max_windows, json_path, device):
+    """Perplexity of MODEL_OR_DIR (a quantkit checkpoint, an HF folder, a .gguf, or 'demo')."""
+    import quantkit as qk
+
+    _check_device(device)
+    m, tok = qk.load_model(model, device=device)
+    res = qk.eval.perplexity(m, tok, dataset=dataset, seq_len=seq_len, max_windows=max_windows, split=split)
+    res["model"] = str(model)
+    click.echo(f"ppl {res['ppl']:.4f}  ({dataset}/{split}, seq_len {seq_len}, {res['windows']} windows, "
+               f"{res['dtype']}, {res['seconds']:.0f} s)")
+    if json_path:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps(res, indent=2))
+
+
+@cli.command()
+@click.argument("path", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def inspect(path, as_json):
+    """Per-module scheme, bits/weight (scales included) and size on disk vs bf16, of a checkpoint DIR."""
+    from quantkit.inspect import inspect_checkpoint
+
+    info = inspect_checkpoint(path)
+    if as_json:
+        click.echo(json.dumps(info, indent=2))
+        return
+    rows = info["modules"]
+    w = max(len(r["name"]) for r in rows) if rows else 10
+    click.echo(f"{'module':<{w}}  {'scheme':<28} {'shape':>12} {'bits/w':>7}")
+    for r in rows:
+        click.echo(f"{r['name']:<{w}}  {r['scheme']:<28} {r['shape']:>12} {r['bits_per_weight']:>7.3f}")
+    t = info["totals"]
+    click.echo(f"\nquantized Linears: {t['quantized_modules']}, {t['quantized_params']:,} weights at "
+               f"{t['bits_per_weight']:.3f} bits/weight (scales and zeros included)")
+    click.echo(f"size on disk: {t['disk_bytes'] / 2**20:.1f} MiB vs {t['bf16_bytes'] / 2**20:.1f} MiB in bf16 "
+               f"({t['disk_bytes'] / t['bf16_bytes']:.3f}x)")
+
+
+@cli.command()
+def recipes():
+    """List the shipped recipes."""
+    from quantkit.recipe import shipped_recipes
+
+    items = shipped_recipes()
+    w = max(len(n) for n in items)
+    for name, desc in items.items():
+        click.echo(f"{name:<{w}}  {desc}")
+
+
+@cli.command()
+@click.option("--recipe", "-r", default="gptq-w4g128", show_default=True)
+@click.option("--nsamples", default=16, show_default=True, help="Calibration windows (of --seq-len tokens).")
+@click.option("--seq-len", default=2048, show_default=True)
+@click.option("--max-windows", default=8, show_default=True, help="PTB test windows evaluated (of 47).")
+@click.option("--out", type=click.Path(path_type=Path), default=None,
+              help="Checkpoint folder (default: under the quantkit cache).")
+@_device_option
+def demo(recipe, nsamples, seq_len, max_windows, out, device):
+    """Built-in model -> quantize -> save -> reload -> perplexity and size, before and after."""
+    import quantkit as qk
+    from quantkit.inspect import inspect_checkpoint
+    from quantkit.models import cache_dir
+
+    _check_device(device)
+    out = out or cache_dir() / "demo-out" / recipe
+    click.echo(f"demo: SmolLM2-135M-Instruct, recipe {recipe}, {nsamples} x {seq_len} calibration tokens from "
+               f"PTB train; perplexity on the first {max_windows} PTB test windows of {seq_len} tokens "
+               f"(capped for speed: `quantkit eval ppl` runs all 47)")
+    fp, tok = qk.load_model("demo", device=device)
+    fp_res = qk.eval.perplexity(fp, tok, seq_len=seq_len, max_windows=max_windows)
+    del fp
+    t0 = time.perf_counter()
+    m = qk.quantize("demo", recipe, nsamples=nsamples, seq_len=seq_len, device=device)
+    qsecs = time.perf_counter() - t0
+    qk.save(m, out, overwrite=True)
+    del m
+    q = qk.load(out, device=device)
+    q_res = qk.eval.perplexity(q, seq_len=seq_len, max_windows=max_windows)
+    info = inspect_checkpoint(out)["totals"]
+    fp_mib = info["bf16_bytes"] / 2**20
+    click.echo("")
+    click.echo(f"{'model':<24} {'ppl (PTB test)':>15} {'linear weights':>18} {'bits/weight':>12}")
+    click.echo(f"{'bf16 original':<24} {fp_res['ppl']:>15.3f} {fp_mib:>14.1f} MiB {16:>12.3f}")
+    click.echo(f"{recipe:<24} {q_res['ppl']:>15.3f} {info['quantized_disk_bytes'] / 2**20:>14.1f} MiB "
+               f"{info['bits_per_weight']:>12.3f}")
+    click.echo(f"\nquantization took {qsecs:.0f} s; checkpoint in {out} "
+               f"({info['disk_bytes'] / 2**20:.1f} MiB on disk, embeddings included)")
+
+
+def main() -> None:
+    try:
+        cli.main(standalone_mode=False)
+    except QuantkitError as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(2)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        click.echo("interrupted", err=True)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

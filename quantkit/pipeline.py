@@ -1,0 +1,255 @@
+"""The sequential (layer-by-layer) quantization driver every method rides.
+
+1. Run the embeddings on the calibration windows and capture decoder layer 0's inputs (and the keyword
+   arguments the model passes its layers: position embeddings, masks).
+2. For each decoder layer: find the Linear modules the recipe targets; split them into "sub-blocks" of
+   modules that read the same input tensor (q/k/v, o, gate/up, down on Llama), discovered by a traced
+   forward, not hard-coded. For GPTQ, per sub-block: collect Hessians with forward hooks over all windows
+   (stopping the forward right after that sub-block), quantize, swap in the QuantLinear; later sub-blocks
+   then see the quantized earlier ones ("true sequential"). RTN needs no data.
+3. Run the quantized layer on all windows: its outputs are the next layer's inputs.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from quantkit.errors import QuantkitError
+from quantkit.formats import make_format
+from quantkit.methods import HessianAccumulator, gptq_quantize, rtn_quantize
+from quantkit.models import decoder_layers
+from quantkit.nn import QuantLinear
+from quantkit.recipe import Recipe, WeightSpec
+
+
+@dataclass
+class QuantizeReport:
+    recipe: str
+    modules: dict[str, dict] = field(default_factory=dict)  # name -> scheme dict (+ shapes)
+    seconds: float = 0.0
+    nsamples: int = 0
+    seq_len: int = 0
+
+
+class _StopForward(Exception):
+    pass
+
+
+def _layer_prefix(model: nn.Module, layers: nn.ModuleList) -> str:
+    for name, mod in model.named_modules():
+        if mod is layers:
+            return name
+    raise QuantkitError("could not locate the decoder layers inside the model")
+
+
+def _targets(layer: nn.Module, prefix: str, recipe: Recipe) -> dict[str, tuple[nn.Linear, WeightSpec]]:
+    out = {}
+    for name, mod in layer.named_modules():
+        if isinstance(mod, nn.Linear) and not isinstance(mod, QuantLinear):
+            full = f"{prefix}.{name}"
+            spec = recipe.scheme_for(full)
+            if spec is not None:
+                out[name] = (mod, spec)
+    return out
+
+
+def _check_finite(name: str, w: torch.Tensor) -> None:
+    if not torch.isfinite(w).all():
+        bad = int((~torch.isfinite(w)).sum())
+        raise QuantkitError(f"weight of '{name}' holds {bad} NaN/Inf values; fix or exclude that layer "
+                            f"(recipe 'ignore')")
+
+
+def _set_module(root: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, child, new)
+
+
+def _run_layer(layer: nn.Module, x: torch.Tensor, kwargs: dict) -> torch.Tensor:
+    out = layer(x, **kwargs)
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+@torch.no_grad()
+def capture_layer_inputs(model: nn.Module, windows: torch.Tensor, device: torch.device,
+                         store_device: torch.device) -> tuple[list[torch.Tensor], dict]:
+    """Inputs of decoder layer 0 for every window ([1, seq, hidden] each) and the layer's kwargs."""
+    layers = decoder_layers(model)
+    captured: dict = {}
+
+    def hook(mod, args, kwargs):
+        hs = args[0] if args else kwargs["hidden_states"]
+        captured["x"] = hs
+        captured["kwargs"] = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+        raise _StopForward
+
+    handle = layers[0].register_forward_pre_hook(hook, with_kwargs=True)
+    # only what runs before layer 0 (embeddings, rotary) needs to be on the compute device
+    moved = [m for n, m in model.model.named_children() if n != "layers"]
+    for m in moved:
+        m.to(device)
+    xs = []
+    try:
+        for i in range(windows.shape[0]):
+            try:
+                model(windows[i : i + 1].to(device), use_cache=False)
+            except _StopForward:
+                pass
+            xs.append(captured["x"].to(store_device))
+    finally:
+        handle.remove()
+        for m in moved:
+            m.to(store_device)
+    kwargs = {}
+    for k, v in captured["kwargs"].items():
+        if k in ("past_key_values", "past_key_value"):
+            v = None
+        if k == "use_cache":
+            v = False
+        kwargs[k] = v
+    return xs, kwargs
+
+
+def _to(obj, device):
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, tuple):
+        return tuple(_to(o, device) for o in obj)
+    if isinstance(obj, list):
+        return [_to(o, device) for o in obj]
+    if isinstance(obj, dict):
+        return {k: _to(v, device) for k, v in obj.items()}
+    return obj
+
+
+@torch.no_grad()
+def _sub_blocks(layer: nn.Module, targets: dict, x: torch.Tensor, kwargs: dict) -> list[list[str]]:
+    """Group target Linears that read the same input tensor, in execution order (one traced forward)."""
+    order: list[tuple[str, torch.Tensor]] = []  # holding the tensors keeps their identities unique
+    handles = []
+    for name, (mod, _) in targets.items():
+        def hook(m, args, _name=name):
+            order.append((_name, args[0]))
+        handles.append(mod.register_forward_pre_hook(hook))
+    try:
+        _run_layer(layer, x, kwargs)
+    finally:
+        for h in handles:
+            h.remove()
+    blocks: list[list[str]] = []
+    block_inputs: list[torch.Tensor] = []
+    for name, inp in order:
+        if name in {n for b in blocks for n in b}:
+            continue
+        same = [i for i, t in enumerate(block_inputs) if t is inp]
+        if same:
+            blocks[same[0]].append(name)
+        else:
+            block_inputs.append(inp)
+            blocks.append([name])
+    missing = [n for n in targets if n not in {n for b in blocks for n in b}]
+    if missing:
+        blocks.append(missing)  # modules the forward never reached: quantize them without data
+    return blocks
+
+
+def _quantize_linear(name: str, mod: nn.Linear, spec: WeightSpec, recipe: Recipe,
+                     hessian: torch.Tensor | None) -> QuantLinear:
+    _check_finite(name, mod.weight)
+    fmt = make_format(spec)
+    if recipe.method.name == "gptq" and hessian is not None:
+        m = recipe.method
+        codes, params = gptq_quantize(mod.weight, hessian, fmt, damping=m.damping,
+                                      block_size=m.block_size, act_order=m.act_order)
+    else:
+        codes, params = rtn_quantize(mod.weight, fmt)
+    q = QuantLinear.from_codes(mod, spec, codes, params)
+    return q.to(mod.weight.device)
+
+
+def _scheme_entry(mod: QuantLinear, recipe: Recipe) -> dict:
+    return {**mod.spec.to_dict(), "method": recipe.method.name, "in_features": mod.in_features,
+            "out_features": mod.out_features, "bias": mod.bias is not None}
+
+
+@torch.no_grad()
+def quantize_model(
+    model: nn.Module,
+    recipe: Recipe,
+    calibration: torch.Tensor | None = None,
+    device: str | torch.device = "cpu",
+    progress: bool = True,
+) -> QuantizeReport:
+    """Quantize `model` in place, layer by layer. calibration: LongTensor [nsamples, seq_len] or None.
+
+    The model stays where it is (normally CPU); each decoder layer visits `device` for its turn.
+    """
+    device = torch.device(device)
+    store = next(model.parameters()).device
+    layers = decoder_layers(model)
+    prefix = _layer_prefix(model, layers)
+    needs_data = recipe.method.name == "gptq"
+    if needs_data and (calibration is None or calibration.numel() == 0):
+        raise QuantkitError(f"method '{recipe.method.name}' needs calibration data; pass a dataset")
+    report = QuantizeReport(recipe=recipe.name)
+    t0 = time.perf_counter()
+
+    xs: list[torch.Tensor] = []
+    kwargs: dict = {}
+    if needs_data:
+        report.nsamples, report.seq_len = calibration.shape
+        xs, kwargs = capture_layer_inputs(model, calibration, device, store)
+        kwargs = _to(kwargs, device)
+
+    bar = tqdm(range(len(layers)), desc=f"quantize [{recipe.name}]", unit="layer", disable=not progress)
+    for li in bar:
+        layer = layers[li].to(device)
+        lprefix = f"{prefix}.{li}"
+        targets = _targets(layer, lprefix, recipe)
+        if needs_data and targets:
+            blocks = _sub_blocks(layer, targets, xs[0].to(device), kwargs) \
+                if recipe.method.true_sequential else [list(targets)]
+            for block in blocks:
+                bar.set_postfix_str(",".join(n.rsplit(".", 1)[-1] for n in block))
+                # every module of a sub-block reads the same tensor: one Hessian serves them all
+                acc = HessianAccumulator(targets[block[0]][0].in_features, device)
+                last = targets[block[-1]][0]
+
+                def hook(m, args):
+                    acc.add(args[0])
+                    raise _StopForward  # the rest of the layer is not needed for this sub-block
+
+                handle = last.register_forward_pre_hook(hook)
+                try:
+                    for x in xs:
+                        try:
+                            _run_layer(layer, x.to(device), kwargs)
+                        except _StopForward:
+                            pass
+                finally:
+                    handle.remove()
+                for n in block:
+                    mod, spec = targets[n]
+                    q = _quantize_linear(f"{lprefix}.{n}", mod, spec, recipe, acc.h)
+                    _set_module(layer, n, q)
+                    report.modules[f"{lprefix}.{n}"] = _scheme_entry(q, recipe)
+                del acc
+        else:
+            for n, (mod, spec) in targets.items():
+                q = _quantize_linear(f"{lprefix}.{n}", mod, spec, recipe, None)
+                _set_module(layer, n, q)
+                report.modules[f"{lprefix}.{n}"] = _scheme_entry(q, recipe)
+        if needs_data:
+            xs = [_run_layer(layer, x.to(device), kwargs).to(store) for x in xs]
+        layers[li] = layer.to(store)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    report.seconds = time.perf_counter() - t0
+    model.quantkit_report = report
+    return report

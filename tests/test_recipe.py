@@ -1,0 +1,74 @@
+import pytest
+
+from quantkit.errors import QuantkitError
+from quantkit.recipe import load_recipe, recipe_from_dict, shipped_recipes
+
+BACKBONE = ["rtn-w4g128", "rtn-w3g128", "rtn-w2g64", "gptq-w4g128", "gptq-w3g128", "gptq-w2g64"]
+
+
+def test_backbone_recipes_ship_and_parse():
+    names = shipped_recipes()
+    for name in BACKBONE:
+        assert name in names and names[name]
+        r = load_recipe(name)
+        assert r.name == name
+        assert r.weights.format == "int" and not r.weights.symmetric
+        assert r.method.name == name.split("-")[0]
+    assert load_recipe("gptq-w2g64").weights.group_size == 64
+
+
+def test_recipe_from_path(tmp_path):
+    p = tmp_path / "mine.yaml"
+    p.write_text("method: {name: rtn}\nweights: {bits: 5, group_size: channel, symmetric: true}\n")
+    r = load_recipe(str(p))
+    assert r.name == "mine" and r.weights.bits == 5 and r.weights.group_size is None and r.weights.symmetric
+
+
+def test_unknown_recipe_name_suggests_nearest():
+    with pytest.raises(QuantkitError, match="did you mean 'gptq-w4g128'"):
+        load_recipe("gptq-w4g12")
+
+
+def test_unknown_key_names_it_and_suggests():
+    with pytest.raises(QuantkitError, match="unknown recipe key 'grup_size' in weights; did you mean 'group_size'"):
+        recipe_from_dict({"weights": {"grup_size": 64}})
+    with pytest.raises(QuantkitError, match="unknown recipe key 'methd'.*'method'"):
+        recipe_from_dict({"methd": {}})
+    with pytest.raises(QuantkitError, match="'act_ordr'.*'act_order'"):
+        recipe_from_dict({"method": {"name": "gptq", "act_ordr": True}})
+
+
+@pytest.mark.parametrize("weights,msg", [
+    ({"bits": 1}, r"bits = 1 is out of range for format 'int': use 2\.\.8"),
+    ({"bits": 9}, r"bits = 9 is out of range"),
+    ({"group_size": 4}, r"group_size = 4 is out of range"),
+    ({"bits": "four"}, r"'bits' in weights must be an integer"),
+    ({"symmetric": "yes"}, r"must be true or false"),
+])
+def test_out_of_range_settings(weights, msg):
+    with pytest.raises(QuantkitError, match=msg):
+        recipe_from_dict({"weights": weights})
+
+
+def test_targets_ignore_and_overrides():
+    r = recipe_from_dict({
+        "weights": {"bits": 4, "group_size": 128},
+        "ignore": ["*.layers.0.*"],
+        "overrides": [{"match": ["down_proj"], "weights": {"bits": 8}},
+                      {"match": ["re:.*layers\\.[12]\\.mlp\\..*"], "weights": {"group_size": 64}}],
+    })
+    assert r.scheme_for("model.layers.0.self_attn.q_proj") is None
+    assert r.scheme_for("model.layers.3.self_attn.q_proj").bits == 4
+    assert r.scheme_for("model.layers.3.mlp.down_proj").bits == 8
+    s = r.scheme_for("model.layers.2.mlp.down_proj")
+    assert (s.bits, s.group_size) == (8, 64)
+
+
+def test_bad_override_is_rejected_early():
+    with pytest.raises(QuantkitError, match=r"overrides\[0\]\.weights\.bits = 12"):
+        recipe_from_dict({"overrides": [{"match": ["*"], "weights": {"bits": 12}}]})
+
+
+def test_bad_regex():
+    with pytest.raises(QuantkitError, match="bad regular expression"):
+        recipe_from_dict({"targets": ["re:(("]})
