@@ -1,0 +1,29 @@
+"""GPU kernels (imported as `quantkit.kernels`), each next to a torch reference of the same math.
+
+- `wq_gemm`    Triton weight-only GEMM/GEMV for uniform-int and HLQ weights (2/3/4 bits); imports triton.
+- `reference`  the torch reference those kernels are tested against (pure torch, any device).
+- `dispatch`   QuantLinear hook: repack/caching and the per-M choice of path (imports triton lazily).
+
+`register_kernels(table)` fills `quantkit.nn.quant_linear.KERNELS`; quantkit.nn calls it on import. It
+registers only where CUDA and triton are present, and imports neither triton nor the kernels themselves.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+
+def register_kernels(table: dict) -> bool:
+    """Register the Triton forward for formats "int" and "hlq" in `table` when CUDA + triton are present."""
+    import torch
+
+    if importlib.util.find_spec("triton") is None or not torch.cuda.is_available():
+        return False
+    from quantkit.kernels.dispatch import quant_linear_forward
+
+    table.setdefault("int", quant_linear_forward)
+    table.setdefault("hlq", quant_linear_forward)
+    return True
+
+
+__all__ = ["register_kernels"]

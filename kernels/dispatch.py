@@ -1,0 +1,220 @@
+"""Kernel dispatch for `QuantLinear` (formats "int" and "hlq"): prepare (repack, cache), pick a path by M, launch.
+
+Imports only torch at module level; triton (and `wq_gemm`) is imported on the first call, so CPU-only code
+that imports quantkit never loads triton.
+
+Paths (chosen per M by measurement on an H100/H200, see eval/bench_kernels.py and docs/KERNELS.md):
+- M <= GEMV_MAX_M:             `_gemv_kernel` (split-K GEMV on CUDA cores)
+- GEMV_MAX_M < M < DEQUANT_MIN_M: `_gemm_kernel` (dequantize in registers + tl.dot, split-K when few tiles)
+- M >= DEQUANT_MIN_M:          `_dequant_kernel` into a bf16/fp16 workspace, then cuBLAS (torch.matmul)
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+GEMV_MAX_M = 4
+DEQUANT_MIN_M = 512
+
+_FMT_CODE = {"int": 0, "hlq": 1}
+
+
+@dataclass
+class Prepared:
+    """Kernel-ready tensors of one quantized weight (views of the stored buffers, or a 3-bit repack)."""
+
+    fmt: int  # 0 int, 1 hlq
+    bits: int
+    gs: int  # group size; 0 = per-channel
+    k: int
+    n: int
+    q0: torch.Tensor  # int32 [R0, N]: the stored qweight (2/4 bit) or the low-2-bit stream (3 bit)
+    q1: torch.Tensor  # int32 [R1, N]: high-bit stream (3 bit), else q0 again (unused)
+    scales: torch.Tensor  # fp16 [G, N] (int) / [G, bits, N] (hlq)
+    zeros: torch.Tensor  # uint8 [G, N] (int, asymmetric) / fp16 offsets [G, N] (hlq) / scales (unused)
+    has_zero: bool
+
+
+def supports(fmt: str, bits: int, group_size: int | None) -> bool:
+    return fmt in _FMT_CODE and bits in (2, 3, 4) and (group_size is None or group_size % 32 == 0)
+
+
+def prepare(fmt: str, bits: int, group_size: int | None, k: int, n: int,
+            packed: dict[str, torch.Tensor]) -> Prepared:
+    """Stored tensors → `Prepared`. 3-bit codes are repacked into a 2-bit + a 1-bit stream (same packing rule),
+    so that no code straddles a word; 2/4-bit weights are used in place."""
+    from quantkit.formats.packing import pack_codes, unpack_codes
+
+    qw = packed["qweight"]
+    if bits == 3:
+        kp = qw.shape[0] // 3 * 32
+        codes = unpack_codes(qw, 3, kp)  # uint8 [N, kp]
+        q0 = pack_codes(codes & 3, 2)
+        q1 = pack_codes(codes >> 2, 1)
+        del codes
+    else:
+        q0 = q1 = qw
+    scales = packed["scales"].contiguous()
+    if fmt == "int":
+        zeros = packed.get("zeros")
+        has_zero = zeros is not None
+        zeros = zeros.contiguous() if has_zero else scales
+    else:
+        zeros, has_zero = packed["offsets"].contiguous(), False
+    return Prepared(_FMT_CODE[fmt], bits, group_size or 0, k, n, q0.contiguous(), q1.contiguous(), scales,
+                    zeros, has_zero)
+
+
+# fp32 workspace (kept all-zero) and per-tile counters for split-K, per device
+_WORKSPACE: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _workspace(device: torch.device, floats: int, tiles: int) -> tuple[torch.Tensor, torch.Tensor]:
+    ws, cnt = _WORKSPACE.get(device, (None, None))
+    if ws is None or ws.numel() < floats or cnt.numel() < tiles:
+        floats = max(floats, ws.numel() if ws is not None else 0, 1 << 20)
+        tiles = max(tiles, cnt.numel() if cnt is not None else 0, 1 << 14)
+        ws = torch.zeros(floats, dtype=torch.float32, device=device)
+        cnt = torch.zeros(tiles, dtype=torch.int32, device=device)
+        _WORKSPACE[device] = (ws, cnt)
+    return ws, cnt
+
+
+def _bucket(m: int) -> int:
+    return 1 << max(0, (m - 1).bit_length())
+
+
+def _args(p: Prepared, x: torch.Tensor, out: torch.Tensor, bias: torch.Tensor | None):
+    m = x.shape[0]
+    ws, cnt = _workspace(x.device, m * p.n, m * p.n // 16 + 1)
+    return (x, p.q0, p.q1, p.scales, p.zeros, bias if bias is not None else out, out, ws, cnt,
+            m, p.n, p.k, p.q0.shape[0], p.q1.shape[0], x.stride(0), out.stride(0), _bucket(m))
+
+
+def _consts(p: Prepared, bias) -> dict:
+    return {"GS": p.gs, "FMT": p.fmt, "BITS": p.bits, "HAS_ZERO": p.has_zero, "HAS_BIAS": bias is not None}
+
+
+def _set_sms(device: torch.device) -> None:
+    from quantkit.kernels import wq_gemm
+
+    if device.type == "cuda":
+        wq_gemm.NUM_SMS[0] = torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def gemv(p: Prepared, x: torch.Tensor, bias: torch.Tensor | None = None, config: dict | None = None):
+    """x: [M, K] bf16/fp16 (row-contiguous) → [M, N], split-K GEMV. `config`: explicit meta-parameters
+    (BLOCK_N, BLOCK_K, SPLIT_K, num_warps) instead of the autotuned choice (tests, interpreter)."""
+    import triton
+    from quantkit.kernels import wq_gemm
+
+    m = x.shape[0]
+    out = torch.empty(m, p.n, dtype=x.dtype, device=x.device)
+    args = _args(p, x, out, bias)
+    if config is None:
+        _set_sms(x.device)
+        grid = lambda a: (triton.cdiv(p.n, a["BLOCK_N"]), a["SPLIT_K"], m)
+        wq_gemm.gemv_tuned[grid](*args, **_consts(p, bias))
+    else:
+        c = dict(config)
+        grid = (triton.cdiv(p.n, c["BLOCK_N"]), c["SPLIT_K"], m)
+        wq_gemm._gemv_kernel[grid](*args, **_consts(p, bias), **c)
+    return out
+
+
+def gemm(p: Prepared, x: torch.Tensor, bias: torch.Tensor | None = None, config: dict | None = None):
+    """x: [M, K] → [M, N] with the fused dequant + tl.dot kernel."""
+    import triton
+    from quantkit.kernels import wq_gemm
+
+    m = x.shape[0]
+    out = torch.empty(m, p.n, dtype=x.dtype, device=x.device)
+    args = _args(p, x, out, bias)
+
+    def grid(a):
+        return (triton.cdiv(m, a["BLOCK_M"]) * triton.cdiv(p.n, a["BLOCK_N"]), a["SPLIT_K"])
+
+    if config is None:
+        _set_sms(x.device)
+        fn = wq_gemm.gemm_small_tuned if m <= 64 else wq_gemm.gemm_large_tuned
+        fn[grid](*args, **_consts(p, bias))
+    else:
+        c = dict(config)
+        c.setdefault("GROUP_M", 1)
+        c.setdefault("DOT_F32", os.environ.get("TRITON_INTERPRET") == "1")
+        wq_gemm._gemm_kernel[grid(c)](*args, **_consts(p, bias), **c)
+    return out
+
+
+def dequant(p: Prepared, dtype: torch.dtype, device: torch.device | None = None,
+            block_n: int = 128, block_k: int | None = None) -> torch.Tensor:
+    """The weight transposed, wt: [K, N] in `dtype` (for cuBLAS)."""
+    import triton
+    from quantkit.kernels import wq_gemm
+
+    if block_k is None:
+        block_k = min(128, p.gs) if p.gs else 128
+    wt = torch.empty(p.k, p.n, dtype=dtype, device=device or p.q0.device)
+    grid = (triton.cdiv(p.n, block_n), triton.cdiv(p.k, block_k))
+    wq_gemm._dequant_kernel[grid](p.q0, p.q1, p.scales, p.zeros, wt, p.n, p.k, p.q0.shape[0], p.q1.shape[0],
+                                  GS=p.gs, FMT=p.fmt, BITS=p.bits, HAS_ZERO=p.has_zero, BLOCK_N=block_n,
+                                  BLOCK_K=block_k, num_warps=4)
+    return wt
+
+
+def dequant_matmul(p: Prepared, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Dequantize into a workspace, then cuBLAS."""
+    wt = dequant(p, x.dtype, x.device)
+    return torch.addmm(bias.to(x.dtype), x, wt) if bias is not None else x @ wt
+
+
+def matmul(p: Prepared, x: torch.Tensor, bias: torch.Tensor | None = None, path: str | None = None):
+    """y = x @ Wᵀ + bias for x: [M, K]; `path` in {None (by M), "gemv", "gemm", "dequant"}."""
+    m = x.shape[0]
+    if path is None:
+        path = "gemv" if m <= GEMV_MAX_M else ("gemm" if m < DEQUANT_MIN_M else "dequant")
+    if path == "gemv":
+        return gemv(p, x, bias)
+    if path == "gemm":
+        return gemm(p, x, bias)
+    return dequant_matmul(p, x, bias)
+
+
+def prepared_for(module) -> Prepared | None:
+    """The module's `Prepared` (built on first use, cached on the module; rebuilt if its buffers change)."""
+    fmt = module.fmt
+    if not supports(fmt.name, fmt.bits, fmt.group_size):
+        return None
+    qw = module.qweight
+    key = (qw.device, qw.data_ptr(), qw._version, module.scales.data_ptr())
+    cached = getattr(module, "_kernel_prepared", None)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    p = prepare(fmt.name, fmt.bits, fmt.group_size, module.in_features, module.out_features, module.packed())
+    module._kernel_prepared = (key, p)
+    return p
+
+
+def quant_linear_forward(module, x: torch.Tensor) -> torch.Tensor | None:
+    """`KERNELS` entry: x: [..., K] bf16/fp16 on CUDA → [..., N], or None when the kernels cannot serve."""
+    if not x.is_cuda or x.dtype not in (torch.bfloat16, torch.float16) or x.shape[-1] != module.in_features:
+        return None
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return None
+    p = prepared_for(module)
+    if p is None:
+        return None
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, p.k)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    if x2.shape[0] == 0:
+        return x.new_zeros(*lead, p.n)
+    bias = module.bias
+    y = matmul(p, x2, bias)
+    return y.reshape(*lead, p.n)
