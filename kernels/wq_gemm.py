@@ -17,7 +17,8 @@ so a weight is an affine function of the fields' f: w = B + Σ_p A_p · f_p with
     int, b = 2/4:   one field (the code):          A = s·2^b,                B = −s·(z + 2^b)
     int, b = 3:     fields lo2 (bits 0-1), hi1 (2): A = 4s, 8s,               B = −s·(z + 12)
     hlq, n planes:  one 1-bit field per plane:      A_b = 2·s_b,              B = offset − 2·Σ_b s_b
-The GEMV folds A and B in per K tile: Σ_k x·w = Σ_p A_p·Σ_k x·f_p + B·Σ_k x, i.e. one FMA per field.
+The GEMV dequantizes its tile the same way and accumulates x·w in a [BLOCK_N, BLOCK_K] register tile,
+reduced over K once at the end (a per-tile reduction crosses warps and cost ~5× in the first measurement).
 
 Layouts. Stored `qweight int32 [ceil(Kp/32)·bits, N]` (packing.py) is read as is for bits 2 and 4 (a word
 holds 32/bits consecutive codes of one column, lowest code in the lowest bits). 3-bit codes straddle words,
@@ -220,24 +221,15 @@ def _gemv_kernel(x_ptr, q0_ptr, q1_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, ws_ptr,
     per_split = tl.cdiv(k_tiles, SPLIT_K)
     t0 = pid_k * per_split
     t1 = tl.minimum(t0 + per_split, k_tiles)
-    NF: tl.constexpr = BITS if FMT == 1 else (2 if BITS == 3 else 1)
-    acc = tl.zeros((BLOCK_N,), tl.float32)
+    acc2 = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
     for t in range(t0, t1):
         k0 = t * BLOCK_K
         offs_k = k0 + tl.arange(0, BLOCK_K)
         xk = tl.load(x_ptr + m * stride_xm + offs_k, mask=offs_k < K, other=0).to(tl.float32)
-        sx = tl.sum(xk, axis=0)
-        g = k0 // GS if GS > 0 else 0
-        a0, a1, a2, a3, b = _group_params(s_ptr, z_ptr, g, offs_n, N, FMT, BITS, HAS_ZERO)
-        f0, f1, f2, f3 = _fields(q0_ptr, q1_ptr, k0, offs_n, N, R0, R1, FMT, BITS, BLOCK_K)
-        xb = xk[None, :]
-        acc += b * sx + a0 * tl.sum(f0 * xb, axis=1)
-        if NF >= 2:
-            acc += a1 * tl.sum(f1 * xb, axis=1)
-        if NF >= 3:
-            acc += a2 * tl.sum(f2 * xb, axis=1)
-        if NF >= 4:
-            acc += a3 * tl.sum(f3 * xb, axis=1)
+        w = _dequant_tile(q0_ptr, q1_ptr, s_ptr, z_ptr, k0, offs_n, N, R0, R1, GS, FMT, BITS, HAS_ZERO,
+                          BLOCK_K)
+        acc2 += w * xk[None, :]
+    acc = tl.sum(acc2, axis=1)  # one (possibly cross-warp) reduction per program, not one per K tile
     offs_m = m + tl.arange(0, 1)
     tile_id = m * tl.num_programs(0) + pid_n
     _store_out(acc[None, :], out_ptr, ws_ptr, cnt_ptr, bias_ptr, offs_m, offs_n, M, N, stride_om, tile_id,
@@ -312,23 +304,25 @@ def _prune_bk(configs, named_args, **kwargs):
                                 num_stages=configs[0].num_stages)]
 
 
-def _split_k(tiles: int, k_tiles: int, num_sms: int) -> int:
-    """Split K until there are about two waves of programs (no split once the tiles fill the GPU)."""
-    if tiles >= num_sms:
+def _split_k(tiles: int, k_tiles: int, target: int) -> int:
+    """Split K until there are about `target` programs (enough loads in flight to stream the weights)."""
+    if tiles >= target:
         return 1
-    return max(1, min(k_tiles // 2, -(-2 * num_sms // tiles), 32))
+    return max(1, min(k_tiles // 2, -(-target // tiles), 32))
 
 
 NUM_SMS = [132]  # set by the dispatcher from the device
 
 
-def _gemv_split(a):
-    return _split_k(triton.cdiv(a["N"], a["BLOCK_N"]) * a["M"], triton.cdiv(a["K"], a["BLOCK_K"]), NUM_SMS[0])
+def _gemv_split(a):  # memory-bound: ~8 programs per SM
+    return _split_k(triton.cdiv(a["N"], a["BLOCK_N"]) * a["M"], triton.cdiv(a["K"], a["BLOCK_K"]),
+                    8 * NUM_SMS[0])
 
 
-def _gemm_split(a):
+def _gemm_split(a):  # small M (few row tiles): ~4 programs per SM; large M: one wave is enough
     tiles = triton.cdiv(a["M"], a["BLOCK_M"]) * triton.cdiv(a["N"], a["BLOCK_N"])
-    return _split_k(tiles, triton.cdiv(a["K"], a["BLOCK_K"]), NUM_SMS[0])
+    target = (4 if a["M"] <= 64 else 1) * NUM_SMS[0]
+    return _split_k(tiles, triton.cdiv(a["K"], a["BLOCK_K"]), target)
 
 
 def _c(num_warps, num_stages, **kw):
