@@ -2,9 +2,9 @@
 
 __version__ = "0.1.0"
 
-from quantkit import eval  # noqa: E402,F401  (quantkit.eval lives in the top-level eval/ folder)
-from quantkit.api import load, load_model, quantize, save  # noqa: E402
-from quantkit.errors import QuantkitError  # noqa: E402
-from quantkit.recipe import Recipe, load_recipe  # noqa: E402
+from quantkit import eval  # quantkit.eval lives in the top-level eval/ folder
+from quantkit.api import load, load_model, quantize, save
+from quantkit.errors import QuantkitError
+from quantkit.recipe import Recipe, load_recipe
 
 __all__ = ["QuantkitError", "Recipe", "eval", "load", "load_model", "load_recipe", "quantize", "save"]

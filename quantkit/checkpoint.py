@@ -169,7 +169,7 @@ def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
             with safe_open(str(f), framework="pt") as sf:
                 for k in sf.keys():
                     tensors[k] = sf.get_tensor(k)
-        except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
+        except Exception as e:
             raise QuantkitError(f"checkpoint shard '{f}' is truncated or corrupt ({str(e).splitlines()[0]}); "
                                 f"re-export the checkpoint") from None
     return tensors
@@ -229,7 +229,7 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: tor
     model = model.to(device)
     try:
         model.quantkit_tokenizer = AutoTokenizer.from_pretrained(str(path))
-    except Exception:  # noqa: BLE001 - a checkpoint without tokenizer files still loads
+    except Exception:
         model.quantkit_tokenizer = None
     model.quantkit_recipe = qc.get("recipe")
     return model

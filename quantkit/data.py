@@ -48,7 +48,7 @@ def _hf(dataset: str, split: str) -> str:
         ds = datasets.load_dataset("allenai/c4", data_files={hf_split: files[hf_split]}, split=hf_split)
         texts = ds["text"][: 3000 if hf_split == "validation" else 20000]
         return "\n\n".join(texts)
-    except Exception as e:  # noqa: BLE001 - datasets raises many kinds of network errors
+    except Exception as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise QuantkitError(f"dataset '{dataset}' is not available here ({first}); "
                             f"use 'ptb' or a local .txt/.jsonl/.parquet file") from None

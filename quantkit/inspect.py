@@ -39,7 +39,7 @@ def inspect_checkpoint(path: str | Path) -> dict:
                         n *= d
                     numels[k] = n
                     sizes[k] = n * _dtype_bytes(sl.get_dtype())
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             raise QuantkitError(f"checkpoint shard '{path / f}' is truncated or corrupt ({e})") from None
     rows, qparams, qbytes = [], 0, 0
     for name, e in qc["modules"].items():

@@ -138,7 +138,7 @@ def load_fp_model(path: Path, dtype: torch.dtype = torch.float32, device: str = 
         src = str(path)
         try:
             config = AutoConfig.from_pretrained(src)
-        except Exception as e:  # noqa: BLE001 - transformers raises many types here
+        except Exception as e:
             raise QuantkitError(f"cannot read the model config in '{path}': {e}") from None
         if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
             raise QuantkitError(

@@ -23,7 +23,7 @@ from quantkit.errors import QuantkitError
 from quantkit.formats import make_format
 from quantkit.methods import HessianAccumulator, gptq_quantize, rtn_quantize
 from quantkit.models import decoder_layers
-from quantkit.nn import QuantLinear
+from quantkit.nn import QuantLinear, set_weight_cache
 from quantkit.recipe import Recipe, WeightSpec
 
 
@@ -221,7 +221,7 @@ def quantize_model(
                 acc = HessianAccumulator(targets[block[0]][0].in_features, device)
                 last = targets[block[-1]][0]
 
-                def hook(m, args):
+                def hook(m, args, acc=acc):
                     acc.add(args[0])
                     raise _StopForward  # the rest of the layer is not needed for this sub-block
 
@@ -237,6 +237,7 @@ def quantize_model(
                 for n in block:
                     mod, spec = targets[n]
                     q = _quantize_linear(f"{lprefix}.{n}", mod, spec, recipe, acc.h)
+                    q.cache_weight = True  # later sub-blocks and the output pass reuse the dequantized weight
                     _set_module(layer, n, q)
                     report.modules[f"{lprefix}.{n}"] = _scheme_entry(q, recipe)
                 del acc
@@ -247,6 +248,7 @@ def quantize_model(
                 report.modules[f"{lprefix}.{n}"] = _scheme_entry(q, recipe)
         if needs_data:
             xs = [_run_layer(layer, x.to(device), kwargs).to(store) for x in xs]
+        set_weight_cache(layer, False)
         layers[li] = layer.to(store)
         if device.type == "cuda":
             torch.cuda.empty_cache()

@@ -35,7 +35,7 @@ def test_gptq_beats_rtn_on_output_error():
 
 def test_diagonal_hessian_reduces_to_rtn():
     # with uncorrelated inputs there is nothing to compensate: GPTQ must pick exactly the RTN codes
-    _, w, _ = _problem()
+    w = _problem()[1]
     h = torch.diag(torch.rand(w.shape[1]) + 0.5)
     fmt = UniformInt(3, 64)
     c_rtn, p_rtn = rtn_quantize(w, fmt)
@@ -45,7 +45,7 @@ def test_diagonal_hessian_reduces_to_rtn():
 
 
 def test_block_size_does_not_change_the_result_much():
-    x, w, h = _problem()
+    _, w, h = _problem()
     fmt = UniformInt(4, 64)
     a = gptq_quantize(w, h, fmt, block_size=128)
     b = gptq_quantize(w, h, fmt, block_size=17)  # blocks that cut groups in the middle

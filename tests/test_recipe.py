@@ -9,7 +9,7 @@ BACKBONE = ["rtn-w4g128", "rtn-w3g128", "rtn-w2g64", "gptq-w4g128", "gptq-w3g128
 def test_backbone_recipes_ship_and_parse():
     names = shipped_recipes()
     for name in BACKBONE:
-        assert name in names and names[name]
+        assert names.get(name)
         r = load_recipe(name)
         assert r.name == name
         assert r.weights.format == "int" and not r.weights.symmetric

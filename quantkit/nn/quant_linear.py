@@ -11,7 +11,7 @@ it); the torch reference above is what CPU runs and what kernels are tested agai
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -21,7 +21,7 @@ from quantkit.formats import make_format
 from quantkit.recipe import WeightSpec
 
 # format name -> fn(module, x) returning y, or None to fall back to the torch reference
-KERNELS: dict[str, Callable[["QuantLinear", torch.Tensor], torch.Tensor | None]] = {}
+KERNELS: dict[str, Callable[[QuantLinear, torch.Tensor], torch.Tensor | None]] = {}
 
 
 class QuantLinear(nn.Module):
@@ -42,7 +42,7 @@ class QuantLinear(nn.Module):
         self.cache_weight = False
 
     @classmethod
-    def from_codes(cls, linear: nn.Linear, spec: WeightSpec, codes: torch.Tensor, params) -> "QuantLinear":
+    def from_codes(cls, linear: nn.Linear, spec: WeightSpec, codes: torch.Tensor, params) -> QuantLinear:
         fmt = make_format(spec)
         packed = fmt.pack(codes, params, linear.in_features)
         bias = linear.bias.detach().clone() if linear.bias is not None else None

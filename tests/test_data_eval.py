@@ -1,0 +1,80 @@
+import json
+import math
+
+import pytest
+import torch
+
+from conftest import tiny_llama
+from quantkit.data import calibration_windows, load_text, tokenize
+from quantkit.errors import QuantkitError
+from quantkit.eval import perplexity
+
+
+class CharTokenizer:
+    """Bytes as tokens: enough to exercise the data and evaluation paths without a model hub."""
+
+    model_max_length = 1 << 30
+
+    def __call__(self, text, add_special_tokens=False, return_tensors="pt"):
+        ids = torch.tensor([list(text.encode("utf-8"))], dtype=torch.long)
+
+        class Out:
+            input_ids = ids
+
+        return Out()
+
+
+def test_ptb_splits_load():
+    test = load_text("ptb", "test")
+    assert test.startswith("no it was n't black monday") and "\n" not in test
+    assert len(load_text("ptb", "train")) > 10 * len(test)
+
+
+def test_local_files(tmp_path):
+    (tmp_path / "a.txt").write_text("hello world")
+    assert load_text(str(tmp_path / "a.txt"), "train") == "hello world"
+    (tmp_path / "b.jsonl").write_text(json.dumps({"text": "one"}) + "\n" + json.dumps({"text": "two"}) + "\n")
+    assert load_text(str(tmp_path / "b.jsonl")) == "one\n\ntwo"
+    (tmp_path / "c.jsonl").write_text(json.dumps({"body": "x"}) + "\n")
+    with pytest.raises(QuantkitError, match="line 1 has no 'text' field"):
+        load_text(str(tmp_path / "c.jsonl"))
+
+
+def test_unknown_dataset_and_missing_file():
+    with pytest.raises(QuantkitError, match="unknown dataset 'ptbb'"):
+        load_text("ptbb")
+    with pytest.raises(QuantkitError, match="does not exist"):
+        load_text("/no/such/file.txt")
+
+
+def test_calibration_windows_are_seeded_windows_of_train(tmp_path):
+    p = tmp_path / "t.txt"
+    p.write_text("abcdefghijklmnopqrstuvwxyz" * 40)
+    tok = CharTokenizer()
+    a = calibration_windows(tok, str(p), nsamples=5, seq_len=16, seed=3)
+    b = calibration_windows(tok, str(p), nsamples=5, seq_len=16, seed=3)
+    c = calibration_windows(tok, str(p), nsamples=5, seq_len=16, seed=4)
+    assert a.shape == (5, 16) and torch.equal(a, b) and not torch.equal(a, c)
+    ids = tokenize(tok, p.read_text())
+    for row in a:  # every window is a contiguous slice of the tokenized text
+        s = int(torch.nonzero(ids == row[0])[0])
+        assert any(torch.equal(ids[s2 : s2 + 16], row) for s2 in torch.nonzero(ids == row[0]).flatten().tolist()), s
+    with pytest.raises(QuantkitError, match="fewer than seq_len"):
+        calibration_windows(tok, str(p), nsamples=1, seq_len=5000)
+
+
+def test_perplexity_follows_the_protocol(tmp_path):
+    p = tmp_path / "t.txt"
+    text = "the quick brown fox jumps over the lazy dog. " * 12
+    p.write_text(text)
+    model = tiny_llama(vocab=256)
+    res = perplexity(model, CharTokenizer(), dataset=str(p), seq_len=64, progress=False)
+    n = len(text.encode()) // 64
+    assert res["windows"] == n and res["predicted_tokens"] == n * 63 and res["tokens"] == n * 64
+    ids = torch.tensor(list(text.encode()))[: n * 64].view(n, 64)
+    with torch.no_grad():
+        logits = model(ids).logits[:, :-1]
+    nll = torch.nn.functional.cross_entropy(logits.reshape(-1, 256), ids[:, 1:].reshape(-1))
+    assert res["ppl"] == pytest.approx(math.exp(float(nll)), rel=1e-4)
+    capped = perplexity(model, CharTokenizer(), dataset=str(p), seq_len=64, max_windows=2, progress=False)
+    assert capped["windows"] == 2
