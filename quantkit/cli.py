@@ -109,6 +109,24 @@ def inspect(path, as_json):
                f"({t['disk_bytes'] / t['bf16_bytes']:.3f}x)")
 
 
+@cli.group()
+def bench() -> None:
+    """Benchmarks (need a CUDA GPU)."""
+
+
+@bench.command(name="kernels", context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+@click.pass_context
+def bench_kernels(ctx):
+    """Quantized GEMM kernels vs cuBLAS bf16 / fp8 / tinygemm at Llama-3-8B shapes (see --help of the script)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        raise QuantkitError("`quantkit bench kernels` needs a CUDA GPU; torch sees none")
+    from quantkit.eval.bench_kernels import main as bench_main
+
+    bench_main(list(ctx.args))
+
+
 @cli.command()
 def recipes():
     """List the shipped recipes."""
@@ -122,9 +140,9 @@ def recipes():
 
 @cli.command()
 @click.option("--recipe", "-r", default="gptq-w4g128", show_default=True)
-@click.option("--nsamples", default=16, show_default=True, help="Calibration windows (of --seq-len tokens).")
+@click.option("--nsamples", default=8, show_default=True, help="Calibration windows (of --seq-len tokens).")
 @click.option("--seq-len", default=2048, show_default=True)
-@click.option("--max-windows", default=8, show_default=True, help="PTB test windows evaluated (of 47).")
+@click.option("--max-windows", default=6, show_default=True, help="PTB test windows evaluated (of 47).")
 @click.option("--out", type=click.Path(path_type=Path), default=None,
               help="Checkpoint folder (default: under the quantkit cache).")
 @_device_option
