@@ -3,10 +3,15 @@
 Imports only torch at module level; triton (and `wq_gemm`) is imported on the first call, so CPU-only code
 that imports quantkit never loads triton.
 
-Paths (chosen per M by measurement on an H100/H200, see eval/bench_kernels.py and docs/KERNELS.md):
-- M <= GEMV_MAX_M:             `_gemv_kernel` (split-K GEMV on CUDA cores)
-- GEMV_MAX_M < M < DEQUANT_MIN_M: `_gemm_kernel` (dequantize in registers + tl.dot, split-K when few tiles)
-- M >= DEQUANT_MIN_M:          `_dequant_kernel` into a bf16/fp16 workspace, then cuBLAS (torch.matmul)
+Paths, chosen per M by measurement (eval/bench_kernels.py on an H200, torch 2.11 / triton 3.6, weights
+rotated over > 2.5x L2, CUDA-graph replays; JSON in docs/bench/kernels_h200.json):
+- M <= GEMV_MAX_M (1):           `_gemv_kernel`, split-K GEMV. At M = 1 it beat the tl.dot kernel on every
+                                 shape (int4 g128, 4096x14336: 24.3 vs 52.5 us); its cost grows ~linearly with M
+                                 (M = 16: 254 us), so M >= 2 goes to the GEMM.
+- GEMV_MAX_M < M < DEQUANT_MIN_M (128): `_gemm_kernel` (dequant in registers + tl.dot, split-K); M = 16: 7.8-52 us.
+- M >= DEQUANT_MIN_M:            `_dequant_kernel` into a bf16/fp16 workspace, then cuBLAS. It won at M = 128 on
+                                 3 of 4 shapes (lost 4096x14336: 76.7 vs 63.7 us) and at M = 1024 / 4096 on all
+                                 (M = 4096: 1.00-1.12x cuBLAS bf16; the fused tl.dot GEMM ran 2.2-2.4x slower than it).
 """
 
 from __future__ import annotations
@@ -16,8 +21,8 @@ from dataclasses import dataclass
 
 import torch
 
-GEMV_MAX_M = 4
-DEQUANT_MIN_M = 512
+GEMV_MAX_M = 1
+DEQUANT_MIN_M = 128
 
 _FMT_CODE = {"int": 0, "hlq": 1}
 
@@ -109,6 +114,7 @@ def gemv(p: Prepared, x: torch.Tensor, bias: torch.Tensor | None = None, config:
     """x: [M, K] bf16/fp16 (row-contiguous) → [M, N], split-K GEMV. `config`: explicit meta-parameters
     (BLOCK_N, BLOCK_K, SPLIT_K, num_warps) instead of the autotuned choice (tests, interpreter)."""
     import triton
+
     from quantkit.kernels import wq_gemm
 
     m = x.shape[0]
@@ -128,6 +134,7 @@ def gemv(p: Prepared, x: torch.Tensor, bias: torch.Tensor | None = None, config:
 def gemm(p: Prepared, x: torch.Tensor, bias: torch.Tensor | None = None, config: dict | None = None):
     """x: [M, K] → [M, N] with the fused dequant + tl.dot kernel."""
     import triton
+
     from quantkit.kernels import wq_gemm
 
     m = x.shape[0]
@@ -153,6 +160,7 @@ def dequant(p: Prepared, dtype: torch.dtype, device: torch.device | None = None,
             block_n: int = 128, block_k: int | None = None) -> torch.Tensor:
     """The weight transposed, wt: [K, N] in `dtype` (for cuBLAS)."""
     import triton
+
     from quantkit.kernels import wq_gemm
 
     if block_k is None:
