@@ -151,7 +151,7 @@ def bench_shape(k: int, n: int, ms: list[int], formats: list, l2: int, bw: float
                                                          out_dtype=torch.bfloat16) for w in w8]
             add(m, "fp8", time_rotated(calls), len(w8), nb // 2, padded_m=mp)
         del w8
-    except Exception as e:  # noqa: BLE001 - report, keep benchmarking
+    except Exception as e:
         log(f"  fp8 unavailable: {e!r}"[:300])
     # tinygemm int4 g128
     try:
@@ -168,7 +168,7 @@ def bench_shape(k: int, n: int, ms: list[int], formats: list, l2: int, bw: float
             calls = [lambda p=p, s=s, x=xs[m]: torch.ops.aten._weight_int4pack_mm(x, p, gs, s) for p, s in tg]
             add(m, "tinygemm_int4_g128", time_rotated(calls), len(tg), tb)
         del tg
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         log(f"  tinygemm unavailable: {e!r}"[:300])
     del wb
     torch.cuda.empty_cache()
@@ -188,7 +188,7 @@ def bench_shape(k: int, n: int, ms: list[int], formats: list, l2: int, bw: float
                 calls = [lambda p=p, x=xs[m], path=path: dispatch.matmul(p, x, None, path) for p in ps]
                 try:
                     us = time_rotated(calls)
-                except Exception as e:  # noqa: BLE001
+                except Exception as e:
                     log(f"  {name} {path} M={m} failed: {e!r}"[:300])
                     continue
                 add(m, name, us, len(ps), pb, path=path, fmt=name, dispatch=(path == auto))

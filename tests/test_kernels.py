@@ -21,10 +21,9 @@ if not torch.cuda.is_available():
 if importlib.util.find_spec("triton") is None:
     pytest.skip("triton is not installed", allow_module_level=True)
 
+from quantkit.formats.packing import pack_codes
 from quantkit.kernels import dispatch
 from quantkit.kernels.reference import dequantize, wq_matmul_ref
-
-from quantkit.formats.packing import pack_codes
 from quantkit.nn import QuantLinear
 from quantkit.recipe import WeightSpec
 
