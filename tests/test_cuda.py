@@ -22,15 +22,21 @@ def test_quantize_on_cuda_matches_cpu_and_round_trips(recipe, calib, tmp_path):
     qc = {n: m for n, m in cpu.named_modules() if isinstance(m, QuantLinear)}
     qg = {n: m for n, m in gpu.named_modules() if isinstance(m, QuantLinear)}
     assert qc.keys() == qg.keys()
-    for n in qc:  # float reductions differ between devices: codes may flip at a few rounding ties
-        wc, wg = qc[n].dequantize_weight(), qg[n].dequantize_weight()
-        assert (wc - wg).abs().max() <= 1e-6 or ((wc - wg).abs() > 1e-6).float().mean() < 0.05, n
+    if recipe.startswith("rtn"):  # no data involved: the same codes up to a rare rounding tie
+        for n in qc:
+            wc, wg = qc[n].dequantize_weight(), qg[n].dequantize_weight()
+            assert ((wc - wg).abs() > 1e-6).float().mean() < 0.01, n
+    # with calibration, float differences between devices flip rounding ties that GPTQ's error feedback
+    # carries on (and later layers see other inputs), so compare quality, not codes
+    fp = tiny_llama()
+    with torch.no_grad():
+        ref = fp(calib).logits
+        err_cpu = float((cpu(calib).logits - ref).norm() / ref.norm())
+        err_gpu = float((gpu(calib).logits - ref).norm() / ref.norm())
+    assert err_gpu < 1.3 * err_cpu + 1e-3, (err_gpu, err_cpu)
     gpu = gpu.cuda()
     out = save(gpu, tmp_path / "ck")
     loaded = load(out, device="cuda")
     x = calib.cuda()
     with torch.no_grad():
         assert torch.equal(gpu(x).logits, loaded(x).logits)
-        ref = cpu(calib).logits
-        rel = (gpu(x).logits.cpu() - ref).norm() / ref.norm()
-    assert rel < 0.05
