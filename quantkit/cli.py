@@ -46,10 +46,13 @@ def quantize(model, recipe, out, dataset, nsamples, seq_len, seed, device, overw
     """Quantize MODEL ('demo', an HF folder or a .gguf file) with a recipe and write a packed checkpoint."""
     import quantkit as qk
     from quantkit.checkpoint import check_out_dir
+    from quantkit.data import load_text
 
     _check_device(device)
     rec = qk.load_recipe(recipe)
     check_out_dir(out, overwrite)  # fail before the long part, not after
+    if rec.method.name != "rtn":
+        load_text(dataset, "train")
     t0 = time.perf_counter()
     m = qk.quantize(model, rec, dataset=dataset, nsamples=nsamples, seq_len=seq_len, device=device, seed=seed)
     secs = time.perf_counter() - t0
@@ -74,8 +77,10 @@ def eval_group() -> None:
 def eval_ppl(model, dataset, split, seq_len, max_windows, json_path, device):
     """Perplexity of MODEL_OR_DIR (a quantkit checkpoint, an HF folder, a .gguf, or 'demo')."""
     import quantkit as qk
+    from quantkit.data import load_text
 
     _check_device(device)
+    load_text(dataset, split)  # a dataset that is not available fails before the model loads
     m, tok = qk.load_model(model, device=device)
     res = qk.eval.perplexity(m, tok, dataset=dataset, seq_len=seq_len, max_windows=max_windows, split=split)
     res["model"] = str(model)

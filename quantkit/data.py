@@ -12,7 +12,9 @@ Tokenization adds no BOS/EOS (the evaluation protocol in DESIGN.md).
 
 from __future__ import annotations
 
+import functools
 import json
+import logging
 from pathlib import Path
 
 import torch
@@ -37,6 +39,9 @@ def _hf(dataset: str, split: str) -> str:
         import datasets
     except ImportError:
         raise QuantkitError(f"dataset '{dataset}' needs the package 'datasets'") from None
+    # the hub client logs every failed request; our one error line says it better
+    logging.getLogger("huggingface_hub").setLevel(logging.CRITICAL)
+    datasets.utils.logging.set_verbosity_error()
     try:
         if dataset == "wikitext2":
             hf_split = {"valid": "validation"}.get(split, split)
@@ -77,6 +82,7 @@ def _local(path: Path) -> str:
     raise QuantkitError(f"unsupported data file '{path}': use .txt, .jsonl or .parquet")
 
 
+@functools.lru_cache(maxsize=8)
 def load_text(dataset: str, split: str = "test") -> str:
     """The raw text of a dataset split ("train" / "valid" / "test")."""
     if split not in _SPLITS:
