@@ -67,6 +67,14 @@ def quantize(
     return model
 
 
+def quantize_streaming(model: str | os.PathLike, recipe, out: str | os.PathLike, **kwargs):
+    """Disk offload: quantize an HF safetensors folder layer by layer straight into the checkpoint `out`,
+    never holding the model (RAM or VRAM); resumable. See `quantkit.offload.quantize_streaming`."""
+    from quantkit.offload import quantize_streaming as _qs
+
+    return _qs(model, recipe, out, **kwargs)
+
+
 def save(model: nn.Module, out: str | os.PathLike, tokenizer=None, overwrite: bool = False):
     """Write a packed checkpoint folder (see docs/FORMAT.md)."""
     return checkpoint.save(model, out, tokenizer=tokenizer, overwrite=overwrite)

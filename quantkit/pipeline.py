@@ -78,8 +78,11 @@ def _run_layer(layer: nn.Module, x: torch.Tensor, kwargs: dict) -> torch.Tensor:
 
 @torch.no_grad()
 def capture_layer_inputs(model: nn.Module, windows: torch.Tensor, device: torch.device,
-                         store_device: torch.device) -> tuple[list[torch.Tensor], dict]:
-    """Inputs of decoder layer 0 for every window ([1, seq, hidden] each) and the layer's kwargs."""
+                         store_device: torch.device, sink=None) -> tuple[list[torch.Tensor], dict]:
+    """Inputs of decoder layer 0 for every window ([1, seq, hidden] each) and the layer's kwargs.
+
+    With `sink`, each input is handed to `sink(x)` (x on `device`) instead of being collected in the list.
+    """
     layers = decoder_layers(model)
     captured: dict = {}
 
@@ -101,7 +104,10 @@ def capture_layer_inputs(model: nn.Module, windows: torch.Tensor, device: torch.
                 model(windows[i : i + 1].to(device), use_cache=False)
             except _StopForward:
                 pass
-            xs.append(captured["x"].to(store_device))
+            if sink is not None:
+                sink(captured.pop("x"))
+            else:
+                xs.append(captured.pop("x").to(store_device))
     finally:
         handle.remove()
         for m in moved:
@@ -160,13 +166,14 @@ def _sub_blocks(layer: nn.Module, targets: dict, x: torch.Tensor, kwargs: dict) 
 
 
 def _quantize_linear(name: str, mod: nn.Linear, spec: WeightSpec, recipe: Recipe,
-                     hessian: torch.Tensor | None) -> QuantLinear:
+                     hessian: torch.Tensor | None, hessian_consumable: bool = False) -> QuantLinear:
     _check_finite(name, mod.weight)
     fmt = make_format(spec)
     if recipe.method.name == "gptq" and hessian is not None:
         m = recipe.method
         codes, params = gptq_quantize(mod.weight, hessian, fmt, damping=m.damping,
-                                      block_size=m.block_size, act_order=m.act_order)
+                                      block_size=m.block_size, act_order=m.act_order,
+                                      consume_hessian=hessian_consumable)
     else:
         codes, params = rtn_quantize(mod.weight, fmt)
     q = QuantLinear.from_codes(mod, spec, codes, params)
@@ -176,6 +183,69 @@ def _quantize_linear(name: str, mod: nn.Linear, spec: WeightSpec, recipe: Recipe
 def _scheme_entry(mod: QuantLinear, recipe: Recipe) -> dict:
     return {**mod.spec.to_dict(), "method": recipe.method.name, "in_features": mod.in_features,
             "out_features": mod.out_features, "bias": mod.bias is not None}
+
+
+@torch.no_grad()
+def quantize_layer(layer: nn.Module, lprefix: str, recipe: Recipe, xs, kwargs: dict, device: torch.device,
+                   report: QuantizeReport, bar=None) -> None:
+    """Quantize one decoder layer in place (its Linears become QuantLinear): the per-layer step that the
+    in-memory driver (`quantize_model`) and the streaming driver (`quantkit.offload`) share.
+
+    layer: already on `device`; lprefix: its full module name ("model.layers.3"); xs: a sequence (list or
+    `ActivationStore`) of its inputs, [1, seq, hidden] each, empty for methods without data; kwargs: the
+    keyword arguments the model passes its layers, on `device`. Scheme entries go to `report.modules`.
+    """
+    targets = _targets(layer, lprefix, recipe)
+    if recipe.method.name == "gptq" and targets and len(xs):
+        blocks = _sub_blocks(layer, targets, xs[0].to(device), kwargs) \
+            if recipe.method.true_sequential else [list(targets)]
+        for block in blocks:
+            if bar is not None:
+                bar.set_postfix_str(",".join(n.rsplit(".", 1)[-1] for n in block))
+            # every module of a sub-block reads the same tensor: one Hessian serves them all
+            acc = HessianAccumulator(targets[block[0]][0].in_features, device)
+            last = targets[block[-1]][0]
+
+            def hook(m, args, acc=acc):
+                acc.add(args[0])
+                raise _StopForward  # the rest of the layer is not needed for this sub-block
+
+            handle = last.register_forward_pre_hook(hook)
+            try:
+                for i in range(len(xs)):
+                    try:
+                        _run_layer(layer, xs[i].to(device), kwargs)
+                    except _StopForward:
+                        pass
+            finally:
+                handle.remove()
+            for j, n in enumerate(block):
+                mod, spec = targets.pop(n)  # drop the float module as soon as its QuantLinear exists
+                # the block's last module may consume the Hessian (saves K x K copies on big layers)
+                q = _quantize_linear(f"{lprefix}.{n}", mod, spec, recipe, acc.h,
+                                     hessian_consumable=j == len(block) - 1)
+                q.cache_weight = True  # later sub-blocks and the output pass reuse the dequantized weight
+                _set_module(layer, n, q)
+                report.modules[f"{lprefix}.{n}"] = _scheme_entry(q, recipe)
+                del mod
+            del acc
+    else:
+        for n, (mod, spec) in list(targets.items()):
+            q = _quantize_linear(f"{lprefix}.{n}", mod, spec, recipe, None)
+            _set_module(layer, n, q)
+            report.modules[f"{lprefix}.{n}"] = _scheme_entry(q, recipe)
+            del targets[n], mod
+
+
+@torch.no_grad()
+def layer_outputs(layer: nn.Module, xs, kwargs: dict, device: torch.device, sink) -> None:
+    """Run `layer` on every input in `xs` (on `device`) and hand each output to `sink` in order."""
+    for i in range(len(xs)):
+        sink(_run_layer(layer, xs[i].to(device), kwargs))
+
+
+def needs_calibration(recipe: Recipe) -> bool:
+    return recipe.method.name == "gptq"
 
 
 @torch.no_grad()
@@ -189,12 +259,13 @@ def quantize_model(
     """Quantize `model` in place, layer by layer. calibration: LongTensor [nsamples, seq_len] or None.
 
     The model stays where it is (normally CPU); each decoder layer visits `device` for its turn.
+    (`quantkit.offload.quantize_streaming` runs the same per-layer step on a model streamed from disk.)
     """
     device = torch.device(device)
     store = next(model.parameters()).device
     layers = decoder_layers(model)
     prefix = _layer_prefix(model, layers)
-    needs_data = recipe.method.name == "gptq"
+    needs_data = needs_calibration(recipe)
     if needs_data and (calibration is None or calibration.numel() == 0):
         raise QuantkitError(f"method '{recipe.method.name}' needs calibration data; pass a dataset")
     report = QuantizeReport(recipe=recipe.name)
@@ -210,44 +281,11 @@ def quantize_model(
     bar = tqdm(range(len(layers)), desc=f"quantize [{recipe.name}]", unit="layer", disable=not progress)
     for li in bar:
         layer = layers[li].to(device)
-        lprefix = f"{prefix}.{li}"
-        targets = _targets(layer, lprefix, recipe)
-        if needs_data and targets:
-            blocks = _sub_blocks(layer, targets, xs[0].to(device), kwargs) \
-                if recipe.method.true_sequential else [list(targets)]
-            for block in blocks:
-                bar.set_postfix_str(",".join(n.rsplit(".", 1)[-1] for n in block))
-                # every module of a sub-block reads the same tensor: one Hessian serves them all
-                acc = HessianAccumulator(targets[block[0]][0].in_features, device)
-                last = targets[block[-1]][0]
-
-                def hook(m, args, acc=acc):
-                    acc.add(args[0])
-                    raise _StopForward  # the rest of the layer is not needed for this sub-block
-
-                handle = last.register_forward_pre_hook(hook)
-                try:
-                    for x in xs:
-                        try:
-                            _run_layer(layer, x.to(device), kwargs)
-                        except _StopForward:
-                            pass
-                finally:
-                    handle.remove()
-                for n in block:
-                    mod, spec = targets[n]
-                    q = _quantize_linear(f"{lprefix}.{n}", mod, spec, recipe, acc.h)
-                    q.cache_weight = True  # later sub-blocks and the output pass reuse the dequantized weight
-                    _set_module(layer, n, q)
-                    report.modules[f"{lprefix}.{n}"] = _scheme_entry(q, recipe)
-                del acc
-        else:
-            for n, (mod, spec) in targets.items():
-                q = _quantize_linear(f"{lprefix}.{n}", mod, spec, recipe, None)
-                _set_module(layer, n, q)
-                report.modules[f"{lprefix}.{n}"] = _scheme_entry(q, recipe)
+        quantize_layer(layer, f"{prefix}.{li}", recipe, xs, kwargs, device, report, bar)
         if needs_data:
-            xs = [_run_layer(layer, x.to(device), kwargs).to(store) for x in xs]
+            outs: list[torch.Tensor] = []
+            layer_outputs(layer, xs, kwargs, device, lambda y, outs=outs: outs.append(y.to(store)))
+            xs = outs
         set_weight_cache(layer, False)
         layers[li] = layer.to(store)
         if device.type == "cuda":

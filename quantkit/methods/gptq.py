@@ -44,16 +44,23 @@ class HessianAccumulator:
 
 
 def _inverse_cholesky(h: torch.Tensor, damping: float) -> torch.Tensor:
-    """Upper Cholesky factor of H⁻¹ with damping; escalates damping until H is positive definite."""
-    k = h.shape[0]
-    mean_diag = torch.mean(torch.diag(h)).clamp_min(1e-8)
-    eye = torch.eye(k, device=h.device, dtype=h.dtype)
+    """Upper Cholesky factor of H⁻¹ with damping; escalates damping until H is positive definite.
+
+    Overwrites h's diagonal (callers pass a copy they own) and keeps at most two K x K temporaries alive
+    at once: on a 14336-wide down_proj each is 0.8 GB, which decides the peak of a streamed layer.
+    """
+    diag = h.diagonal()
+    mean_diag = torch.mean(diag).clamp_min(1e-8)
+    orig = diag.clone()
     lam = damping
     for _ in range(8):
-        l, info = torch.linalg.cholesky_ex(h + lam * mean_diag * eye)
+        diag.copy_(orig + lam * mean_diag)  # = h + λ·mean(diag)·I, bit for bit, without an identity matrix
+        l, info = torch.linalg.cholesky_ex(h)
         if info == 0:
             hinv = torch.cholesky_inverse(l)
+            del l
             u, info = torch.linalg.cholesky_ex(hinv, upper=True)
+            del hinv
             if info == 0 and torch.isfinite(u).all():
                 return u
         lam = max(lam * 10, 1e-4)
@@ -68,15 +75,19 @@ def gptq_quantize(
     damping: float = 0.01,
     block_size: int = 128,
     act_order: bool = False,
+    consume_hessian: bool = False,
 ) -> tuple[torch.Tensor, Params]:
     """Quantize `weight: [N, K]` with GPTQ under format `fmt`.
 
     Returns codes `[N, K]` (original column order) and parameters stacked per group `{name: [N, groups,
-    ...]}`, the same shapes `fmt.quantize_rtn` returns.
+    ...]}`, the same shapes `fmt.quantize_rtn` returns. With `consume_hessian`, `hessian` (fp32, on the
+    weight's device) is used as scratch space instead of being copied: the caller must not reuse it.
     """
     w = weight.detach().to(torch.float32).clone()
     n, k = w.shape
-    h = hessian.to(w.device, torch.float32).clone()
+    h = hessian.to(w.device, torch.float32)
+    if not (consume_hessian and h is hessian):
+        h = h.clone()
     dead = torch.diag(h) == 0
     h[dead, dead] = 1.0
     w[:, dead] = 0.0
@@ -97,6 +108,7 @@ def gptq_quantize(
     perm_cpu = perm.cpu().tolist()
 
     u = _inverse_cholesky(h, damping)
+    del h
     codes = torch.zeros(n, k, dtype=torch.int64, device=w.device)
     with _few_threads(w.device, n * block_size):
         _sweep(w, u, codes, params, fmt, bounds, group_of, perm_cpu, block_size, act_order)

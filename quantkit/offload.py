@@ -1,0 +1,610 @@
+"""Disk offload: quantize a model larger than RAM and VRAM, layer by layer from its safetensors shards.
+
+`quantize_streaming` never holds the model. It builds the skeleton on the meta device, then
+
+1. streams the embeddings in (lazy `safe_open`, only those tensors), runs them on the calibration windows
+   to capture decoder layer 0's inputs, frees them;
+2. per decoder layer: reads only that layer's tensors from the input shards, moves them to the compute
+   device, quantizes the layer with the same per-layer step the in-memory pipeline uses
+   (`pipeline.quantize_layer`), computes its outputs (the next layer's inputs), writes the layer's shard,
+   frees it. Calibration activations live in `ActivationStore`s: on the device up to
+   `max_activation_memory`, spilled to memory-mapped chunk files under the offload folder past it;
+3. copies the final norm / lm_head tensors the same way (tied embeddings are stored once);
+4. writes index, config.json (with quantization_config) and tokenizer, and renames `<out>.partial` to
+   `<out>`.
+
+Output layout: one shard per unit, planned up front so names never change: `model-00001` holds the
+embeddings, `model-00002 .. model-<L+1>` decoder layers 0..L-1, the last one the final norm (and lm_head
+when untied). The format is the one `quantkit.checkpoint.load` reads (docs/FORMAT.md).
+
+Resume. Everything goes to `<out>.partial/`. After layer i is quantized, in this order: its shard is written
+(temp + rename), its outputs (= layer i+1's inputs, all samples) are written to `acts-<i>.bin` (temp +
+rename), then `offload-manifest.json` is replaced atomically with layer i marked done (its scheme entries
+included) and pointing at `acts-<i>.bin`, then the previous activation file is deleted. A rerun of the same
+command reads the manifest, deletes anything it does not reference (a shard or activation file written after
+the last manifest update), reloads the recorded activations and continues with the next layer, so every
+layer is computed from exactly the bytes an uninterrupted run would use: the result is bit-identical. The
+manifest records the settings that decide the result (source shards, recipe, calibration tokens, dtype,
+device type); a rerun with different ones is refused. Debugging hook for the kill tests:
+`QUANTKIT_DEBUG_KILL=<point>:<layer>` (point = after-shard | after-acts | after-manifest) SIGKILLs the
+process at that point.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+
+from quantkit.activations import (
+    ActivationBudget,
+    ActivationStore,
+    format_size,
+    parse_size,
+    read_samples,
+    remove_tree,
+    write_samples,
+)
+from quantkit.checkpoint import FORMAT_VERSION, INDEX_NAME, _packed_names, check_out_dir
+from quantkit.errors import QuantkitError
+from quantkit.models import decoder_layers
+from quantkit.nn import set_weight_cache
+from quantkit.pipeline import (
+    QuantizeReport,
+    _layer_prefix,
+    _to,
+    capture_layer_inputs,
+    layer_outputs,
+    needs_calibration,
+    quantize_layer,
+)
+from quantkit.recipe import Recipe, load_recipe
+
+MANIFEST_NAME = "offload-manifest.json"
+MANIFEST_VERSION = 1
+_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
+           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+           "BOOL": torch.bool}
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                    "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja")
+
+
+def _nbytes(shape, dtype: torch.dtype) -> int:
+    n = 1
+    for s in shape:
+        n *= int(s)
+    return n * torch.empty((), dtype=dtype).element_size()
+
+
+class SourceCheckpoint:
+    """The input model's safetensors shards, read lazily: headers up front, tensors on request."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        index = folder / INDEX_NAME
+        if index.exists():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise QuantkitError(f"'{index}' is not a valid safetensors index; the model folder is damaged") \
+                    from None
+            files = sorted(set(weight_map.values()))
+        else:
+            files = sorted(p.name for p in folder.glob("*.safetensors"))
+            weight_map = None
+        if not files:
+            raise QuantkitError(f"'{folder}' holds no .safetensors shards; --offload streams safetensors only")
+        missing = [f for f in files if not (folder / f).is_file()]
+        if missing:
+            raise QuantkitError(f"shard '{missing[0]}' listed in '{INDEX_NAME}' is missing from '{folder}' "
+                                f"({len(missing)} of {len(files)} shards missing); restore it and rerun")
+        self.meta: dict[str, tuple[str, tuple[int, ...], torch.dtype]] = {}
+        for f in files:
+            with self._open(f) as sf:
+                for k in sf.keys():
+                    sl = sf.get_slice(k)
+                    self.meta[k] = (f, tuple(sl.get_shape()), _DTYPES.get(sl.get_dtype(), torch.float32))
+        if weight_map is not None:
+            for k, f in weight_map.items():
+                if k not in self.meta or self.meta[k][0] != f:
+                    raise QuantkitError(f"tensor '{k}' is listed in '{INDEX_NAME}' under '{f}' but that shard "
+                                        f"does not hold it; the model folder is damaged")
+        self.files = files
+
+    def _open(self, fname: str):
+        path = self.folder / fname
+        try:
+            return safe_open(str(path), framework="pt")
+        except Exception as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise QuantkitError(f"input shard '{path}' is unreadable ({first}); restore it and rerun the same "
+                                f"command (finished layers are kept)") from None
+
+    def fingerprint(self) -> list[list]:
+        return [[f, (self.folder / f).stat().st_size] for f in self.files]
+
+    def nbytes(self, name: str) -> int:
+        _, shape, dtype = self.meta[name]
+        return _nbytes(shape, dtype)
+
+    def get(self, names: list[str]) -> dict[str, torch.Tensor]:
+        """The tensors `names`, as stored (dtype preserved), read one shard at a time."""
+        by_file: dict[str, list[str]] = {}
+        for n in names:
+            if n not in self.meta:
+                raise QuantkitError(f"tensor '{n}' is in none of the shards of '{self.folder}' (a shard is "
+                                    f"missing from the index?); the model folder is incomplete")
+            by_file.setdefault(self.meta[n][0], []).append(n)
+        out = {}
+        for f, ns in by_file.items():
+            try:
+                with self._open(f) as sf:
+                    for n in ns:
+                        out[n] = sf.get_tensor(n)
+            except QuantkitError:
+                raise
+            except Exception as e:
+                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                raise QuantkitError(f"input shard '{self.folder / f}' is unreadable ({first}); restore it and "
+                                    f"rerun the same command (finished layers are kept)") from None
+        return {n: out[n] for n in names}
+
+
+def _debug_kill(point: str, layer: int) -> None:
+    spec = os.environ.get("QUANTKIT_DEBUG_KILL")
+    if spec and spec == f"{point}:{layer}":
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _write_or_fail(what: Path, fn) -> None:
+    try:
+        fn()
+    except OSError as e:
+        if e.errno == errno.ENOSPC:
+            raise QuantkitError(f"disk full while writing '{what}'; free space and rerun the same command: it "
+                                f"resumes after the last finished layer") from None
+        raise QuantkitError(f"could not write '{what}' ({e.strerror or e}); fix that and rerun the same command: "
+                            f"it resumes after the last finished layer") from None
+
+
+def _save_shard(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+
+    def go():
+        save_file(tensors, str(tmp), metadata={"format": "pt", "quantkit_format_version": str(FORMAT_VERSION)})
+        os.replace(tmp, path)
+
+    _write_or_fail(path, go)
+
+
+def _write_json(path: Path, obj) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+
+    def go():
+        with open(tmp, "w") as f:
+            f.write(json.dumps(obj, indent=2, default=str))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+
+    _write_or_fail(path, go)
+
+
+def _shard_name(i: int, n: int) -> str:
+    return f"model-{i:05d}-of-{n:05d}.safetensors"
+
+
+def _default_dtype(device: torch.device, src: SourceCheckpoint) -> torch.dtype:
+    if device.type == "cpu":
+        return torch.float32  # as the in-memory path: bf16 matmuls are slow on most CPUs
+    floats = [d for _, (_, _, d) in src.meta.items() if d.is_floating_point]
+    return floats[0] if floats else torch.bfloat16
+
+
+def _calibration_hash(calib: torch.Tensor | None) -> str | None:
+    if calib is None:
+        return None
+    return hashlib.sha256(calib.to(torch.int64).contiguous().numpy().tobytes()).hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# estimate
+
+
+def estimate(src: SourceCheckpoint, config, recipe: Recipe, prefix: str, n_layers: int, nsamples: int,
+             seq_len: int, device: torch.device, dtype: torch.dtype, max_act: int) -> dict:
+    """Peak RAM / VRAM / disk of a streamed run, from the shard headers and the recipe (bytes)."""
+    ec = torch.empty((), dtype=dtype).element_size()
+    hidden = int(config.hidden_size)
+    inter = int(getattr(config, "intermediate_size", 4 * hidden))
+    heads = int(getattr(config, "num_attention_heads", 1))
+    layer_src = layer_compute = 0
+    gptq_work = 0
+    out_bytes = 0
+    for li in range(n_layers):
+        lp = f"{prefix}.{li}."
+        names = [n for n in src.meta if n.startswith(lp)]
+        lsrc = sum(src.nbytes(n) for n in names)
+        layer_src = max(layer_src, lsrc)
+        layer_compute = max(layer_compute, sum(_nbytes(src.meta[n][1], dtype) for n in names))
+        for n in names:
+            _, shape, _ = src.meta[n]
+            mod = n[: -len(".weight")] if n.endswith(".weight") else None
+            spec = recipe.scheme_for(mod) if mod and len(shape) == 2 else None
+            if spec is None:
+                out_bytes += src.nbytes(n)
+                continue
+            nout, k = shape
+            out_bytes += sum(_nbytes(s, d) for s, d in _packed_names(spec, k, nout).values())
+            if needs_calibration(recipe):  # H (consumed in place) + one K x K temporary, W fp32, codes int64
+                gptq_work = max(gptq_work, 2 * k * k * 4 + nout * k * (4 + 8))
+            else:
+                gptq_work = max(gptq_work, nout * k * (4 + 8))
+    other = [n for n in src.meta if not n.startswith(f"{prefix}.")]
+    tied = bool(getattr(config, "tie_word_embeddings", False))
+    out_bytes += sum(src.nbytes(n) for n in other if not (tied and n == "lm_head.weight"))
+    embed = max([_nbytes(src.meta[n][1], dtype) for n in other if "embed" in n] or [0])
+    data = needs_calibration(recipe)
+    sample = seq_len * hidden * ec
+    acts = 2 * nsamples * sample if data else 0  # a layer's inputs and outputs
+    acts_dev = min(acts, max_act)
+    spill = acts - acts_dev
+    fwd = (seq_len * inter * ec * 3 + heads * seq_len * seq_len * 4 + 4 * sample) if data else 0
+    # layer (+ its dequantized QuantLinear weights, cached during the layer) + GPTQ temporaries + one forward
+    layer_peak = 2 * layer_compute + gptq_work + fwd
+    dev_peak = max(embed + fwd, layer_peak) + acts_dev
+    base_ram = 600 * 1024**2  # python + torch + transformers + tokenizer, measured ~0.5 GB
+    staging = layer_src + out_bytes // max(n_layers, 1)  # a layer read from the shards; a packed layer
+    if device.type == "cpu":
+        ram, vram = base_ram + dev_peak + staging, 0
+    else:
+        ram, vram = base_ram + staging + sample, dev_peak + 300 * 1024**2  # + CUDA context / allocator slack
+    disk = out_bytes + (nsamples * sample if data else 0) + spill
+    return {"source_bytes": sum(src.nbytes(n) for n in src.meta), "layer_source_bytes": layer_src,
+            "activation_bytes": acts, "activation_on_device_bytes": acts_dev, "activation_spill_bytes": spill,
+            "peak_ram_bytes": ram, "peak_vram_bytes": vram, "disk_bytes": disk, "output_bytes": out_bytes,
+            "device": str(device), "dtype": str(dtype).replace("torch.", "")}
+
+
+def format_estimate(e: dict) -> str:
+    f = format_size
+    lines = [f"offload estimate ({e['device']}, compute {e['dtype']}): source {f(e['source_bytes'])}, largest "
+             f"layer {f(e['layer_source_bytes'])}",
+             f"  peak RAM  ~{f(e['peak_ram_bytes'])}" + (" (calibration activations included)"
+                                                        if e["device"] == "cpu" else ""),
+             f"  peak VRAM ~{f(e['peak_vram_bytes'])}" if e["device"] != "cpu" else "  peak VRAM 0 (CPU run)",
+             f"  calibration activations {f(e['activation_bytes'])}: {f(e['activation_on_device_bytes'])} on the "
+             f"device, {f(e['activation_spill_bytes'])} spilled to disk",
+             f"  disk ~{f(e['disk_bytes'])} (checkpoint ~{f(e['output_bytes'])} + resume/spill activations)"]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the driver
+
+
+def _materialize(module: torch.nn.Module, module_prefix: str, src: SourceCheckpoint, device: torch.device,
+                 dtype: torch.dtype) -> None:
+    """Load `module`'s own tensors (names under `module_prefix`) from the shards onto `device` in `dtype`."""
+    names = list(module.state_dict().keys())
+    full = [f"{module_prefix}.{n}" for n in names]
+    tensors = src.get(full)
+    sd = {}
+    for n, f in zip(names, full, strict=True):
+        t = tensors.pop(f)
+        sd[n] = t.to(device, dtype) if t.is_floating_point() else t.to(device)
+    module.load_state_dict(sd, strict=True, assign=True)
+
+
+def _settings(path: Path, src: SourceCheckpoint, rec: Recipe, calib, nsamples: int, seq_len: int, seed: int,
+              dataset: str, device: torch.device, dtype: torch.dtype) -> dict:
+    data = calib is not None
+    return {"source": str(path.resolve()), "source_shards": src.fingerprint(), "recipe": rec.to_dict(),
+            "dataset": dataset if data else None, "nsamples": nsamples if data else None,
+            "seq_len": seq_len if data else None, "seed": seed if data else None,
+            "calibration_sha256": _calibration_hash(calib), "device": device.type,
+            "dtype": str(dtype).replace("torch.", ""), "format_version": FORMAT_VERSION}
+
+
+def _diff(old: dict, new: dict) -> str:
+    keys = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+    parts = []
+    for k in keys[:4]:
+        a, b = old.get(k), new.get(k)
+        if isinstance(a, (dict, list)) or isinstance(b, (dict, list)) or k.endswith("sha256"):
+            parts.append(f"{k} differs")
+        else:
+            parts.append(f"{k} {a} -> {b}")
+    return "; ".join(parts)
+
+
+@torch.no_grad()
+def quantize_streaming(
+    model: str | os.PathLike,
+    recipe: str | os.PathLike | Recipe | dict,
+    out: str | os.PathLike,
+    *,
+    dataset: str = "ptb",
+    nsamples: int = 128,
+    seq_len: int = 2048,
+    device: str | torch.device = "cpu",
+    seed: int = 0,
+    dtype: torch.dtype | None = None,
+    offload_dir: str | os.PathLike | None = None,
+    max_activation_memory: str | int = "4GB",
+    overwrite: bool = False,
+    dry_run: bool = False,
+    calibration: torch.Tensor | None = None,
+    tokenizer=None,
+    progress: bool = True,
+    log=None,
+) -> Path | dict:
+    """Quantize the HF safetensors folder `model` with `recipe` into the checkpoint folder `out`, streaming
+    one decoder layer at a time (see the module docstring). Resumes an interrupted run of the same settings.
+
+    `calibration` (LongTensor [nsamples, seq_len]) replaces dataset/nsamples/seq_len/seed when given.
+    dtype: compute dtype (default float32 on CPU, the stored dtype on GPUs); unquantized tensors are written
+    as stored. Returns `out`, or with `dry_run` the estimate dict (nothing is written).
+    """
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from quantkit.models import resolve_model_path
+
+    log = log or (lambda s: print(s, file=sys.stderr, flush=True))
+    rec = load_recipe(recipe)
+    path = resolve_model_path(model)
+    if path.is_file():
+        raise QuantkitError(f"--offload streams an HF safetensors folder; '{path}' is a single file (convert it "
+                            f"to an HF folder first)")
+    device = torch.device(device)
+    max_act = parse_size(max_activation_memory)
+    out = Path(out).expanduser()
+    try:
+        config = AutoConfig.from_pretrained(str(path))
+    except Exception as e:
+        raise QuantkitError(f"cannot read the model config in '{path}': {e}") from None
+    src = SourceCheckpoint(path)
+    dtype = dtype or _default_dtype(device, src)
+    with init_empty_weights(include_buffers=False):
+        skel = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    skel.eval()
+    layers = decoder_layers(skel)
+    prefix = _layer_prefix(skel, layers)
+    n_layers = len(layers)
+    data = needs_calibration(rec)
+    if calibration is not None:
+        nsamples, seq_len = calibration.shape
+    est = estimate(src, config, rec, prefix, n_layers, nsamples, seq_len, device, dtype, max_act)
+    log(format_estimate(est))
+    if dry_run:
+        return est
+
+    partial = out.with_name(out.name + ".partial")
+    check_out_dir(out, overwrite)
+    calib = None
+    if data:
+        if calibration is not None:
+            calib = calibration.to(torch.long)
+        else:
+            from quantkit.data import calibration_windows
+
+            if tokenizer is None:
+                tokenizer = _load_tokenizer(path)
+            if tokenizer is None:
+                raise QuantkitError(f"calibration needs a tokenizer and '{path}' has none; add tokenizer files "
+                                    f"or pass calibration=")
+            calib = calibration_windows(tokenizer, dataset, nsamples, seq_len, seed)
+    settings = _settings(path, src, rec, calib, nsamples, seq_len, seed, dataset, device, dtype)
+    manifest = _open_manifest(partial, settings, n_layers)
+
+    n_shards = n_layers + 2
+    tied = bool(getattr(config, "tie_word_embeddings", False))
+    sd_names = list(skel.state_dict().keys())
+    non_layer = [n for n in sd_names if not n.startswith(f"{prefix}.")]
+    if tied:
+        non_layer = [n for n in non_layer if n != "lm_head.weight"]
+    embed_names = [n for n in non_layer if "embed" in n]
+    head_names = [n for n in non_layer if n not in embed_names]
+    t0 = time.perf_counter()
+
+    for unit, names, idx in (("embed", embed_names, 1), ("head", head_names, n_shards)):
+        if unit in manifest["units"]:
+            continue
+        fname = _shard_name(idx, n_shards)
+        tensors = src.get(names)  # copied as stored; the biggest is the embedding matrix
+        _save_shard(tensors, partial / fname)
+        manifest["units"][unit] = {"file": fname, "tensors": {n: int(t.numel() * t.element_size())
+                                                              for n, t in tensors.items()}}
+        del tensors
+        _write_json(partial / MANIFEST_NAME, manifest)
+
+    done = [f"layer.{i}" in manifest["units"] for i in range(n_layers)]
+    start = done.index(False) if not all(done) else n_layers
+    if any(done[start:]):
+        raise QuantkitError(f"'{partial / MANIFEST_NAME}' marks layers done out of order; the resume state is "
+                            f"damaged: delete '{partial}' to start over")
+    spill_root = Path(offload_dir).expanduser() / f"{out.name}.activations" if offload_dir else \
+        partial / "activations"
+    remove_tree(spill_root)  # chunks left by a killed run are never reused
+    budget = ActivationBudget(max_act)
+    xs = ActivationStore(device, budget, spill_root, "in")
+    kwargs: dict = {}
+    report = QuantizeReport(recipe=rec.name)
+    if start < n_layers and data:
+        # embeddings (and the final norm, so the prologue modules are real) for layer 0's inputs / kwargs
+        inner = skel.model
+        for name, mod in inner.named_children():
+            if name != "layers":
+                _materialize(mod, f"model.{name}", src, torch.device("cpu"), dtype)
+        windows = calib if start == 0 else calib[:1]  # on resume only the kwargs are needed
+        sink = xs.append if start == 0 else (lambda x: None)
+        _, kwargs = capture_layer_inputs(skel, windows, device, torch.device("cpu"), sink=sink)
+        kwargs = _to(kwargs, device)
+        for name, mod in inner.named_children():
+            if name != "layers":
+                mod.to("meta")
+        if start > 0:
+            acts = manifest["acts"]
+            if acts is None or acts["after_layer"] != start - 1:
+                raise QuantkitError(f"'{partial / MANIFEST_NAME}' has no saved activations for layer {start}; "
+                                    f"the resume state is damaged: delete '{partial}' to start over")
+            for x in read_samples(partial / acts["file"], acts["n"], tuple(acts["shape"]),
+                                  getattr(torch, acts["dtype"])):
+                xs.append(x)
+    if start > 0:
+        log(f"resuming '{partial}': layers 0..{start - 1} of {n_layers} are done")
+
+    bar = tqdm(range(start, n_layers), desc=f"quantize [{rec.name}] (offload)", unit="layer",
+               disable=not progress, initial=start, total=n_layers)
+    try:
+        for li in bar:
+            lprefix = f"{prefix}.{li}"
+            layer = layers[li]
+            _materialize(layer, lprefix, src, device, dtype)
+            report.modules.clear()
+            quantize_layer(layer, lprefix, rec, xs, kwargs, device, report, bar)
+            ys = None
+            if data and li < n_layers - 1:
+                ys = ActivationStore(device, budget, spill_root, f"out{li % 2}")
+                layer_outputs(layer, xs, kwargs, device, ys.append)
+            # the shard: packed tensors of quantized Linears, everything else as stored in the input
+            sd = layer.state_dict()
+            keep = {f"{lprefix}.{k}": v for k, v in sd.items()}
+            stored = src.get([k for k in keep if k in src.meta])
+            tensors = {k: stored[k] if k in stored else v.detach().to("cpu").contiguous() for k, v in keep.items()}
+            del sd, keep, stored
+            fname = _shard_name(li + 2, n_shards)
+            _save_shard(tensors, partial / fname)
+            _debug_kill("after-shard", li)
+            old_acts = manifest["acts"]
+            if ys is not None:
+                afile = f"acts-{li:05d}.bin"
+                _write_or_fail(partial / afile, lambda ys=ys, afile=afile: write_samples(ys, partial / afile))
+                x0 = ys[0]
+                manifest["acts"] = {"after_layer": li, "file": afile, "n": len(ys), "shape": list(x0.shape),
+                                    "dtype": str(x0.dtype).replace("torch.", "")}
+                _debug_kill("after-acts", li)
+            manifest["units"][f"layer.{li}"] = {
+                "file": fname, "tensors": {n: int(t.numel() * t.element_size()) for n, t in tensors.items()},
+                "modules": dict(report.modules)}
+            _write_json(partial / MANIFEST_NAME, manifest)
+            _debug_kill("after-manifest", li)
+            if old_acts is not None and old_acts["file"] != (manifest["acts"] or {}).get("file"):
+                (partial / old_acts["file"]).unlink(missing_ok=True)
+            del tensors
+            xs.close()
+            if ys is not None:
+                xs = ys
+            set_weight_cache(layer, False)
+            layer.to("meta")  # frees the layer; its skeleton slot stays for shapes only
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    finally:
+        xs.close()
+        remove_tree(spill_root)
+    return _finalize(partial, out, manifest, config, path, tokenizer, n_layers, overwrite, log,
+                     time.perf_counter() - t0, budget)
+
+
+def _load_tokenizer(path: Path):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(path))
+    except Exception:
+        return None
+
+
+def _open_manifest(partial: Path, settings: dict, n_layers: int) -> dict:
+    """Read the resume manifest (refusing other settings) or start a fresh `.partial` folder."""
+    mpath = partial / MANIFEST_NAME
+    if mpath.exists():
+        try:
+            manifest = json.loads(mpath.read_text())
+        except json.JSONDecodeError:
+            raise QuantkitError(f"'{mpath}' is corrupt; delete '{partial}' to start over") from None
+        if manifest.get("version") != MANIFEST_VERSION or manifest.get("n_layers") != n_layers:
+            raise QuantkitError(f"'{mpath}' was written by another quantkit version or for another model; "
+                                f"delete '{partial}' to start over")
+        if manifest["settings"] != settings:
+            raise QuantkitError(f"'{partial}' holds an interrupted run with other settings "
+                                f"({_diff(manifest['settings'], settings)}); rerun with the original settings to "
+                                f"resume it, or delete that folder to start over")
+        keep = {MANIFEST_NAME} | {u["file"] for u in manifest["units"].values()}
+        if manifest.get("acts"):
+            keep.add(manifest["acts"]["file"])
+        for p in partial.iterdir():  # written after the last manifest update: redone from scratch
+            if p.name not in keep:
+                remove_tree(p) if p.is_dir() else p.unlink(missing_ok=True)
+        return manifest
+    remove_tree(partial)
+    try:
+        partial.mkdir(parents=True)
+    except OSError as e:
+        raise QuantkitError(f"cannot create '{partial}' ({e.strerror or e})") from None
+    manifest = {"version": MANIFEST_VERSION, "n_layers": n_layers, "settings": settings, "units": {},
+                "acts": None}
+    _write_json(mpath, manifest)
+    return manifest
+
+
+def _finalize(partial: Path, out: Path, manifest: dict, config, src_path: Path, tokenizer, n_layers: int,
+              overwrite: bool, log, seconds: float, budget: ActivationBudget) -> Path:
+    units = manifest["units"]
+    order = ["embed"] + [f"layer.{i}" for i in range(n_layers)] + ["head"]
+    weight_map, total, modules = {}, 0, {}
+    for u in order:
+        for name, nb in units[u]["tensors"].items():
+            weight_map[name] = units[u]["file"]
+            total += nb
+        modules.update(units[u].get("modules", {}))
+    index = {"metadata": {"total_size": total, "quantkit_format_version": FORMAT_VERSION},
+             "weight_map": weight_map}
+    _write_json(partial / INDEX_NAME, index)
+    cfg = config.to_dict()
+    cfg["quantization_config"] = {"quant_method": "quantkit", "format_version": FORMAT_VERSION,
+                                  "modules": modules, "recipe": manifest["settings"]["recipe"]}
+    _write_json(partial / "config.json", cfg)
+
+    def copy_extras():
+        import shutil
+
+        gen = src_path / "generation_config.json"
+        if gen.exists():
+            shutil.copyfile(gen, partial / gen.name)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(partial))
+        else:
+            for name in _TOKENIZER_FILES:
+                if (src_path / name).exists():
+                    shutil.copyfile(src_path / name, partial / name)
+
+    _write_or_fail(partial, copy_extras)
+    if manifest.get("acts"):
+        (partial / manifest["acts"]["file"]).unlink(missing_ok=True)
+    (partial / MANIFEST_NAME).unlink()
+    remove_tree(partial / "activations")
+    if out.exists():
+        old = out.with_name(out.name + ".old")
+        remove_tree(old)
+        os.replace(out, old)
+        os.replace(partial, out)
+        remove_tree(old)
+    else:
+        os.replace(partial, out)
+    log(f"offload: {len(modules)} modules quantized in {seconds:.1f} s; activations on the device peaked at "
+        f"{format_size(budget.peak)} -> {out}")
+    return out
