@@ -42,7 +42,16 @@ def cli() -> None:
 @click.option("--seed", default=0, show_default=True, help="Seed for picking calibration windows.")
 @_device_option
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty --out folder.")
-def quantize(model, recipe, out, dataset, nsamples, seq_len, seed, device, overwrite):
+@click.option("--offload", is_flag=True,
+              help="Stream the model from its safetensors shards one layer at a time (models larger than RAM "
+                   "and VRAM); output shards are written as layers finish; rerun the same command to resume.")
+@click.option("--offload-dir", type=click.Path(path_type=Path), default=None,
+              help="Where calibration activations spill past --max-activation-memory (default: <out>.partial).")
+@click.option("--max-activation-memory", default="4GB", show_default=True,
+              help="Calibration activations kept on the device (e.g. 512MB, 4GB); the rest spill to disk.")
+@click.option("--dry-run", is_flag=True, help="With --offload: print the peak RAM / VRAM / disk estimate only.")
+def quantize(model, recipe, out, dataset, nsamples, seq_len, seed, device, overwrite, offload, offload_dir,
+             max_activation_memory, dry_run):
     """Quantize MODEL ('demo', an HF folder or a .gguf file) with a recipe and write a packed checkpoint."""
     import quantkit as qk
     from quantkit.checkpoint import check_out_dir
@@ -50,6 +59,19 @@ def quantize(model, recipe, out, dataset, nsamples, seq_len, seed, device, overw
 
     _check_device(device)
     rec = qk.load_recipe(recipe)
+    if dry_run and not offload:
+        raise QuantkitError("--dry-run estimates a streamed run: add --offload")
+    if offload:
+        if rec.method.name != "rtn" and not dry_run:
+            load_text(dataset, "train")
+        t0 = time.perf_counter()
+        res = qk.quantize_streaming(model, rec, out, dataset=dataset, nsamples=nsamples, seq_len=seq_len,
+                                    device=device, seed=seed, offload_dir=offload_dir,
+                                    max_activation_memory=max_activation_memory, overwrite=overwrite,
+                                    dry_run=dry_run)
+        if not dry_run:
+            click.echo(f"quantized with '{rec.name}' (offload) in {time.perf_counter() - t0:.1f} s -> {res}")
+        return
     check_out_dir(out, overwrite)  # fail before the long part, not after
     if rec.method.name != "rtn":
         load_text(dataset, "train")

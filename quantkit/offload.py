@@ -183,7 +183,9 @@ def _save_shard(tensors: dict[str, torch.Tensor], path: Path) -> None:
     tmp = path.with_name(path.name + ".tmp")
 
     def go():
-        save_file(tensors, str(tmp), metadata={"format": "pt", "quantkit_format_version": str(FORMAT_VERSION)})
+        # one metadata key only: safetensors keeps metadata in a hash map whose order changes from run to run,
+        # and a resumed run must write the same bytes (the format version is in the index)
+        save_file(tensors, str(tmp), metadata={"format": "pt"})
         os.replace(tmp, path)
 
     _write_or_fail(path, go)
@@ -464,8 +466,8 @@ def quantize_streaming(
             for x in read_samples(partial / acts["file"], acts["n"], tuple(acts["shape"]),
                                   getattr(torch, acts["dtype"])):
                 xs.append(x)
-    if start > 0:
-        log(f"resuming '{partial}': layers 0..{start - 1} of {n_layers} are done")
+    if manifest.pop("resumed", False):
+        log(f"resuming '{partial}': {start} of {n_layers} layers were done")
 
     bar = tqdm(range(start, n_layers), desc=f"quantize [{rec.name}] (offload)", unit="layer",
                disable=not progress, initial=start, total=n_layers)
@@ -549,6 +551,7 @@ def _open_manifest(partial: Path, settings: dict, n_layers: int) -> dict:
         for p in partial.iterdir():  # written after the last manifest update: redone from scratch
             if p.name not in keep:
                 remove_tree(p) if p.is_dir() else p.unlink(missing_ok=True)
+        manifest["resumed"] = True
         return manifest
     remove_tree(partial)
     try:
