@@ -450,10 +450,10 @@ def quantize_streaming(
         inner = skel.model
         for name, mod in inner.named_children():
             if name != "layers":
-                _materialize(mod, f"model.{name}", src, torch.device("cpu"), dtype)
+                _materialize(mod, f"model.{name}", src, device, dtype)
         windows = calib if start == 0 else calib[:1]  # on resume only the kwargs are needed
         sink = xs.append if start == 0 else (lambda x: None)
-        _, kwargs = capture_layer_inputs(skel, windows, device, torch.device("cpu"), sink=sink)
+        _, kwargs = capture_layer_inputs(skel, windows, device, device, sink=sink)
         kwargs = _to(kwargs, device)
         for name, mod in inner.named_children():
             if name != "layers":

@@ -46,8 +46,8 @@ class HessianAccumulator:
 def _inverse_cholesky(h: torch.Tensor, damping: float) -> torch.Tensor:
     """Upper Cholesky factor of H⁻¹ with damping; escalates damping until H is positive definite.
 
-    Overwrites h's diagonal (callers pass a copy they own) and keeps at most two K x K temporaries alive
-    at once: on a 14336-wide down_proj each is 0.8 GB, which decides the peak of a streamed layer.
+    Uses `h` as scratch (callers pass a copy they own) and keeps at most two K x K matrices alive: on a
+    14336-wide down_proj each is 0.8 GB, which decides the peak of a streamed layer on a GPU.
     """
     diag = h.diagonal()
     mean_diag = torch.mean(diag).clamp_min(1e-8)
@@ -57,12 +57,13 @@ def _inverse_cholesky(h: torch.Tensor, damping: float) -> torch.Tensor:
         diag.copy_(orig + lam * mean_diag)  # = h + λ·mean(diag)·I, bit for bit, without an identity matrix
         l, info = torch.linalg.cholesky_ex(h)
         if info == 0:
-            hinv = torch.cholesky_inverse(l)
-            del l
-            u, info = torch.linalg.cholesky_ex(hinv, upper=True)
-            del hinv
+            torch.cholesky_inverse(l, out=h)  # h := H⁻¹
+            u, info = torch.linalg.cholesky_ex(h, upper=True, out=(l, info))  # u reuses l's memory
             if info == 0 and torch.isfinite(u).all():
                 return u
+            # rare: H⁻¹ not numerically positive definite; get H back and retry with more damping
+            h.copy_(torch.linalg.inv(h))
+            diag = h.diagonal()
         lam = max(lam * 10, 1e-4)
     raise RuntimeError("Hessian could not be made positive definite even with heavy damping")
 
@@ -109,9 +110,12 @@ def gptq_quantize(
 
     u = _inverse_cholesky(h, damping)
     del h
-    codes = torch.zeros(n, k, dtype=torch.int64, device=w.device)
+    # codes are < 2^8 for every format: uint8 during the sweep (1/8 of int64's memory), int64 on return
+    codes = torch.zeros(n, k, dtype=torch.uint8, device=w.device)
     with _few_threads(w.device, n * block_size):
         _sweep(w, u, codes, params, fmt, bounds, group_of, perm_cpu, block_size, act_order)
+    del u, w
+    codes = codes.to(torch.int64)
     stacked = {key: torch.stack([p[key] for p in params], dim=1) for key in params[0]}
     return codes, stacked
 
