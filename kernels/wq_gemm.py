@@ -9,16 +9,23 @@ Torch reference of the same math: `reference.py`. Three kernels share one dequan
 - `_dequant_kernel` writes the bf16/fp16 weight (transposed, [K, N]) so that cuBLAS can run the product:
                    the "workspace + cuBLAS" strategy for large M.
 
-Dequantization, cheap on purpose (the decode path is issue-bound, not only memory-bound): each packed word is
-repeated along K with `tl.interleave`, then for every code a bit field is rotated into the top of a float32
-mantissa and OR-ed with the bits of 1.0 (one funnel shift + one LOP3, no int→float conversion):
-    f = 1 + field / 2^w ∈ [1, 2)    (w = field width; exact)
+Dequantization without per-element shift amounts or int→float conversions: a code's bits are moved to the top
+of a float32 mantissa by a *constant* shift (the code's slot in its word is known at compile time) and OR-ed
+with the bits of 1.0 (SHF + LOP3):
+    f = 1 + field / 2^w ∈ [1, 2)    (w = the field's distance from bit 23; exact)
 so a weight is an affine function of the fields' f: w = B + Σ_p A_p · f_p with per-(group, column) A_p, B:
-    int, b = 2/4:   one field (the code):          A = s·2^b,                B = −s·(z + 2^b)
-    int, b = 3:     fields lo2 (bits 0-1), hi1 (2): A = 4s, 8s,               B = −s·(z + 12)
-    hlq, n planes:  one 1-bit field per plane:      A_b = 2·s_b,              B = offset − 2·Σ_b s_b
-The GEMV dequantizes its tile the same way and accumulates x·w in a [BLOCK_N, BLOCK_K] register tile,
-reduced over K once at the end (a per-tile reduction crosses warps and cost ~5× in the first measurement).
+    int, b = 2/4:   one field (the code, bits [23-b, 23)):         A = s·2^b,        B = −s·(z + 2^b)
+    int, b = 3:     lo2 stream (bits 21-22), hi1 stream (bit 22):  A = 4s, 8s,       B = −s·(z + 12)
+    hlq, n planes:  plane p of the code at bit 23-n+p (b=3: plane 2 from the 1-bit stream at bit 22):
+                    A_p = s_p·2^(n-p) (b=3: 4s_0, 2s_1, 2s_2),     B = offset − Σ_p A_p
+- `_gemv_kernel` keeps the words of a tile as [BLOCK_N, RUNS] tensors, one per word slot (N-contiguous 16-byte
+  loads), so every code slot i is a compile-time shift; it accumulates t_p = Σ_k x_k·f_p per run (one FMA per
+  field) and applies the group's affine map once per run and column: acc += Σ_p A_p·t_p + B·Σ_k x_k. The next
+  tile's words are loaded before the current one is computed (register prefetch).
+- `_gemm_kernel` / `_dequant_kernel` need the tile in natural K order: the words [BLOCK_N, RUNS, words/run]
+  are spread by the same constant shifts into a tree of `tl.join`s and reshaped to [BLOCK_N, RUNS·32]
+  (`_spread`), then w = B + Σ_p A_p·f_p in fp32 and cast to the activation dtype for `tl.dot`. For small M
+  the product may be computed transposed (SWAP: acc^T = w·x^T, the weight as the register A operand).
 
 Layouts. Stored `qweight int32 [ceil(Kp/32)·bits, N]` (packing.py) is read as is for bits 2 and 4 (a word
 holds 32/bits consecutive codes of one column, lowest code in the lowest bits). 3-bit codes straddle words,
@@ -26,7 +33,7 @@ so 3-bit weights are repacked once at load time (dispatch.py, cached on the modu
 into two streams with the same layout rule: the low 2 bits as a 2-bit stream and the high bit as a 1-bit
 stream (3 bits per weight, as before).
 
-Groups: a K tile never straddles a group (BLOCK_K divides the group size); per-channel is GS = 0.
+Groups: a K tile never straddles a group (BLOCK_K = 32·RUNS divides the group size); per-channel is GS = 0.
 Split-K: partial sums are atomically added into an fp32 workspace that is kept all-zero between calls; the
 program that finishes a tile last (per-tile counter) reads the sum back with atomic adds of 0 and re-zeroes the
 workspace, adds the bias, writes the output and resets the counter: one launch, no memset, no cast kernel.
@@ -47,40 +54,28 @@ FMT_INT, FMT_HLQ = 0, 1
 
 
 @triton.jit
-def _words(q_ptr, k0, offs_n, N, R, BLOCK_K: tl.constexpr, PER: tl.constexpr):
-    """Packed words covering K tile [k0, k0 + BLOCK_K) → uint32 [BLOCK_N, BLOCK_K] (each word PER times)."""
-    rows = k0 // PER + tl.arange(0, BLOCK_K // PER)
-    ptrs = q_ptr + rows[None, :] * N + offs_n[:, None]
-    w = tl.load(ptrs, mask=(rows[None, :] < R) & (offs_n[:, None] < N), other=0)
-    w = w.to(tl.uint32, bitcast=True)
-    if PER >= 2:
-        w = tl.interleave(w, w)
-    if PER >= 4:
-        w = tl.interleave(w, w)
-    if PER >= 8:
-        w = tl.interleave(w, w)
-    if PER >= 16:
-        w = tl.interleave(w, w)
-    if PER >= 32:
-        w = tl.interleave(w, w)
-    return w
+def _top(w, POS: tl.constexpr):
+    """w (uint32) shifted so that bit POS lands at bit 22, the top of a float32 mantissa (constant shift)."""
+    if POS > 22:
+        r = w >> (POS - 22)
+    elif POS < 22:
+        r = w << (22 - POS)
+    else:
+        r = w
+    return r
 
 
 @triton.jit
-def _field(w, BLOCK_K: tl.constexpr, WB: tl.constexpr, O: tl.constexpr, WP: tl.constexpr):
-    """f = 1 + field/2^WP as float32 [BLOCK_N, BLOCK_K]; field = bits [O, O+WP) of each WB-bit code in w."""
-    j = tl.arange(0, BLOCK_K) % (32 // WB)  # code index inside its word
-    rot = ((j * WB + O - (23 - WP)) & 31).to(tl.uint32)  # rotate right so the field lands at 23-WP
-    rot = rot[None, :]
-    r = (w >> rot) | (w << ((32 - rot) & 31))
-    bits = (r & (((1 << WP) - 1) << (23 - WP))) | 0x3F800000
-    return bits.to(tl.float32, bitcast=True)
+def _f(u, LO: tl.constexpr, WP: tl.constexpr):
+    """float32 1 + field/2^(23-LO) from the WP-bit field at bits [LO, LO+WP) of u (one LOP3: and, or)."""
+    return ((u & (((1 << WP) - 1) << LO)) | 0x3F800000).to(tl.float32, bitcast=True)
 
 
 @triton.jit
 def _group_params(s_ptr, z_ptr, g, offs_n, N, FMT: tl.constexpr, BITS: tl.constexpr,
                   HAS_ZERO: tl.constexpr):
-    """Per-column (A_0..A_3, B) of group g, float32 [BLOCK_N] each (unused A's are 0)."""
+    """Per-column (A_0..A_3, B) of group g, float32 [BLOCK_N] each, such that w = B + Σ_p A_p·f_p, where
+    f_p are the fields the kernels extract (see module docstring; unused A's are 0)."""
     nm = offs_n < N
     if FMT == 0:
         s = tl.load(s_ptr + g * N + offs_n, mask=nm, other=0).to(tl.float32)
@@ -103,77 +98,103 @@ def _group_params(s_ptr, z_ptr, g, offs_n, N, FMT: tl.constexpr, BITS: tl.conste
         sp = s_ptr + g * (BITS * N) + offs_n
         s0 = tl.load(sp, mask=nm, other=0).to(tl.float32)
         s1 = tl.load(sp + N, mask=nm, other=0).to(tl.float32)
-        a0 = 2.0 * s0
-        a1 = 2.0 * s1
         a2 = s0 * 0.0
         a3 = a2
-        ssum = s0 + s1
-        if BITS >= 3:
+        if BITS == 2:  # planes 0, 1 at bits 21, 22: f = 1 + β/4, 1 + β/2
+            a0 = 4.0 * s0
+            a1 = 2.0 * s1
+        elif BITS == 3:  # stream0 (2-bit): planes 0, 1 at bits 21, 22; stream1 (1-bit): plane 2 at bit 22
             s2 = tl.load(sp + 2 * N, mask=nm, other=0).to(tl.float32)
+            a0 = 4.0 * s0
+            a1 = 2.0 * s1
             a2 = 2.0 * s2
-            ssum += s2
-        if BITS >= 4:
+        else:  # planes 0..3 at bits 19..22
+            s2 = tl.load(sp + 2 * N, mask=nm, other=0).to(tl.float32)
             s3 = tl.load(sp + 3 * N, mask=nm, other=0).to(tl.float32)
+            a0 = 16.0 * s0
+            a1 = 8.0 * s1
+            a2 = 4.0 * s2
             a3 = 2.0 * s3
-            ssum += s3
-        b = off - 2.0 * ssum
+        b = off - (a0 + a1 + a2 + a3)
     return a0, a1, a2, a3, b
 
 
+# Field tiles in natural K order for the tensor-core / dequant kernels: a [BLOCK_N, RUNS, WPR] tile of words
+# is spread into [BLOCK_N, RUNS·32] by constant shifts, assembled with tl.join (no per-element shift amounts).
+
 @triton.jit
-def _fields(q0_ptr, q1_ptr, k0, offs_n, N, R0, R1, FMT: tl.constexpr, BITS: tl.constexpr,
-            BLOCK_K: tl.constexpr):
-    """The field tensors f_0..f_3 of one [BLOCK_N, BLOCK_K] weight tile (unused ones alias f_0)."""
-    if BITS == 3:
-        w0 = _words(q0_ptr, k0, offs_n, N, R0, BLOCK_K, 16)
-        w1 = _words(q1_ptr, k0, offs_n, N, R1, BLOCK_K, 32)
-        if FMT == 0:
-            f0 = _field(w0, BLOCK_K, 2, 0, 2)
-            f1 = _field(w1, BLOCK_K, 1, 0, 1)
-            f2 = f0
-        else:
-            f0 = _field(w0, BLOCK_K, 2, 0, 1)
-            f1 = _field(w0, BLOCK_K, 2, 1, 1)
-            f2 = _field(w1, BLOCK_K, 1, 0, 1)
-        f3 = f0
+def _sp1(w, I: tl.constexpr, WB: tl.constexpr):
+    return _top(w, I * WB + WB - 1)
+
+
+@triton.jit
+def _sp2(w, I: tl.constexpr, D: tl.constexpr, WB: tl.constexpr):
+    return tl.join(_sp1(w, I, WB), _sp1(w, I + D, WB))
+
+
+@triton.jit
+def _sp4(w, I: tl.constexpr, D: tl.constexpr, WB: tl.constexpr):
+    return tl.join(_sp2(w, I, 2 * D, WB), _sp2(w, I + D, 2 * D, WB))
+
+
+@triton.jit
+def _sp8(w, I: tl.constexpr, D: tl.constexpr, WB: tl.constexpr):
+    return tl.join(_sp4(w, I, 2 * D, WB), _sp4(w, I + D, 2 * D, WB))
+
+
+@triton.jit
+def _sp16(w, I: tl.constexpr, D: tl.constexpr, WB: tl.constexpr):
+    return tl.join(_sp8(w, I, 2 * D, WB), _sp8(w, I + D, 2 * D, WB))
+
+
+@triton.jit
+def _sp32(w, I: tl.constexpr, D: tl.constexpr, WB: tl.constexpr):
+    return tl.join(_sp16(w, I, 2 * D, WB), _sp16(w, I + D, 2 * D, WB))
+
+
+@triton.jit
+def _spread(q_ptr, run0, offs_n, N, R, WB: tl.constexpr, RUNS: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Words of runs [run0, run0 + RUNS) of a WB-bit stream → uint32 [BLOCK_N, RUNS·32], element (n, k) the
+    word of code k shifted so that the code's top bit sits at bit 22 (the code occupies [23-WB, 23))."""
+    WPR: tl.constexpr = WB  # words per run of 32 codes
+    rows = (run0 + tl.arange(0, RUNS))[:, None] * WPR + tl.arange(0, WPR)[None, :]  # [RUNS, WPR]
+    ptrs = q_ptr + rows[None, :, :] * N + offs_n[:, None, None]
+    w = tl.load(ptrs, mask=(rows[None, :, :] < R) & (offs_n[:, None, None] < N), other=0)
+    w = w.to(tl.uint32, bitcast=True)
+    if WB == 1:
+        u = _sp32(w, 0, 1, WB)
+    elif WB == 2:
+        u = _sp16(w, 0, 1, WB)
     else:
-        w0 = _words(q0_ptr, k0, offs_n, N, R0, BLOCK_K, 32 // BITS)
-        if FMT == 0:
-            f0 = _field(w0, BLOCK_K, BITS, 0, BITS)
-            f1 = f0
-            f2 = f0
-            f3 = f0
-        else:
-            f0 = _field(w0, BLOCK_K, BITS, 0, 1)
-            f1 = _field(w0, BLOCK_K, BITS, 1, 1)
-            f2 = f0
-            f3 = f0
-            if BITS == 4:
-                f2 = _field(w0, BLOCK_K, BITS, 2, 1)
-                f3 = _field(w0, BLOCK_K, BITS, 3, 1)
-    return f0, f1, f2, f3
-
-
-@triton.jit
-def _n_fields(FMT: tl.constexpr, BITS: tl.constexpr):
-    return BITS if FMT == 1 else (2 if BITS == 3 else 1)
+        u = _sp8(w, 0, 1, WB)
+    return tl.reshape(u, (BLOCK_N, RUNS * 32))
 
 
 @triton.jit
 def _dequant_tile(q0_ptr, q1_ptr, s_ptr, z_ptr, k0, offs_n, N, R0, R1, GS: tl.constexpr,
-                  FMT: tl.constexpr, BITS: tl.constexpr, HAS_ZERO: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Weight tile w[n, k0:k0+BLOCK_K] as float32 [BLOCK_N, BLOCK_K]."""
+                  FMT: tl.constexpr, BITS: tl.constexpr, HAS_ZERO: tl.constexpr, BLOCK_K: tl.constexpr,
+                  BLOCK_N: tl.constexpr):
+    """Weight tile w[n, k0:k0+BLOCK_K] as float32 [BLOCK_N, BLOCK_K] (BLOCK_K a multiple of 32, in one group)."""
     g = k0 // GS if GS > 0 else 0
     a0, a1, a2, a3, b = _group_params(s_ptr, z_ptr, g, offs_n, N, FMT, BITS, HAS_ZERO)
-    f0, f1, f2, f3 = _fields(q0_ptr, q1_ptr, k0, offs_n, N, R0, R1, FMT, BITS, BLOCK_K)
-    w = b[:, None] + a0[:, None] * f0
-    NF: tl.constexpr = BITS if FMT == 1 else (2 if BITS == 3 else 1)
-    if NF >= 2:
-        w += a1[:, None] * f1
-    if NF >= 3:
-        w += a2[:, None] * f2
-    if NF >= 4:
-        w += a3[:, None] * f3
+    RUNS: tl.constexpr = BLOCK_K // 32
+    run0 = k0 // 32
+    WB0: tl.constexpr = 2 if BITS == 3 else BITS
+    u = _spread(q0_ptr, run0, offs_n, N, R0, WB0, RUNS, BLOCK_N)
+    if FMT == 0:
+        w = b[:, None] + a0[:, None] * _f(u, 23 - WB0, WB0)
+    else:
+        w = b[:, None] + a0[:, None] * _f(u, 23 - WB0, 1)
+        w += a1[:, None] * _f(u, 24 - WB0, 1)
+        if BITS == 4:
+            w += a2[:, None] * _f(u, 21, 1)
+            w += a3[:, None] * _f(u, 22, 1)
+    if BITS == 3:
+        u1 = _spread(q1_ptr, run0, offs_n, N, R1, 1, RUNS, BLOCK_N)
+        if FMT == 0:
+            w += a1[:, None] * _f(u1, 22, 1)
+        else:
+            w += a2[:, None] * _f(u1, 22, 1)
     return w
 
 
@@ -207,32 +228,117 @@ def _store_out(acc, out_ptr, ws_ptr, cnt_ptr, bias_ptr, offs_m, offs_n, M, N, st
 
 
 @triton.jit
+def _slot(q_ptr, run, J: tl.constexpr, WPR: tl.constexpr, run_hi, offs_n, N, R):
+    """Word slot J of runs `run` ([RUNS]) of a stream with WPR words per run → uint32 [BLOCK_N, RUNS]
+    (zero where run >= run_hi: a prefetch past the program's last tile loads nothing)."""
+    rows = run * WPR + J
+    ok = (rows < R) & (run < run_hi)
+    w = tl.load(q_ptr + rows[None, :] * N + offs_n[:, None], mask=(offs_n[:, None] < N) & ok[None, :], other=0)
+    return w.to(tl.uint32, bitcast=True)
+
+
+@triton.jit
 def _gemv_kernel(x_ptr, q0_ptr, q1_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr,
                  M, N, K, R0, R1, stride_xm, stride_om, M_BUCKET,
                  GS: tl.constexpr, FMT: tl.constexpr, BITS: tl.constexpr, HAS_ZERO: tl.constexpr,
-                 HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 SPLIT_K: tl.constexpr):
-    """Grid (cdiv(N, BLOCK_N), SPLIT_K, M). x: [M, K] (row stride stride_xm), out: [M, N]."""
+                 HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, RUNS: tl.constexpr, SPLIT_K: tl.constexpr,
+                 PPS: tl.constexpr = 8):
+    """Grid (cdiv(N, BLOCK_N), SPLIT_K, M). x: [M, K] (row stride stride_xm), out: [M, N].
+
+    A tile is RUNS runs of 32 codes (inside one group) × BLOCK_N columns, held as [BLOCK_N, RUNS] words per
+    word slot (no interleave, no per-element shift amounts); the next tile's words are loaded (register
+    prefetch) before the current tile is computed. For each code slot i of a word the field goes to the top
+    of a float32 mantissa by a constant shift + one LOP3, and t_p += x_i·f_p (one FMA) per field p; the
+    group's affine map is applied once per run: acc += Σ_p A_p·t_p + B·Σx."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     m = tl.program_id(2)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    k_tiles = tl.cdiv(K, BLOCK_K)
+    n_runs = tl.cdiv(K, 32)
+    k_tiles = tl.cdiv(n_runs, RUNS)
     per_split = tl.cdiv(k_tiles, SPLIT_K)
-    t0 = pid_k * per_split
-    t1 = tl.minimum(t0 + per_split, k_tiles)
-    acc2 = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
-    for t in range(t0, t1):
-        k0 = t * BLOCK_K
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        xk = tl.load(x_ptr + m * stride_xm + offs_k, mask=offs_k < K, other=0).to(tl.float32)
-        w = _dequant_tile(q0_ptr, q1_ptr, s_ptr, z_ptr, k0, offs_n, N, R0, R1, GS, FMT, BITS, HAS_ZERO,
-                          BLOCK_K)
-        acc2 += w * xk[None, :]
-    acc = tl.sum(acc2, axis=1)  # one (possibly cross-warp) reduction per program, not one per K tile
+    t_lo = pid_k * per_split
+    t_hi = tl.minimum(t_lo + per_split, k_tiles)
+    run_hi = t_hi * RUNS
+    WB: tl.constexpr = 2 if BITS == 3 else BITS  # code width of stream 0 = its words per run
+    PER: tl.constexpr = 32 // WB  # codes per word
+    acc = tl.zeros((BLOCK_N, RUNS), tl.float32)
+    xrow = x_ptr + m * stride_xm
+    run = t_lo * RUNS + tl.arange(0, RUNS)  # [RUNS]
+    w0 = _slot(q0_ptr, run, 0, WB, run_hi, offs_n, N, R0)
+    w1 = _slot(q0_ptr, run, 1, WB, run_hi, offs_n, N, R0)
+    w2 = w0
+    w3 = w0
+    v = w0
+    if WB == 4:
+        w2 = _slot(q0_ptr, run, 2, WB, run_hi, offs_n, N, R0)
+        w3 = _slot(q0_ptr, run, 3, WB, run_hi, offs_n, N, R0)
+    if BITS == 3:
+        v = _slot(q1_ptr, run, 0, 1, run_hi, offs_n, N, R1)
+    for t in range(t_lo, t_hi):
+        c0 = w0
+        c1 = w1
+        c2 = w2
+        c3 = w3
+        cv = v
+        nxt = run + RUNS  # prefetch the next tile's words
+        w0 = _slot(q0_ptr, nxt, 0, WB, run_hi, offs_n, N, R0)
+        w1 = _slot(q0_ptr, nxt, 1, WB, run_hi, offs_n, N, R0)
+        if WB == 4:
+            w2 = _slot(q0_ptr, nxt, 2, WB, run_hi, offs_n, N, R0)
+            w3 = _slot(q0_ptr, nxt, 3, WB, run_hi, offs_n, N, R0)
+        if BITS == 3:
+            v = _slot(q1_ptr, nxt, 0, 1, run_hi, offs_n, N, R1)
+        g = (t * RUNS * 32) // GS if GS > 0 else 0
+        a0, a1, a2, a3, b = _group_params(s_ptr, z_ptr, g, offs_n, N, FMT, BITS, HAS_ZERO)
+        xs = tl.zeros((RUNS,), tl.float32)
+        t0 = tl.zeros((BLOCK_N, RUNS), tl.float32)
+        t1 = tl.zeros((BLOCK_N, RUNS), tl.float32)
+        t2 = tl.zeros((BLOCK_N, RUNS), tl.float32)
+        t3 = tl.zeros((BLOCK_N, RUNS), tl.float32)
+        for j in tl.static_range(WB):  # word slots of a run (stream 0)
+            if j == 0:
+                w = c0
+            elif j == 1:
+                w = c1
+            elif j == 2:
+                w = c2
+            else:
+                w = c3
+            for i in tl.static_range(PER):
+                kk = run * 32 + (j * PER + i)
+                xv = tl.load(xrow + kk, mask=kk < K, other=0).to(tl.float32)
+                xs += xv
+                u = _top(w, i * WB + WB - 1)
+                if FMT == 0:
+                    t0 += xv[None, :] * _f(u, 23 - WB, WB)
+                else:
+                    t0 += xv[None, :] * _f(u, 23 - WB, 1)
+                    t1 += xv[None, :] * _f(u, 24 - WB, 1)
+                    if BITS == 4:
+                        t2 += xv[None, :] * _f(u, 21, 1)
+                        t3 += xv[None, :] * _f(u, 22, 1)
+        if BITS == 3:  # stream 1: the high bit, one word per run
+            for i in tl.static_range(32):
+                kk = run * 32 + i
+                xv = tl.load(xrow + kk, mask=kk < K, other=0).to(tl.float32)
+                if FMT == 0:
+                    t1 += xv[None, :] * _f(_top(cv, i), 22, 1)
+                else:
+                    t2 += xv[None, :] * _f(_top(cv, i), 22, 1)
+        acc += a0[:, None] * t0 + b[:, None] * xs[None, :]
+        NF: tl.constexpr = BITS if FMT == 1 else (2 if BITS == 3 else 1)
+        if NF >= 2:
+            acc += a1[:, None] * t1
+        if NF >= 3:
+            acc += a2[:, None] * t2
+        if NF >= 4:
+            acc += a3[:, None] * t3
+        run = nxt
+    out = tl.sum(acc, axis=1)  # one reduction per program
     offs_m = m + tl.arange(0, 1)
     tile_id = m * tl.num_programs(0) + pid_n
-    _store_out(acc[None, :], out_ptr, ws_ptr, cnt_ptr, bias_ptr, offs_m, offs_n, M, N, stride_om, tile_id,
+    _store_out(out[None, :], out_ptr, ws_ptr, cnt_ptr, bias_ptr, offs_m, offs_n, M, N, stride_om, tile_id,
                HAS_BIAS, SPLIT_K)
 
 
@@ -241,7 +347,8 @@ def _gemm_kernel(x_ptr, q0_ptr, q1_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, ws_ptr,
                  M, N, K, R0, R1, stride_xm, stride_om, M_BUCKET,
                  GS: tl.constexpr, FMT: tl.constexpr, BITS: tl.constexpr, HAS_ZERO: tl.constexpr,
                  HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr, DOT_F32: tl.constexpr = False):
+                 GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr, DOT_F32: tl.constexpr = False,
+                 SWAP: tl.constexpr = False, PPS: tl.constexpr = 4):
     """Grid (cdiv(M, BLOCK_M)·cdiv(N, BLOCK_N), SPLIT_K). DOT_F32: run the product on fp32 copies of the
     same bf16/fp16 operands (Triton's CPU interpreter computes bf16 tl.dot wrongly; GPU never sets it)."""
     pid = tl.program_id(0)
@@ -260,19 +367,34 @@ def _gemm_kernel(x_ptr, q0_ptr, q1_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, ws_ptr,
     per_split = tl.cdiv(k_tiles, SPLIT_K)
     t0 = pid_k * per_split
     t1 = tl.minimum(t0 + per_split, k_tiles)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    if SWAP:
+        acc = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
     for t in range(t0, t1):
         k0 = t * BLOCK_K
         offs_k = k0 + tl.arange(0, BLOCK_K)
         xt = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
                      mask=(offs_m[:, None] < M) & (offs_k[None, :] < K), other=0)
         w = _dequant_tile(q0_ptr, q1_ptr, s_ptr, z_ptr, k0, offs_n, N, R0, R1, GS, FMT, BITS, HAS_ZERO,
-                          BLOCK_K)
-        wq = tl.trans(w.to(xt.dtype))
+                          BLOCK_K, BLOCK_N)
+        wq = w.to(xt.dtype)
+        xo = xt
         if DOT_F32:
-            acc = tl.dot(xt.to(tl.float32), wq.to(tl.float32), acc, input_precision="ieee")
+            wq = wq.to(tl.float32)
+            xo = xt.to(tl.float32)
+        if SWAP:  # acc^T [BLOCK_N, BLOCK_M] = w · x^T: the weight is the A operand (registers)
+            if DOT_F32:
+                acc = tl.dot(wq, tl.trans(xo), acc, input_precision="ieee")
+            else:
+                acc = tl.dot(wq, tl.trans(xo), acc)
         else:
-            acc = tl.dot(xt, wq, acc)
+            if DOT_F32:
+                acc = tl.dot(xo, tl.trans(wq), acc, input_precision="ieee")
+            else:
+                acc = tl.dot(xo, tl.trans(wq), acc)
+    if SWAP:
+        acc = tl.trans(acc)
     _store_out(acc, out_ptr, ws_ptr, cnt_ptr, bias_ptr, offs_m, offs_n, M, N, stride_om, pid, HAS_BIAS,
                SPLIT_K)
 
@@ -285,7 +407,8 @@ def _dequant_kernel(q0_ptr, q1_ptr, s_ptr, z_ptr, wt_ptr, N, K, R0, R1,
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     k0 = tl.program_id(1) * BLOCK_K
     offs_k = k0 + tl.arange(0, BLOCK_K)
-    w = _dequant_tile(q0_ptr, q1_ptr, s_ptr, z_ptr, k0, offs_n, N, R0, R1, GS, FMT, BITS, HAS_ZERO, BLOCK_K)
+    w = _dequant_tile(q0_ptr, q1_ptr, s_ptr, z_ptr, k0, offs_n, N, R0, R1, GS, FMT, BITS, HAS_ZERO, BLOCK_K,
+                      BLOCK_N)
     tl.store(wt_ptr + offs_k[None, :] * N + offs_n[:, None], w.to(wt_ptr.dtype.element_ty),
              mask=(offs_k[None, :] < K) & (offs_n[:, None] < N))
 
@@ -297,31 +420,38 @@ _KEY = ["M_BUCKET", "N", "K", "GS", "FMT", "BITS"]
 _CACHE_KW = {"cache_results": True} if "cache_results" in inspect.signature(triton.autotune).parameters else {}
 
 
+def _bk(kw: dict) -> int:
+    return kw["BLOCK_K"] if "BLOCK_K" in kw else 32 * kw["RUNS"]
+
+
 def _prune_bk(configs, named_args, **kwargs):
     gs = {**named_args, **kwargs}.get("GS", 0)
-    ok = [c for c in configs if gs == 0 or gs % c.kwargs["BLOCK_K"] == 0]
-    return ok or [triton.Config({**configs[0].kwargs, "BLOCK_K": 32}, num_warps=configs[0].num_warps,
-                                num_stages=configs[0].num_stages)]
+    ok = [c for c in configs if gs == 0 or gs % _bk(c.kwargs) == 0]
+    if ok:
+        return ok
+    small = {"RUNS": 1} if "RUNS" in configs[0].kwargs else {"BLOCK_K": 32}
+    return [triton.Config({**configs[0].kwargs, **small}, num_warps=configs[0].num_warps,
+                          num_stages=configs[0].num_stages)]
 
 
-def _split_k(tiles: int, k_tiles: int, target: int) -> int:
+def _split_k(tiles: int, k_tiles: int, target: int, cap: int = 32) -> int:
     """Split K until there are about `target` programs (enough loads in flight to stream the weights)."""
     if tiles >= target:
         return 1
-    return max(1, min(k_tiles // 2, -(-target // tiles), 32))
+    return max(1, min(k_tiles // 2, -(-target // tiles), cap))
 
 
 NUM_SMS = [132]  # set by the dispatcher from the device
 
 
-def _gemv_split(a):  # memory-bound: ~8 programs per SM
-    return _split_k(triton.cdiv(a["N"], a["BLOCK_N"]) * a["M"], triton.cdiv(a["K"], a["BLOCK_K"]),
-                    8 * NUM_SMS[0])
+def _gemv_split(a):  # memory-bound: about PPS programs per SM (a config knob, default 8)
+    return _split_k(triton.cdiv(a["N"], a["BLOCK_N"]) * a["M"], triton.cdiv(a["K"], 32 * a["RUNS"]),
+                    a.get("PPS", 8) * NUM_SMS[0], 64)
 
 
 def _gemm_split(a):  # small M (few row tiles): ~4 programs per SM; large M: one wave is enough
     tiles = triton.cdiv(a["M"], a["BLOCK_M"]) * triton.cdiv(a["N"], a["BLOCK_N"])
-    target = (4 if a["M"] <= 64 else 1) * NUM_SMS[0]
+    target = (a.get("PPS", 4) if a["M"] <= 64 else 1) * NUM_SMS[0]
     return _split_k(tiles, triton.cdiv(a["K"], a["BLOCK_K"]), target)
 
 
@@ -329,20 +459,20 @@ def _c(num_warps, num_stages, **kw):
     return triton.Config(kw, num_warps=num_warps, num_stages=num_stages)
 
 
-GEMV_CONFIGS = [
-    _c(4, 3, BLOCK_N=64, BLOCK_K=128),
-    _c(4, 3, BLOCK_N=128, BLOCK_K=128),
-    _c(4, 4, BLOCK_N=128, BLOCK_K=64),
-    _c(8, 3, BLOCK_N=256, BLOCK_K=64),
-    _c(4, 4, BLOCK_N=64, BLOCK_K=64),
-    _c(2, 3, BLOCK_N=32, BLOCK_K=128),
+GEMV_CONFIGS = [  # from kernels/bench_decode.py on an H200 (more, shorter programs won: split up to 64)
+    _c(4, 1, BLOCK_N=512, RUNS=1, PPS=16),
+    _c(8, 1, BLOCK_N=1024, RUNS=1, PPS=16),
+    _c(2, 1, BLOCK_N=256, RUNS=1, PPS=32),
+    _c(4, 1, BLOCK_N=512, RUNS=2, PPS=16),
+    _c(2, 1, BLOCK_N=64, RUNS=1, PPS=16),
 ]
 GEMM_SMALL_CONFIGS = [  # M <= 64
-    _c(4, 3, BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, GROUP_M=1),
-    _c(4, 4, BLOCK_M=16, BLOCK_N=128, BLOCK_K=64, GROUP_M=1),
-    _c(4, 3, BLOCK_M=16, BLOCK_N=128, BLOCK_K=128, GROUP_M=1),
-    _c(4, 4, BLOCK_M=32, BLOCK_N=64, BLOCK_K=64, GROUP_M=1),
-    _c(8, 3, BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=1),
+    _c(4, 4, BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, GROUP_M=1, PPS=8),
+    _c(4, 4, BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, GROUP_M=1, PPS=4),
+    _c(4, 4, BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, GROUP_M=1, PPS=4, SWAP=True),
+    _c(4, 4, BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, GROUP_M=1, PPS=8, SWAP=True),
+    _c(4, 4, BLOCK_M=32, BLOCK_N=64, BLOCK_K=64, GROUP_M=1, PPS=4),
+    _c(8, 3, BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=1, PPS=4),
 ]
 GEMM_LARGE_CONFIGS = [
     _c(8, 3, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8),

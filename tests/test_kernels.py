@@ -84,11 +84,13 @@ def test_kernels_match_reference(case):
         runs = {
             "gemm": dispatch.gemm(prep, x, bias, {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": bk, "SPLIT_K": 1}),
             "gemm-splitk": dispatch.gemm(prep, x, bias, {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 32, "SPLIT_K": 2}),
+            "gemm-swap": dispatch.gemm(prep, x, bias, {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": bk, "SPLIT_K": 1,
+                                                       "SWAP": True}),
             "dequant": dispatch.dequant_matmul(prep, x, bias),
         }
         if m <= 3:  # the decode path (one program per row: keep the interpreter's work small)
-            runs["gemv"] = dispatch.gemv(prep, x, bias, {"BLOCK_N": 32, "BLOCK_K": bk, "SPLIT_K": 1, "num_warps": 2})
-            runs["gemv-splitk"] = dispatch.gemv(prep, x, bias, {"BLOCK_N": 64, "BLOCK_K": 32, "SPLIT_K": 3,
+            runs["gemv"] = dispatch.gemv(prep, x, bias, {"BLOCK_N": 32, "RUNS": bk // 32, "SPLIT_K": 1, "num_warps": 2})
+            runs["gemv-splitk"] = dispatch.gemv(prep, x, bias, {"BLOCK_N": 64, "RUNS": 1, "SPLIT_K": 3,
                                                                     "num_warps": 2})
         for name, y in runs.items():
             assert y.shape == (m, n) and y.dtype == dtype

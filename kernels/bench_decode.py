@@ -1,0 +1,207 @@
+"""Focused decode benchmark / config sweep (developer tool, not the protocol benchmark).
+
+    python3 -m quantkit.kernels.bench_decode [--out DIR] [--formats int4,int2,hlq4] [--quick]
+
+K=4096, N=14336, g128: correctness of the GEMV (M=1) and small-M GEMM (M=16) against a float64 reference,
+then every explicit config in the sweep timed like eval/bench_kernels.py (CUDA-graph replays, weights rotated
+over > 2.5x L2), next to cuBLAS bf16 and tinygemm in the same run; registers / spills and a SASS opcode
+histogram of the fastest GEMV per format. The autotuner's config lists are chosen from this.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import re
+import sys
+
+import torch
+
+from quantkit.eval.bench_kernels import (
+    _clone_prepared,
+    _n_copies,
+    _prepared_bytes,
+    _random_quant,
+    time_rotated,
+)
+from quantkit.kernels import dispatch
+from quantkit.kernels.reference import wq_matmul_ref
+
+K, N, GS = 4096, 14336, 128
+FORMATS = {"int4": ("int", 4), "int3": ("int", 3), "int2": ("int", 2), "hlq4": ("hlq", 4), "hlq3": ("hlq", 3),
+           "hlq2": ("hlq", 2)}
+GEMV_SWEEP = [  # BLOCK_N, RUNS, num_warps, num_stages, programs per SM
+    (256, 1, 4, 1, 16), (512, 1, 4, 1, 8), (512, 1, 4, 1, 16), (512, 1, 2, 1, 16), (512, 1, 8, 1, 16),
+    (1024, 1, 8, 1, 16), (1024, 1, 4, 1, 16), (512, 2, 4, 1, 16), (256, 1, 2, 1, 32), (512, 1, 4, 1, 32),
+    (1024, 1, 8, 1, 32),
+]
+GEMM_SWEEP = [  # BLOCK_N, BLOCK_K, num_warps, num_stages, SWAP, programs per SM
+    (64, 128, 4, 3, False, 4), (64, 128, 4, 4, False, 4), (64, 128, 4, 5, False, 4), (32, 128, 4, 4, False, 4),
+    (32, 128, 2, 4, False, 8), (64, 64, 4, 4, False, 8), (64, 128, 4, 4, False, 8), (64, 128, 4, 4, True, 4),
+    (32, 128, 4, 3, False, 8), (128, 128, 8, 4, False, 4),
+]
+
+
+def _split(tiles, k_tiles, target, cap=32):
+    from quantkit.kernels.wq_gemm import _split_k
+
+    return _split_k(tiles, k_tiles, target, cap)
+
+
+def _sass_hist(ck) -> dict:
+    try:
+        sass = ck.asm["sass"]
+    except Exception as e:
+        return {"error": repr(e)[:200]}
+    ops = collections.Counter()
+    for line in sass.splitlines():
+        m = re.match(r"\s*/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]+)", line)
+        if m:
+            ops[m.group(1).split(".")[0]] += 1
+    return dict(ops.most_common(18))
+
+
+def _ptx_hist(ck) -> dict:
+    ops = collections.Counter()
+    for line in ck.asm["ptx"].splitlines():
+        m = re.match(r"\s*(?:@%p\d+\s+)?([a-z][a-z0-9_.]+)\s", line)
+        if m and not line.strip().startswith("."):
+            ops[m.group(1)] += 1
+    return dict(ops.most_common(16))
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="out/bench_decode")
+    ap.add_argument("--formats", default="int4,int2,hlq4,int3,hlq3,hlq2")
+    ap.add_argument("--gemv-sweep", default="all", help="'all' or comma list of sweep indices")
+    ap.add_argument("--gemm-formats", default="int4,hlq4,int2")
+    args = ap.parse_args(argv)
+    import triton
+
+    from quantkit.kernels import wq_gemm
+
+    dev = torch.device("cuda")
+    props = torch.cuda.get_device_properties(dev)
+    sms = props.multi_processor_count
+    wq_gemm.NUM_SMS[0] = sms
+    l2 = getattr(props, "L2_cache_size", 50 << 20)
+    print(f"{props.name} {sms} SMs L2 {l2 >> 20} MiB torch {torch.__version__} triton {triton.__version__}",
+          flush=True)
+    res = {"device": props.name, "gemv": [], "gemm": [], "base": {}}
+    torch.manual_seed(0)
+    xs = {m: torch.randn(m, K, device=dev, dtype=torch.bfloat16) for m in (1, 16)}
+    # baselines
+    wb = [torch.randn(N, K, device=dev, dtype=torch.bfloat16) * 0.02]
+    wb += [torch.randn_like(wb[0]) for _ in range(_n_copies(wb[0].numel() * 2, l2) - 1)]
+    for m in (1, 16):
+        res["base"][f"bf16_M{m}"] = time_rotated([lambda w=w, x=xs[m]: x @ w.t() for w in wb])
+    del wb
+    q = torch.randint(0, 16, (N, K), device=dev, dtype=torch.int32)
+    try:
+        packed = torch.ops.aten._convert_weight_to_int4pack((q[:, ::2] << 4 | q[:, 1::2]).to(torch.uint8), 8)
+    except RuntimeError:
+        packed = torch.ops.aten._convert_weight_to_int4pack(q, 8)
+    sz = torch.randn(K // 128, N, 2, device=dev, dtype=torch.bfloat16) * 0.01
+    tb = packed.numel() * packed.element_size() + sz.numel() * 2
+    tg = [(packed, sz)] + [(packed.clone(), sz.clone()) for _ in range(_n_copies(tb, l2) - 1)]
+    for m in (1, 16):
+        res["base"][f"tinygemm_M{m}"] = time_rotated(
+            [lambda p=p, s=s, x=xs[m]: torch.ops.aten._weight_int4pack_mm(x, p, 128, s) for p, s in tg])
+    del tg, q, packed
+    torch.cuda.empty_cache()
+    print({k: round(v, 2) for k, v in res["base"].items()}, flush=True)
+    sweep = GEMV_SWEEP if args.gemv_sweep == "all" else [GEMV_SWEEP[int(i)] for i in args.gemv_sweep.split(",")]
+    for name in args.formats.split(","):
+        fmt, bits = FORMATS[name]
+        raw = _random_quant(fmt, bits, GS, K, N, dev)
+        p0 = dispatch.prepare(fmt, bits, GS, K, N, raw)
+        ps = [p0] + [_clone_prepared(p0) for _ in range(_n_copies(_prepared_bytes(p0), l2) - 1)]
+        ref = {m: wq_matmul_ref(xs[m], fmt, bits, GS, K, raw["qweight"], raw["scales"], raw.get("zeros"),
+                                raw.get("offsets"), dtype=torch.float64) for m in (1, 16)}
+        del raw
+        best = None
+        for bn, runs, nw, ns, pps in sweep:
+            split = _split(triton.cdiv(N, bn), triton.cdiv(K, 32 * runs), pps * sms, 64)
+            cfg = {"BLOCK_N": bn, "RUNS": runs, "SPLIT_K": split, "num_warps": nw, "num_stages": ns}
+            try:
+                y = dispatch.gemv(ps[0], xs[1], None, cfg)
+                err = ((y.double() - ref[1]).norm() / ref[1].norm()).item()
+                us = time_rotated([lambda p=p, c=cfg: dispatch.gemv(p, xs[1], None, c) for p in ps])
+            except Exception as e:
+                print(f"{name} gemv {cfg} FAILED {e!r}"[:400], flush=True)
+                continue
+            row = {"format": name, **cfg, "us": us, "err": err}
+            res["gemv"].append(row)
+            print(f"{name:5} gemv M=1  BN={bn:<4} R={runs} w={nw} s={ns} split={split:<3} {us:8.2f} us  "
+                  f"err {err:.1e}", flush=True)
+            if best is None or us < best["us"]:
+                best = row
+        if best is not None:  # registers, spills, SASS of the fastest config
+            cfg = {k: best[k] for k in ("BLOCK_N", "RUNS", "SPLIT_K", "num_warps", "num_stages")}
+            out = torch.empty(1, N, dtype=torch.bfloat16, device=dev)
+            a = dispatch._args(ps[0], xs[1], out, None)
+            ck = wq_gemm._gemv_kernel[(triton.cdiv(N, cfg["BLOCK_N"]), cfg["SPLIT_K"], 1)](
+                *a, **dispatch._consts(ps[0], None), **cfg)
+            best["regs"], best["spills"] = getattr(ck, "n_regs", None), getattr(ck, "n_spills", None)
+            best["sass_ops"] = _sass_hist(ck)
+            best["ptx_ops"] = _ptx_hist(ck)
+            os.makedirs(args.out, exist_ok=True)
+            for kind in ("ptx", "sass"):
+                try:
+                    with open(os.path.join(args.out, f"gemv_{name}.{kind}"), "w") as f:
+                        f.write(ck.asm[kind])
+                except Exception:
+                    pass
+            print(f"{name} ptx {best['ptx_ops']}", flush=True)
+            for m in (2, 4, 8):  # the GEMV at a few more rows (decides GEMV_MAX_M)
+                xm = torch.randn(m, K, device=dev, dtype=torch.bfloat16)
+                c2 = dict(cfg, SPLIT_K=_split(triton.cdiv(N, cfg["BLOCK_N"]) * m, triton.cdiv(K, 32 * cfg["RUNS"]),
+                                              16 * sms, 64))
+                us = time_rotated([lambda p=p, x=xm, c=c2: dispatch.gemv(p, x, None, c) for p in ps])
+                res["gemv"].append({"format": name, "M": m, **c2, "us": us})
+                print(f"{name} gemv M={m} {c2} {us:.2f} us", flush=True)
+            print(f"{name} best gemv {best['us']:.2f} us regs {best['regs']} spills {best['spills']} "
+                  f"sass {best['sass_ops']}", flush=True)
+        if name in args.gemm_formats.split(","):
+            for bn, bk, nw, ns, swap, pps in GEMM_SWEEP:
+                tiles = triton.cdiv(N, bn)
+                split = _split(tiles, triton.cdiv(K, bk), pps * sms)
+                cfg = {"BLOCK_M": 16, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": split, "num_warps": nw,
+                       "num_stages": ns, "SWAP": swap}
+                try:
+                    y = dispatch.gemm(ps[0], xs[16], None, cfg)
+                    err = ((y.double() - ref[16]).norm() / ref[16].norm()).item()
+                    us = time_rotated([lambda p=p, c=cfg: dispatch.gemm(p, xs[16], None, c) for p in ps])
+                except Exception as e:
+                    print(f"{name} gemm {cfg} FAILED {e!r}"[:400], flush=True)
+                    continue
+                res["gemm"].append({"format": name, **cfg, "us": us, "err": err})
+                if bn == 64 and bk == 128 and ns == 4 and not swap and pps == 4:
+                    for m in (2, 4, 8):
+                        xm = torch.randn(m, K, device=dev, dtype=torch.bfloat16)
+                        um = time_rotated([lambda p=p, x=xm, c=cfg: dispatch.gemm(p, x, None, c) for p in ps])
+                        res["gemm"].append({"format": name, "M": m, **cfg, "us": um})
+                        print(f"{name} gemm M={m} {um:.2f} us", flush=True)
+                print(f"{name:5} gemm M=16 BN={bn:<4} BK={bk:<3} w={nw} s={ns} swap={swap:d} split={split:<3} "
+                      f"{us:8.2f} us  err {err:.1e}", flush=True)
+        del ps, p0
+        torch.cuda.empty_cache()
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "bench_decode.json"), "w") as f:
+        json.dump(res, f, indent=1)
+    print("== summary (us) ==", {k: round(v, 2) for k, v in res["base"].items()})
+    for kind in ("gemv", "gemm"):
+        byf = {}
+        for r in res[kind]:
+            if r["format"] not in byf or r["us"] < byf[r["format"]]["us"]:
+                byf[r["format"]] = r
+        for f, r in byf.items():
+            print(kind, f, round(r["us"], 2), {k: v for k, v in r.items() if k not in ("format", "us", "sass_ops")})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
