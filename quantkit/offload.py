@@ -298,15 +298,16 @@ def format_estimate(e: dict) -> str:
 
 
 def _materialize(module: torch.nn.Module, module_prefix: str, src: SourceCheckpoint, device: torch.device,
-                 dtype: torch.dtype) -> None:
-    """Load `module`'s own tensors (names under `module_prefix`) from the shards onto `device` in `dtype`."""
+                 dtype: torch.dtype | None) -> None:
+    """Load `module`'s own tensors (names under `module_prefix`) from the shards onto `device` in `dtype`
+    (None: as stored)."""
     names = list(module.state_dict().keys())
     full = [f"{module_prefix}.{n}" for n in names]
     tensors = src.get(full)
     sd = {}
     for n, f in zip(names, full, strict=True):
         t = tensors.pop(f)
-        sd[n] = t.to(device, dtype) if t.is_floating_point() else t.to(device)
+        sd[n] = t.to(device, dtype) if t.is_floating_point() and dtype is not None else t.to(device)
     module.load_state_dict(sd, strict=True, assign=True)
 
 
@@ -448,13 +449,23 @@ def quantize_streaming(
     if start < n_layers and data:
         # embeddings (and the final norm, so the prologue modules are real) for layer 0's inputs / kwargs
         inner = skel.model
+        hooks = []
         for name, mod in inner.named_children():
-            if name != "layers":
+            if name == "layers":
+                continue
+            if isinstance(mod, torch.nn.Embedding):
+                # kept as stored (bf16: half of fp32) and cast after the lookup: a lookup copies rows, so the
+                # result is bit-identical to looking up in a table cast to `dtype` first
+                _materialize(mod, f"model.{name}", src, device, None)
+                hooks.append(mod.register_forward_hook(lambda m, args, y: y.to(dtype)))
+            else:
                 _materialize(mod, f"model.{name}", src, device, dtype)
         windows = calib if start == 0 else calib[:1]  # on resume only the kwargs are needed
         sink = xs.append if start == 0 else (lambda x: None)
         _, kwargs = capture_layer_inputs(skel, windows, device, device, sink=sink)
         kwargs = _to(kwargs, device)
+        for h in hooks:
+            h.remove()
         for name, mod in inner.named_children():
             if name != "layers":
                 mod.to("meta")
@@ -473,11 +484,13 @@ def quantize_streaming(
                disable=not progress, initial=start, total=n_layers)
     try:
         for li in bar:
+            t_layer = time.perf_counter()
             lprefix = f"{prefix}.{li}"
             layer = layers[li]
             _materialize(layer, lprefix, src, device, dtype)
             report.modules.clear()
-            quantize_layer(layer, lprefix, rec, xs, kwargs, device, report, bar)
+            # no dequantized-weight cache: a streamed layer holds one float copy, not two (same values)
+            quantize_layer(layer, lprefix, rec, xs, kwargs, device, report, bar, cache_weights=False)
             ys = None
             if data and li < n_layers - 1:
                 ys = ActivationStore(device, budget, spill_root, f"out{li % 2}")
@@ -504,6 +517,7 @@ def quantize_streaming(
                 "modules": dict(report.modules)}
             _write_json(partial / MANIFEST_NAME, manifest)
             _debug_kill("after-manifest", li)
+            _log_layer(bar if progress else None, log, li, n_layers, time.perf_counter() - t_layer, device)
             if old_acts is not None and old_acts["file"] != (manifest["acts"] or {}).get("file"):
                 (partial / old_acts["file"]).unlink(missing_ok=True)
             del tensors
@@ -519,6 +533,19 @@ def quantize_streaming(
         remove_tree(spill_root)
     return _finalize(partial, out, manifest, config, path, tokenizer, n_layers, overwrite, log,
                      time.perf_counter() - t0, budget)
+
+
+def _log_layer(bar, log, li: int, n: int, seconds: float, device: torch.device) -> None:
+    import resource
+
+    msg = f"layer {li + 1}/{n} done in {seconds:.1f} s"
+    if device.type == "cuda":
+        msg += f", peak VRAM {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB"
+    msg += f", peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB"
+    if bar is not None:
+        bar.write(msg, file=sys.stderr)
+    else:
+        log(msg)
 
 
 def _load_tokenizer(path: Path):

@@ -187,13 +187,15 @@ def _scheme_entry(mod: QuantLinear, recipe: Recipe) -> dict:
 
 @torch.no_grad()
 def quantize_layer(layer: nn.Module, lprefix: str, recipe: Recipe, xs, kwargs: dict, device: torch.device,
-                   report: QuantizeReport, bar=None) -> None:
+                   report: QuantizeReport, bar=None, cache_weights: bool = True) -> None:
     """Quantize one decoder layer in place (its Linears become QuantLinear): the per-layer step that the
     in-memory driver (`quantize_model`) and the streaming driver (`quantkit.offload`) share.
 
     layer: already on `device`; lprefix: its full module name ("model.layers.3"); xs: a sequence (list or
     `ActivationStore`) of its inputs, [1, seq, hidden] each, empty for methods without data; kwargs: the
     keyword arguments the model passes its layers, on `device`. Scheme entries go to `report.modules`.
+    cache_weights: keep each new QuantLinear's dequantized weight for the rest of the layer (faster CPU
+    forwards, one more float copy of the layer in memory; the values are the same either way).
     """
     targets = _targets(layer, lprefix, recipe)
     if recipe.method.name == "gptq" and targets and len(xs):
@@ -224,7 +226,7 @@ def quantize_layer(layer: nn.Module, lprefix: str, recipe: Recipe, xs, kwargs: d
                 # the block's last module may consume the Hessian (saves K x K copies on big layers)
                 q = _quantize_linear(f"{lprefix}.{n}", mod, spec, recipe, acc.h,
                                      hessian_consumable=j == len(block) - 1)
-                q.cache_weight = True  # later sub-blocks and the output pass reuse the dequantized weight
+                q.cache_weight = cache_weights  # later sub-blocks and the output pass reuse it
                 _set_module(layer, n, q)
                 report.modules[f"{lprefix}.{n}"] = _scheme_entry(q, recipe)
                 del mod
