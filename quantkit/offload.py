@@ -58,7 +58,6 @@ from quantkit.activations import (
 from quantkit.checkpoint import FORMAT_VERSION, INDEX_NAME, _packed_names, check_out_dir
 from quantkit.errors import QuantkitError
 from quantkit.models import decoder_layers
-from quantkit.nn import set_weight_cache
 from quantkit.pipeline import (
     QuantizeReport,
     _layer_prefix,
@@ -524,8 +523,10 @@ def quantize_streaming(
             xs.close()
             if ys is not None:
                 xs = ys
-            set_weight_cache(layer, False)
-            layer.to("meta")  # frees the layer; its skeleton slot stays for shapes only
+            # drop the whole module, not only its tensors: kernel dispatch caches repacked weights as plain
+            # attributes that `.to("meta")` would not free (seen as +90 MB of VRAM per 8B layer)
+            layers[li] = torch.nn.Module()
+            del layer
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     finally:
