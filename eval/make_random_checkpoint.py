@@ -6,8 +6,9 @@ of any size, one tensor at a time: the whole model is never in memory (at most o
         --tokenizer out/gpu/tokenizer
 
 Presets: `llama3-8b` (hidden 4096, intermediate 14336, 32 layers, 32 heads / 8 KV heads, vocab 128256,
-untied; 16.1 GB in bf16) and `cpu-3g` (hidden 2048, intermediate 5632, 36 layers, 32 / 4 heads, vocab 32000,
-untied; 3.4 GB). Any field can be overridden (--layers, --hidden, ...). Weights are N(0, 0.02) (Linear and
+untied; 16.1 GB in bf16) and `cpu-3g` (hidden 2048, intermediate 5632, 36 layers, 32 / 4 heads, vocab 49152
+= the demo tokenizer's, untied; 3.6 GB) and `cpu-4g` (hidden 768, intermediate 2048, 300 layers, 12 / 4 heads,
+vocab 49152, untied; 3.9 GB: many narrow layers, so the per-layer working set is small next to the file). Any field can be overridden (--layers, --hidden, ...). Weights are N(0, 0.02) (Linear and
 embedding), norms 1, drawn from one seeded generator per tensor so a given shape always gives the same file.
 The tokenizer (default: the demo model's, `quantkit.models.demo_model_dir()`) is copied as files; token ids
 it produces must be < vocab.
@@ -26,7 +27,9 @@ import torch
 
 PRESETS = {
     "llama3-8b": dict(hidden=4096, intermediate=14336, layers=32, heads=32, kv_heads=8, vocab=128256, tie=False),
-    "cpu-3g": dict(hidden=2048, intermediate=5632, layers=36, heads=32, kv_heads=4, vocab=32000, tie=False),
+    "cpu-3g": dict(hidden=2048, intermediate=5632, layers=36, heads=32, kv_heads=4, vocab=49152, tie=False),
+    # many narrow layers: >= 3 GB with the smallest per-layer working set (what the CPU RSS measurement needs)
+    "cpu-4g": dict(hidden=768, intermediate=2048, layers=300, heads=12, kv_heads=4, vocab=49152, tie=False),
     "tiny": dict(hidden=128, intermediate=320, layers=4, heads=4, kv_heads=2, vocab=49152, tie=True),
 }
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",

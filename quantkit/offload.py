@@ -350,6 +350,7 @@ def quantize_streaming(
     dry_run: bool = False,
     calibration: torch.Tensor | None = None,
     tokenizer=None,
+    cache_weights: bool | None = None,
     progress: bool = True,
     log=None,
 ) -> Path | dict:
@@ -358,7 +359,10 @@ def quantize_streaming(
 
     `calibration` (LongTensor [nsamples, seq_len]) replaces dataset/nsamples/seq_len/seed when given.
     dtype: compute dtype (default float32 on CPU, the stored dtype on GPUs); unquantized tensors are written
-    as stored. Returns `out`, or with `dry_run` the estimate dict (nothing is written).
+    as stored. cache_weights: keep each quantized Linear's dequantized weight while its layer is processed
+    (default: on CPU, where re-dequantizing for every forward costs more time than the float copy costs
+    memory; GPU forwards use the kernels and never read it). Returns `out`, or with `dry_run` the estimate
+    dict (nothing is written).
     """
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -380,6 +384,8 @@ def quantize_streaming(
         raise QuantkitError(f"cannot read the model config in '{path}': {e}") from None
     src = SourceCheckpoint(path)
     dtype = dtype or _default_dtype(device, src)
+    if cache_weights is None:
+        cache_weights = device.type == "cpu"
     with init_empty_weights(include_buffers=False):
         skel = AutoModelForCausalLM.from_config(config, dtype=dtype)
     skel.eval()
@@ -409,6 +415,9 @@ def quantize_streaming(
                 raise QuantkitError(f"calibration needs a tokenizer and '{path}' has none; add tokenizer files "
                                     f"or pass calibration=")
             calib = calibration_windows(tokenizer, dataset, nsamples, seq_len, seed)
+    if calib is not None and int(calib.max()) >= int(config.vocab_size):
+        raise QuantkitError(f"calibration token id {int(calib.max())} is outside the model's vocabulary "
+                            f"({config.vocab_size}); the tokenizer does not belong to this model")
     settings = _settings(path, src, rec, calib, nsamples, seq_len, seed, dataset, device, dtype)
     manifest = _open_manifest(partial, settings, n_layers)
 
@@ -488,8 +497,7 @@ def quantize_streaming(
             layer = layers[li]
             _materialize(layer, lprefix, src, device, dtype)
             report.modules.clear()
-            # no dequantized-weight cache: a streamed layer holds one float copy, not two (same values)
-            quantize_layer(layer, lprefix, rec, xs, kwargs, device, report, bar, cache_weights=False)
+            quantize_layer(layer, lprefix, rec, xs, kwargs, device, report, bar, cache_weights=cache_weights)
             ys = None
             if data and li < n_layers - 1:
                 ys = ActivationStore(device, budget, spill_root, f"out{li % 2}")
