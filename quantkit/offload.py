@@ -415,6 +415,8 @@ def quantize_streaming(
                 raise QuantkitError(f"calibration needs a tokenizer and '{path}' has none; add tokenizer files "
                                     f"or pass calibration=")
             calib = calibration_windows(tokenizer, dataset, nsamples, seq_len, seed)
+        log(f"calibration: {calib.shape[0]} x {calib.shape[1]} tokens; peak RSS so far {_peak_rss_gib():.2f} GiB "
+            f"(interpreter, libraries, tokenizer)")
     if calib is not None and int(calib.max()) >= int(config.vocab_size):
         raise QuantkitError(f"calibration token id {int(calib.max())} is outside the model's vocabulary "
                             f"({config.vocab_size}); the tokenizer does not belong to this model")
@@ -544,13 +546,17 @@ def quantize_streaming(
                      time.perf_counter() - t0, budget)
 
 
-def _log_layer(bar, log, li: int, n: int, seconds: float, device: torch.device) -> None:
+def _peak_rss_gib() -> float:
     import resource
 
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
+
+
+def _log_layer(bar, log, li: int, n: int, seconds: float, device: torch.device) -> None:
     msg = f"layer {li + 1}/{n} done in {seconds:.1f} s"
     if device.type == "cuda":
         msg += f", peak VRAM {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB"
-    msg += f", peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB"
+    msg += f", peak RSS {_peak_rss_gib():.2f} GiB"
     if bar is not None:
         bar.write(msg, file=sys.stderr)
     else:

@@ -101,6 +101,23 @@ def test_dry_run_estimates_and_writes_nothing(calib, tmp_path):
     assert not (tmp_path / "q").exists() and not (tmp_path / "q.partial").exists()
 
 
+def test_cli_dry_run_and_tokenizer_mismatch(tmp_path):
+    from click.testing import CliRunner
+
+    from quantkit.cli import cli as cli_group
+
+    make_source(tmp_path / "src")
+    r = CliRunner().invoke(cli_group, ["quantize", str(tmp_path / "src"), "--recipe", "gptq-w4g128", "--out",
+                                       str(tmp_path / "q"), "--offload", "--dry-run", "--nsamples", "2"])
+    assert r.exit_code == 0 and "peak RAM" in r.output + (r.stderr if r.stderr_bytes else "")
+    assert not (tmp_path / "q").exists() and not (tmp_path / "q.partial").exists()
+    r = CliRunner().invoke(cli_group, ["quantize", str(tmp_path / "src"), "--recipe", "rtn-w4g128", "--out",
+                                       str(tmp_path / "q"), "--dry-run"])
+    assert isinstance(r.exception, QuantkitError) and "add --offload" in str(r.exception)
+    with pytest.raises(QuantkitError, match="outside the model's vocabulary"):
+        stream(tmp_path / "src", tmp_path / "q", calib=torch.full((1, 8), 600))
+
+
 class Interrupt(Exception):
     pass
 
