@@ -225,7 +225,8 @@ def _calibration_hash(calib: torch.Tensor | None) -> str | None:
 
 
 def estimate(src: SourceCheckpoint, config, recipe: Recipe, prefix: str, n_layers: int, nsamples: int,
-             seq_len: int, device: torch.device, dtype: torch.dtype, max_act: int) -> dict:
+             seq_len: int, device: torch.device, dtype: torch.dtype, max_act: int,
+             cache_weights: bool = True) -> dict:
     """Peak RAM / VRAM / disk of a streamed run, from the shard headers and the recipe (bytes)."""
     ec = torch.empty((), dtype=dtype).element_size()
     hidden = int(config.hidden_size)
@@ -249,8 +250,10 @@ def estimate(src: SourceCheckpoint, config, recipe: Recipe, prefix: str, n_layer
                 continue
             nout, k = shape
             out_bytes += sum(_nbytes(s, d) for s, d in _packed_names(spec, k, nout).values())
-            if needs_calibration(recipe):  # H (consumed in place) + one K x K temporary, W fp32, codes int64
-                gptq_work = max(gptq_work, 2 * k * k * 4 + nout * k * (4 + 8))
+            if needs_calibration(recipe):
+                # H, its Cholesky factor and the inverse's temporary (measured on an H200 at K = 14336: the
+                # step that decides a streamed layer's peak), W in fp32, codes in uint8
+                gptq_work = max(gptq_work, 3 * k * k * 4 + nout * k * (4 + 1))
             else:
                 gptq_work = max(gptq_work, nout * k * (4 + 8))
     other = [n for n in src.meta if not n.startswith(f"{prefix}.")]
@@ -263,8 +266,8 @@ def estimate(src: SourceCheckpoint, config, recipe: Recipe, prefix: str, n_layer
     acts_dev = min(acts, max_act)
     spill = acts - acts_dev
     fwd = (seq_len * inter * ec * 3 + heads * seq_len * seq_len * 4 + 4 * sample) if data else 0
-    # layer (+ its dequantized QuantLinear weights, cached during the layer) + GPTQ temporaries + one forward
-    layer_peak = 2 * layer_compute + gptq_work + fwd
+    # layer (+ its dequantized QuantLinear weights when cached) + GPTQ temporaries + one forward
+    layer_peak = (2 if cache_weights else 1) * layer_compute + gptq_work + fwd
     dev_peak = max(embed + fwd, layer_peak) + acts_dev
     base_ram = 600 * 1024**2  # python + torch + transformers + tokenizer, measured ~0.5 GB
     staging = layer_src + out_bytes // max(n_layers, 1)  # a layer read from the shards; a packed layer
@@ -384,8 +387,6 @@ def quantize_streaming(
         raise QuantkitError(f"cannot read the model config in '{path}': {e}") from None
     src = SourceCheckpoint(path)
     dtype = dtype or _default_dtype(device, src)
-    if cache_weights is None:
-        cache_weights = device.type == "cpu"
     with init_empty_weights(include_buffers=False):
         skel = AutoModelForCausalLM.from_config(config, dtype=dtype)
     skel.eval()
@@ -395,7 +396,9 @@ def quantize_streaming(
     data = needs_calibration(rec)
     if calibration is not None:
         nsamples, seq_len = calibration.shape
-    est = estimate(src, config, rec, prefix, n_layers, nsamples, seq_len, device, dtype, max_act)
+    if cache_weights is None:
+        cache_weights = device.type == "cpu"
+    est = estimate(src, config, rec, prefix, n_layers, nsamples, seq_len, device, dtype, max_act, cache_weights)
     log(format_estimate(est))
     if dry_run:
         return est
