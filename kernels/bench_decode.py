@@ -32,15 +32,13 @@ from quantkit.kernels.reference import wq_matmul_ref
 K, N, GS = 4096, 14336, 128
 FORMATS = {"int4": ("int", 4), "int3": ("int", 3), "int2": ("int", 2), "hlq4": ("hlq", 4), "hlq3": ("hlq", 3),
            "hlq2": ("hlq", 2)}
-GEMV_SWEEP = [  # BLOCK_N, RUNS, num_warps, num_stages, programs per SM
-    (256, 1, 4, 1, 16), (512, 1, 4, 1, 8), (512, 1, 4, 1, 16), (512, 1, 2, 1, 16), (512, 1, 8, 1, 16),
-    (1024, 1, 8, 1, 16), (1024, 1, 4, 1, 16), (512, 2, 4, 1, 16), (256, 1, 2, 1, 32), (512, 1, 4, 1, 32),
-    (1024, 1, 8, 1, 32),
+GEMV_SWEEP = [  # BLOCK_N, RUNS, num_warps, maxnreg, split
+    (512, 1, 4, None, 64), (1024, 1, 4, None, 64), (512, 1, 2, None, 64), (256, 1, 1, None, 64),
+    (1024, 1, 8, None, 64), (128, 1, 1, None, 64), (256, 1, 2, None, 64), (512, 1, 4, None, 32),
 ]
-GEMM_SWEEP = [  # BLOCK_N, BLOCK_K, num_warps, num_stages, SWAP, programs per SM
-    (64, 128, 4, 3, False, 4), (64, 128, 4, 4, False, 4), (64, 128, 4, 5, False, 4), (32, 128, 4, 4, False, 4),
-    (32, 128, 2, 4, False, 8), (64, 64, 4, 4, False, 8), (64, 128, 4, 4, False, 8), (64, 128, 4, 4, True, 4),
-    (32, 128, 4, 3, False, 8), (128, 128, 8, 4, False, 4),
+GEMM_SWEEP = [  # BLOCK_N, BLOCK_K, num_warps, num_stages, SWAP, split
+    (64, 128, 4, 4, False, 5), (64, 128, 4, 4, False, 8), (32, 128, 4, 4, False, 4), (64, 128, 4, 4, True, 3),
+    (64, 128, 4, 3, False, 5), (128, 128, 4, 4, False, 4),
 ]
 
 
@@ -72,14 +70,32 @@ def _ptx_hist(ck) -> dict:
     return dict(ops.most_common(16))
 
 
+def profile(dev):
+    """One launch each of the decode kernels (for ncu): int4 / hlq4 GEMV at M=1, int4 GEMM at M=16."""
+    x1 = torch.randn(1, K, device=dev, dtype=torch.bfloat16)
+    x16 = torch.randn(16, K, device=dev, dtype=torch.bfloat16)
+    for fmt, bits in (("int", 4), ("hlq", 4)):
+        p = dispatch.prepare(fmt, bits, GS, K, N, _random_quant(fmt, bits, GS, K, N, dev))
+        dispatch.gemv(p, x1, None, {"BLOCK_N": 512, "RUNS": 1, "SPLIT_K": 64, "num_warps": 4, "num_stages": 1})
+        if bits == 4 and fmt == "int":
+            dispatch.gemm(p, x16, None, {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 128, "SPLIT_K": 8,
+                                          "num_warps": 4, "num_stages": 4})
+    torch.cuda.synchronize()
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="out/bench_decode")
     ap.add_argument("--formats", default="int4,int2,hlq4,int3,hlq3,hlq2")
     ap.add_argument("--gemv-sweep", default="all", help="'all' or comma list of sweep indices")
     ap.add_argument("--gemm-formats", default="int4,hlq4,int2")
+    ap.add_argument("--profile", action="store_true", help="one launch of each decode kernel (run under ncu)")
     args = ap.parse_args(argv)
     import triton
+
+    if args.profile:
+        profile(torch.device("cuda"))
+        return 0
 
     from quantkit.kernels import wq_gemm
 
@@ -123,9 +139,10 @@ def main(argv=None):
                                 raw.get("offsets"), dtype=torch.float64) for m in (1, 16)}
         del raw
         best = None
-        for bn, runs, nw, ns, pps in sweep:
-            split = _split(triton.cdiv(N, bn), triton.cdiv(K, 32 * runs), pps * sms, 64)
-            cfg = {"BLOCK_N": bn, "RUNS": runs, "SPLIT_K": split, "num_warps": nw, "num_stages": ns}
+        for bn, runs, nw, nreg, split in sweep:
+            cfg = {"BLOCK_N": bn, "RUNS": runs, "SPLIT_K": split, "num_warps": nw, "num_stages": 1}
+            if nreg:
+                cfg["maxnreg"] = nreg
             try:
                 y = dispatch.gemv(ps[0], xs[1], None, cfg)
                 err = ((y.double() - ref[1]).norm() / ref[1].norm()).item()
@@ -135,12 +152,13 @@ def main(argv=None):
                 continue
             row = {"format": name, **cfg, "us": us, "err": err}
             res["gemv"].append(row)
-            print(f"{name:5} gemv M=1  BN={bn:<4} R={runs} w={nw} s={ns} split={split:<3} {us:8.2f} us  "
+            print(f"{name:5} gemv M=1  BN={bn:<4} R={runs} w={nw} nreg={nreg} split={split:<3} {us:8.2f} us  "
                   f"err {err:.1e}", flush=True)
             if best is None or us < best["us"]:
                 best = row
         if best is not None:  # registers, spills, SASS of the fastest config
-            cfg = {k: best[k] for k in ("BLOCK_N", "RUNS", "SPLIT_K", "num_warps", "num_stages")}
+            cfg = {k: best[k] for k in ("BLOCK_N", "RUNS", "SPLIT_K", "num_warps", "num_stages", "maxnreg")
+                   if k in best}
             out = torch.empty(1, N, dtype=torch.bfloat16, device=dev)
             a = dispatch._args(ps[0], xs[1], out, None)
             ck = wq_gemm._gemv_kernel[(triton.cdiv(N, cfg["BLOCK_N"]), cfg["SPLIT_K"], 1)](
@@ -166,9 +184,7 @@ def main(argv=None):
             print(f"{name} best gemv {best['us']:.2f} us regs {best['regs']} spills {best['spills']} "
                   f"sass {best['sass_ops']}", flush=True)
         if name in args.gemm_formats.split(","):
-            for bn, bk, nw, ns, swap, pps in GEMM_SWEEP:
-                tiles = triton.cdiv(N, bn)
-                split = _split(tiles, triton.cdiv(K, bk), pps * sms)
+            for bn, bk, nw, ns, swap, split in GEMM_SWEEP:
                 cfg = {"BLOCK_M": 16, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": split, "num_warps": nw,
                        "num_stages": ns, "SWAP": swap}
                 try:
@@ -179,7 +195,7 @@ def main(argv=None):
                     print(f"{name} gemm {cfg} FAILED {e!r}"[:400], flush=True)
                     continue
                 res["gemm"].append({"format": name, **cfg, "us": us, "err": err})
-                if bn == 64 and bk == 128 and ns == 4 and not swap and pps == 4:
+                if bn == 64 and bk == 128 and ns == 4 and not swap and split == 5:
                     for m in (2, 4, 8):
                         xm = torch.randn(m, K, device=dev, dtype=torch.bfloat16)
                         um = time_rotated([lambda p=p, x=xm, c=cfg: dispatch.gemm(p, x, None, c) for p in ps])

@@ -3,15 +3,18 @@
 Imports only torch at module level; triton (and `wq_gemm`) is imported on the first call, so CPU-only code
 that imports quantkit never loads triton.
 
-Paths, chosen per M by measurement (eval/bench_kernels.py on an H200, torch 2.11 / triton 3.6, weights
-rotated over > 2.5x L2, CUDA-graph replays; JSON in docs/bench/kernels_h200.json):
-- M <= GEMV_MAX_M (1):           `_gemv_kernel`, split-K GEMV. At M = 1 it beat the tl.dot kernel on every
-                                 shape (int4 g128, 4096x14336: 24.3 vs 52.5 us); its cost grows ~linearly with M
-                                 (M = 16: 254 us), so M >= 2 goes to the GEMM.
-- GEMV_MAX_M < M < DEQUANT_MIN_M (128): `_gemm_kernel` (dequant in registers + tl.dot, split-K); M = 16: 7.8-52 us.
+Paths, chosen per M by measurement (eval/bench_kernels.py and kernels/bench_decode.py on an H200, torch 2.11 /
+triton 3.6, weights rotated over > 2.5x L2, CUDA-graph replays; JSON in docs/bench/kernels_h200.json):
+- M <= GEMV_MAX_M (1):           `_gemv_kernel`, split-K GEMV on CUDA cores (int4 g128, 4096x14336: 14.9 us vs
+                                 26.8 us for the tl.dot kernel). Its cost grows ~linearly with M (M = 2: ~30 us)
+                                 while the tl.dot kernel is flat in M up to 16 (~26 us), so M >= 2 goes to the GEMM.
+- GEMV_MAX_M < M < DEQUANT_MIN_M (128): `_gemm_kernel` (dequant in registers + tl.dot, split-K); M = 16: 5.9-26.8 us.
 - M >= DEQUANT_MIN_M:            `_dequant_kernel` into a bf16/fp16 workspace, then cuBLAS. It won at M = 128 on
-                                 3 of 4 shapes (lost 4096x14336: 76.7 vs 63.7 us) and at M = 1024 / 4096 on all
-                                 (M = 4096: 1.00-1.12x cuBLAS bf16; the fused tl.dot GEMM ran 2.2-2.4x slower than it).
+                                 3 of 4 shapes (lost 4096x14336: 76.7 vs 63.7 us, first benchmark) and at
+                                 M = 1024 / 4096 on all (M = 4096: ~1.0-1.1x cuBLAS bf16, whose own time moved
+                                 614-702 us between runs; the fused tl.dot GEMM ran 2.2-2.4x slower than it).
+No weight is repacked for 2/4 bits (the kernels read the stored layout); 3-bit weights are split once into a
+2-bit and a 1-bit stream (`prepare`), cached on the module by `prepared_for`, stored buffers untouched.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ GEMV_MAX_M = 1
 DEQUANT_MIN_M = 128
 
 _FMT_CODE = {"int": 0, "hlq": 1}
+ONE = 0x3F800000  # bits of 1.0f, a runtime kernel argument (see wq_gemm._f)
 
 
 @dataclass
@@ -96,7 +100,7 @@ def _args(p: Prepared, x: torch.Tensor, out: torch.Tensor, bias: torch.Tensor | 
     m = x.shape[0]
     ws, cnt = _workspace(x.device, m * p.n, m * p.n // 16 + 1)
     return (x, p.q0, p.q1, p.scales, p.zeros, bias if bias is not None else out, out, ws, cnt,
-            m, p.n, p.k, p.q0.shape[0], p.q1.shape[0], x.stride(0), out.stride(0), _bucket(m))
+            m, p.n, p.k, p.q0.shape[0], p.q1.shape[0], x.stride(0), out.stride(0), _bucket(m), ONE)
 
 
 def _consts(p: Prepared, bias) -> dict:
@@ -126,6 +130,7 @@ def gemv(p: Prepared, x: torch.Tensor, bias: torch.Tensor | None = None, config:
         wq_gemm.gemv_tuned[grid](*args, **_consts(p, bias))
     else:
         c = dict(config)
+        c.setdefault("EVEN_K", p.k % (32 * c["RUNS"]) == 0)
         grid = (triton.cdiv(p.n, c["BLOCK_N"]), c["SPLIT_K"], m)
         wq_gemm._gemv_kernel[grid](*args, **_consts(p, bias), **c)
     return out
@@ -167,7 +172,7 @@ def dequant(p: Prepared, dtype: torch.dtype, device: torch.device | None = None,
         block_k = min(128, p.gs) if p.gs else 128
     wt = torch.empty(p.k, p.n, dtype=dtype, device=device or p.q0.device)
     grid = (triton.cdiv(p.n, block_n), triton.cdiv(p.k, block_k))
-    wq_gemm._dequant_kernel[grid](p.q0, p.q1, p.scales, p.zeros, wt, p.n, p.k, p.q0.shape[0], p.q1.shape[0],
+    wq_gemm._dequant_kernel[grid](p.q0, p.q1, p.scales, p.zeros, wt, p.n, p.k, p.q0.shape[0], p.q1.shape[0], ONE,
                                   GS=p.gs, FMT=p.fmt, BITS=p.bits, HAS_ZERO=p.has_zero, BLOCK_N=block_n,
                                   BLOCK_K=block_k, num_warps=4)
     return wt

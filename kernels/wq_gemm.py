@@ -19,9 +19,13 @@ so a weight is an affine function of the fields' f: w = B + Σ_p A_p · f_p with
     hlq, n planes:  plane p of the code at bit 23-n+p (b=3: plane 2 from the 1-bit stream at bit 22):
                     A_p = s_p·2^(n-p) (b=3: 4s_0, 2s_1, 2s_2),     B = offset − Σ_p A_p
 - `_gemv_kernel` keeps the words of a tile as [BLOCK_N, RUNS] tensors, one per word slot (N-contiguous 16-byte
-  loads), so every code slot i is a compile-time shift; it accumulates t_p = Σ_k x_k·f_p per run (one FMA per
-  field) and applies the group's affine map once per run and column: acc += Σ_p A_p·t_p + B·Σ_k x_k. The next
-  tile's words are loaded before the current one is computed (register prefetch).
+  loads), so every code slot i is a compile-time shift; one shift serves 8/w codes (the lower ones sit d bits
+  below the top, f = 1 + field·2^-(w+d); their x is scaled by 2^d and the surplus Σ(2^d − 1)·x is removed once
+  per run). It accumulates t_p = Σ_k x_k·f_p (one FMA per field) and applies the group's affine map once per run
+  and column: acc += Σ_p A_p·(t_p − surplus) + B·Σ_k x_k. The next tile's words are loaded before the current
+  one is computed (register prefetch). Per int4 weight that is ~0.6 shift + 1 LOP3 + 1 FFMA in SASS (the bits of
+  1.0 are a kernel argument so that and+or fuse into one LOP3, see `_f`), ~5 instructions per weight in the
+  loop with the x side (load, bf16→f32, Σx, 2^d scaling: per x value, shared by a thread's 4 columns).
 - `_gemm_kernel` / `_dequant_kernel` need the tile in natural K order: the words [BLOCK_N, RUNS, words/run]
   are spread by the same constant shifts into a tree of `tl.join`s and reshaped to [BLOCK_N, RUNS·32]
   (`_spread`), then w = B + Σ_p A_p·f_p in fp32 and cast to the activation dtype for `tl.dot`. For small M
@@ -66,9 +70,11 @@ def _top(w, POS: tl.constexpr):
 
 
 @triton.jit
-def _f(u, LO: tl.constexpr, WP: tl.constexpr):
-    """float32 1 + field/2^(23-LO) from the WP-bit field at bits [LO, LO+WP) of u (one LOP3: and, or)."""
-    return ((u & (((1 << WP) - 1) << LO)) | 0x3F800000).to(tl.float32, bitcast=True)
+def _f(u, LO: tl.constexpr, WP: tl.constexpr, one):
+    """float32 1 + field/2^(23-LO) from the WP-bit field at bits [LO, LO+WP) of u. `one` (uint32 0x3F800000)
+    comes from a kernel argument, not an immediate: a LOP3 takes one immediate, so with both constants
+    immediate ptxas emitted two LOP3s per field (H200 SASS); with `one` in a register it is one."""
+    return ((u & (((1 << WP) - 1) << LO)) | one).to(tl.float32, bitcast=True)
 
 
 @triton.jit
@@ -173,7 +179,7 @@ def _spread(q_ptr, run0, offs_n, N, R, WB: tl.constexpr, RUNS: tl.constexpr, BLO
 @triton.jit
 def _dequant_tile(q0_ptr, q1_ptr, s_ptr, z_ptr, k0, offs_n, N, R0, R1, GS: tl.constexpr,
                   FMT: tl.constexpr, BITS: tl.constexpr, HAS_ZERO: tl.constexpr, BLOCK_K: tl.constexpr,
-                  BLOCK_N: tl.constexpr):
+                  BLOCK_N: tl.constexpr, one):
     """Weight tile w[n, k0:k0+BLOCK_K] as float32 [BLOCK_N, BLOCK_K] (BLOCK_K a multiple of 32, in one group)."""
     g = k0 // GS if GS > 0 else 0
     a0, a1, a2, a3, b = _group_params(s_ptr, z_ptr, g, offs_n, N, FMT, BITS, HAS_ZERO)
@@ -182,19 +188,19 @@ def _dequant_tile(q0_ptr, q1_ptr, s_ptr, z_ptr, k0, offs_n, N, R0, R1, GS: tl.co
     WB0: tl.constexpr = 2 if BITS == 3 else BITS
     u = _spread(q0_ptr, run0, offs_n, N, R0, WB0, RUNS, BLOCK_N)
     if FMT == 0:
-        w = b[:, None] + a0[:, None] * _f(u, 23 - WB0, WB0)
+        w = b[:, None] + a0[:, None] * _f(u, 23 - WB0, WB0, one)
     else:
-        w = b[:, None] + a0[:, None] * _f(u, 23 - WB0, 1)
-        w += a1[:, None] * _f(u, 24 - WB0, 1)
+        w = b[:, None] + a0[:, None] * _f(u, 23 - WB0, 1, one)
+        w += a1[:, None] * _f(u, 24 - WB0, 1, one)
         if BITS == 4:
-            w += a2[:, None] * _f(u, 21, 1)
-            w += a3[:, None] * _f(u, 22, 1)
+            w += a2[:, None] * _f(u, 21, 1, one)
+            w += a3[:, None] * _f(u, 22, 1, one)
     if BITS == 3:
         u1 = _spread(q1_ptr, run0, offs_n, N, R1, 1, RUNS, BLOCK_N)
         if FMT == 0:
-            w += a1[:, None] * _f(u1, 22, 1)
+            w += a1[:, None] * _f(u1, 22, 1, one)
         else:
-            w += a2[:, None] * _f(u1, 22, 1)
+            w += a2[:, None] * _f(u1, 22, 1, one)
     return w
 
 
@@ -239,10 +245,10 @@ def _slot(q_ptr, run, J: tl.constexpr, WPR: tl.constexpr, run_hi, offs_n, N, R):
 
 @triton.jit
 def _gemv_kernel(x_ptr, q0_ptr, q1_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr,
-                 M, N, K, R0, R1, stride_xm, stride_om, M_BUCKET,
+                 M, N, K, R0, R1, stride_xm, stride_om, M_BUCKET, ONE,
                  GS: tl.constexpr, FMT: tl.constexpr, BITS: tl.constexpr, HAS_ZERO: tl.constexpr,
                  HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, RUNS: tl.constexpr, SPLIT_K: tl.constexpr,
-                 PPS: tl.constexpr = 8):
+                 EVEN_K: tl.constexpr = False, PPS: tl.constexpr = 8):
     """Grid (cdiv(N, BLOCK_N), SPLIT_K, M). x: [M, K] (row stride stride_xm), out: [M, N].
 
     A tile is RUNS runs of 32 codes (inside one group) × BLOCK_N columns, held as [BLOCK_N, RUNS] words per
@@ -263,6 +269,7 @@ def _gemv_kernel(x_ptr, q0_ptr, q1_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, ws_ptr,
     WB: tl.constexpr = 2 if BITS == 3 else BITS  # code width of stream 0 = its words per run
     PER: tl.constexpr = 32 // WB  # codes per word
     acc = tl.zeros((BLOCK_N, RUNS), tl.float32)
+    one = ONE.to(tl.uint32)
     xrow = x_ptr + m * stride_xm
     run = t_lo * RUNS + tl.arange(0, RUNS)  # [RUNS]
     w0 = _slot(q0_ptr, run, 0, WB, run_hi, offs_n, N, R0)
@@ -292,10 +299,16 @@ def _gemv_kernel(x_ptr, q0_ptr, q1_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, ws_ptr,
         g = (t * RUNS * 32) // GS if GS > 0 else 0
         a0, a1, a2, a3, b = _group_params(s_ptr, z_ptr, g, offs_n, N, FMT, BITS, HAS_ZERO)
         xs = tl.zeros((RUNS,), tl.float32)
+        e0 = tl.zeros((RUNS,), tl.float32)  # Σ (2^d - 1)·x over stream-0 codes (see below)
+        e1 = tl.zeros((RUNS,), tl.float32)  # the same over stream-1 codes
         t0 = tl.zeros((BLOCK_N, RUNS), tl.float32)
         t1 = tl.zeros((BLOCK_N, RUNS), tl.float32)
         t2 = tl.zeros((BLOCK_N, RUNS), tl.float32)
         t3 = tl.zeros((BLOCK_N, RUNS), tl.float32)
+        # One shift serves G codes: it puts the top code of the group at the top of the mantissa; a code r slots
+        # below sits d = r·WB bits lower, f = 1 + field·2^-(w + d); scaling its x by 2^d restores the field's
+        # weight and adds (2^d - 1)·x, subtracted once per run (e0, e1). d <= 7: fp32 keeps >= 16 bits of it.
+        G: tl.constexpr = 8 // WB
         for j in tl.static_range(WB):  # word slots of a run (stream 0)
             if j == 0:
                 w = c0
@@ -307,33 +320,54 @@ def _gemv_kernel(x_ptr, q0_ptr, q1_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, ws_ptr,
                 w = c3
             for i in tl.static_range(PER):
                 kk = run * 32 + (j * PER + i)
-                xv = tl.load(xrow + kk, mask=kk < K, other=0).to(tl.float32)
-                xs += xv
-                u = _top(w, i * WB + WB - 1)
-                if FMT == 0:
-                    t0 += xv[None, :] * _f(u, 23 - WB, WB)
+                if EVEN_K:
+                    xv = tl.load(xrow + kk).to(tl.float32)
                 else:
-                    t0 += xv[None, :] * _f(u, 23 - WB, 1)
-                    t1 += xv[None, :] * _f(u, 24 - WB, 1)
+                    xv = tl.load(xrow + kk, mask=kk < K, other=0).to(tl.float32)
+                xs += xv
+                D = (G - 1 - i % G) * WB
+                if D > 0:
+                    e0 += xv * ((1 << D) - 1)
+                    xv = xv * (1 << D)
+                u = _top(w, ((i // G) * G + G - 1) * WB + WB - 1)  # identical shifts are CSE'd
+                if FMT == 0:
+                    t0 += xv[None, :] * _f(u, 23 - WB - D, WB, one)
+                else:
+                    t0 += xv[None, :] * _f(u, 23 - WB - D, 1, one)
+                    t1 += xv[None, :] * _f(u, 24 - WB - D, 1, one)
                     if BITS == 4:
-                        t2 += xv[None, :] * _f(u, 21, 1)
-                        t3 += xv[None, :] * _f(u, 22, 1)
-        if BITS == 3:  # stream 1: the high bit, one word per run
+                        t2 += xv[None, :] * _f(u, 21 - D, 1, one)
+                        t3 += xv[None, :] * _f(u, 22 - D, 1, one)
+        if BITS == 3:  # stream 1: the high bit, one word per run, 8 codes per shift
             for i in tl.static_range(32):
                 kk = run * 32 + i
-                xv = tl.load(xrow + kk, mask=kk < K, other=0).to(tl.float32)
-                if FMT == 0:
-                    t1 += xv[None, :] * _f(_top(cv, i), 22, 1)
+                if EVEN_K:
+                    xv = tl.load(xrow + kk).to(tl.float32)
                 else:
-                    t2 += xv[None, :] * _f(_top(cv, i), 22, 1)
-        acc += a0[:, None] * t0 + b[:, None] * xs[None, :]
+                    xv = tl.load(xrow + kk, mask=kk < K, other=0).to(tl.float32)
+                D1 = 7 - i % 8
+                if D1 > 0:
+                    e1 += xv * ((1 << D1) - 1)
+                    xv = xv * (1 << D1)
+                u1 = _top(cv, (i // 8) * 8 + 7)
+                if FMT == 0:
+                    t1 += xv[None, :] * _f(u1, 22 - D1, 1, one)
+                else:
+                    t2 += xv[None, :] * _f(u1, 22 - D1, 1, one)
+        acc += a0[:, None] * (t0 - e0[None, :]) + b[:, None] * xs[None, :]
         NF: tl.constexpr = BITS if FMT == 1 else (2 if BITS == 3 else 1)
         if NF >= 2:
-            acc += a1[:, None] * t1
+            if BITS == 3 and FMT == 0:
+                acc += a1[:, None] * (t1 - e1[None, :])
+            else:
+                acc += a1[:, None] * (t1 - e0[None, :])
         if NF >= 3:
-            acc += a2[:, None] * t2
+            if BITS == 3:
+                acc += a2[:, None] * (t2 - e1[None, :])
+            else:
+                acc += a2[:, None] * (t2 - e0[None, :])
         if NF >= 4:
-            acc += a3[:, None] * t3
+            acc += a3[:, None] * (t3 - e0[None, :])
         run = nxt
     out = tl.sum(acc, axis=1)  # one reduction per program
     offs_m = m + tl.arange(0, 1)
@@ -344,7 +378,7 @@ def _gemv_kernel(x_ptr, q0_ptr, q1_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, ws_ptr,
 
 @triton.jit
 def _gemm_kernel(x_ptr, q0_ptr, q1_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr,
-                 M, N, K, R0, R1, stride_xm, stride_om, M_BUCKET,
+                 M, N, K, R0, R1, stride_xm, stride_om, M_BUCKET, ONE,
                  GS: tl.constexpr, FMT: tl.constexpr, BITS: tl.constexpr, HAS_ZERO: tl.constexpr,
                  HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                  GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr, DOT_F32: tl.constexpr = False,
@@ -377,7 +411,7 @@ def _gemm_kernel(x_ptr, q0_ptr, q1_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, ws_ptr,
         xt = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
                      mask=(offs_m[:, None] < M) & (offs_k[None, :] < K), other=0)
         w = _dequant_tile(q0_ptr, q1_ptr, s_ptr, z_ptr, k0, offs_n, N, R0, R1, GS, FMT, BITS, HAS_ZERO,
-                          BLOCK_K, BLOCK_N)
+                          BLOCK_K, BLOCK_N, ONE.to(tl.uint32))
         wq = w.to(xt.dtype)
         xo = xt
         if DOT_F32:
@@ -400,7 +434,7 @@ def _gemm_kernel(x_ptr, q0_ptr, q1_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, ws_ptr,
 
 
 @triton.jit
-def _dequant_kernel(q0_ptr, q1_ptr, s_ptr, z_ptr, wt_ptr, N, K, R0, R1,
+def _dequant_kernel(q0_ptr, q1_ptr, s_ptr, z_ptr, wt_ptr, N, K, R0, R1, ONE,
                     GS: tl.constexpr, FMT: tl.constexpr, BITS: tl.constexpr, HAS_ZERO: tl.constexpr,
                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """wt: [K, N] (x dtype) = dequantized weight, transposed. Grid (cdiv(N, BLOCK_N), cdiv(K, BLOCK_K))."""
@@ -408,7 +442,7 @@ def _dequant_kernel(q0_ptr, q1_ptr, s_ptr, z_ptr, wt_ptr, N, K, R0, R1,
     k0 = tl.program_id(1) * BLOCK_K
     offs_k = k0 + tl.arange(0, BLOCK_K)
     w = _dequant_tile(q0_ptr, q1_ptr, s_ptr, z_ptr, k0, offs_n, N, R0, R1, GS, FMT, BITS, HAS_ZERO, BLOCK_K,
-                      BLOCK_N)
+                      BLOCK_N, ONE.to(tl.uint32))
     tl.store(wt_ptr + offs_k[None, :] * N + offs_n[:, None], w.to(wt_ptr.dtype.element_ty),
              mask=(offs_k[None, :] < K) & (offs_n[:, None] < N))
 
@@ -425,8 +459,14 @@ def _bk(kw: dict) -> int:
 
 
 def _prune_bk(configs, named_args, **kwargs):
-    gs = {**named_args, **kwargs}.get("GS", 0)
+    a = {**named_args, **kwargs}
+    gs = a.get("GS", 0)
     ok = [c for c in configs if gs == 0 or gs % _bk(c.kwargs) == 0]
+    if ok and "RUNS" in ok[0].kwargs and a.get("N", 0) >= 8192:
+        # Wide decode GEMVs: the autotuner (single launches) and the rotated CUDA-graph benchmark disagreed by
+        # up to 25% (int3/hlq3/hlq4), so take the sweep's winner (kernels/bench_decode.py, H200, N = 14336).
+        want = (512, 4) if a.get("BITS") == 4 else (256, 1)
+        ok = [c for c in ok if (c.kwargs["BLOCK_N"], c.num_warps) == want] or ok
     if ok:
         return ok
     small = {"RUNS": 1} if "RUNS" in configs[0].kwargs else {"BLOCK_K": 32}
@@ -459,19 +499,18 @@ def _c(num_warps, num_stages, **kw):
     return triton.Config(kw, num_warps=num_warps, num_stages=num_stages)
 
 
-GEMV_CONFIGS = [  # from kernels/bench_decode.py on an H200 (more, shorter programs won: split up to 64)
+GEMV_CONFIGS = [  # kernels/bench_decode.py on an H200: many short programs won (split-K up to 64 at K = 4096)
     _c(4, 1, BLOCK_N=512, RUNS=1, PPS=16),
+    _c(4, 1, BLOCK_N=1024, RUNS=1, PPS=16),
+    _c(2, 1, BLOCK_N=512, RUNS=1, PPS=32),
+    _c(1, 1, BLOCK_N=256, RUNS=1, PPS=32),
     _c(8, 1, BLOCK_N=1024, RUNS=1, PPS=16),
-    _c(2, 1, BLOCK_N=256, RUNS=1, PPS=32),
-    _c(4, 1, BLOCK_N=512, RUNS=2, PPS=16),
-    _c(2, 1, BLOCK_N=64, RUNS=1, PPS=16),
+    _c(1, 1, BLOCK_N=128, RUNS=1, PPS=64),
 ]
-GEMM_SMALL_CONFIGS = [  # M <= 64
-    _c(4, 4, BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, GROUP_M=1, PPS=8),
-    _c(4, 4, BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, GROUP_M=1, PPS=4),
+GEMM_SMALL_CONFIGS = [  # M <= 64 (H200: the transposed product, SWAP, won at M = 16 after the LOP3 change)
     _c(4, 4, BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, GROUP_M=1, PPS=4, SWAP=True),
     _c(4, 4, BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, GROUP_M=1, PPS=8, SWAP=True),
-    _c(4, 4, BLOCK_M=32, BLOCK_N=64, BLOCK_K=64, GROUP_M=1, PPS=4),
+    _c(4, 4, BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, GROUP_M=1, PPS=8),
     _c(8, 3, BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=1, PPS=4),
 ]
 GEMM_LARGE_CONFIGS = [
@@ -484,8 +523,11 @@ GEMM_LARGE_CONFIGS = [
 
 
 def _tuned(kernel, configs, split):
+    heur = {"SPLIT_K": split}
+    if kernel is _gemv_kernel:
+        heur["EVEN_K"] = lambda a: a["K"] % (32 * a["RUNS"]) == 0
     return triton.autotune(configs, key=_KEY, prune_configs_by={"early_config_prune": _prune_bk}, **_CACHE_KW)(
-        triton.heuristics({"SPLIT_K": split})(kernel))
+        triton.heuristics(heur)(kernel))
 
 
 gemv_tuned = _tuned(_gemv_kernel, GEMV_CONFIGS, _gemv_split)
