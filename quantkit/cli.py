@@ -198,7 +198,7 @@ def demo(recipe, nsamples, seq_len, max_windows, out, device):
     fp_mib = info["bf16_bytes"] / 2**20
     click.echo("")
     click.echo(f"{'model':<24} {'ppl (PTB test)':>15} {'linear weights':>18} {'bits/weight':>12}")
-    click.echo(f"{'bf16 original':<24} {fp_res['ppl']:>15.3f} {fp_mib:>14.1f} MiB {16:>12.3f}")
+    click.echo(f"{'unquantized (as bf16)':<24} {fp_res['ppl']:>15.3f} {fp_mib:>14.1f} MiB {16:>12.3f}")
     click.echo(f"{recipe:<24} {q_res['ppl']:>15.3f} {info['quantized_disk_bytes'] / 2**20:>14.1f} MiB "
                f"{info['bits_per_weight']:>12.3f}")
     click.echo(f"\nquantization took {qsecs:.0f} s; checkpoint in {out} "
