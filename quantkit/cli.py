@@ -195,7 +195,7 @@ def demo(recipe, nsamples, seq_len, max_windows, out, device):
     q = qk.load(out, device=device)
     q_res = qk.eval.perplexity(q, seq_len=seq_len, max_windows=max_windows)
     info = inspect_checkpoint(out)["totals"]
-    fp_mib = info["bf16_bytes"] / 2**20
+    fp_mib = info["quantized_bf16_bytes"] / 2**20  # the same Linears, unquantized, in bf16
     click.echo("")
     click.echo(f"{'model':<24} {'ppl (PTB test)':>15} {'linear weights':>18} {'bits/weight':>12}")
     click.echo(f"{'unquantized (as bf16)':<24} {fp_res['ppl']:>15.3f} {fp_mib:>14.1f} MiB {16:>12.3f}")
