@@ -44,7 +44,7 @@ def test_quantize_eval_inspect_on_the_demo_model(demo_dir, tmp_path):
     assert fp < res["ppl"] < 1.5 * fp  # 4-bit GPTQ costs a little, not a lot
     info = json.loads(run("inspect", out, "--json").stdout)
     assert info["totals"]["quantized_modules"] == 30 * 7
-    assert 4.0 < info["totals"]["bits_per_weight"] < 4.5
+    assert 4.0 < info["totals"]["bits_per_weight"] < 4.6  # 4.54: K = 576 pads to 640 in g128
     table = run("inspect", out).stdout
     assert "model.layers.29.mlp.down_proj" in table and "bits/weight" in table
 
