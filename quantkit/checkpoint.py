@@ -63,6 +63,22 @@ def _shards(tensors: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, 
     return shards
 
 
+def write_shard(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """Write one safetensors shard atomically (temp file + rename).
+
+    One metadata key only: safetensors keeps metadata in a hash map whose order changes from run to run, so
+    two keys would make identical tensors give different bytes (the format version lives in the index).
+    """
+    part = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(part), metadata={"format": "pt"})
+    os.replace(part, path)
+
+
+def make_index(weight_map: dict[str, str], total_bytes: int) -> dict:
+    return {"metadata": {"total_size": total_bytes, "quantkit_format_version": FORMAT_VERSION},
+            "weight_map": weight_map}
+
+
 def quantization_config(model) -> dict:
     report = getattr(model, "quantkit_report", None)
     modules = dict(report.modules) if report is not None else {}
@@ -96,15 +112,11 @@ def save(model, out: str | os.PathLike, tokenizer=None, overwrite: bool = False,
         weight_map, total = {}, 0
         for i, shard in enumerate(shards):
             fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-            part = tmp / (fname + ".tmp")
-            save_file(shard, str(part), metadata={"format": "pt", "quantkit_format_version": str(FORMAT_VERSION)})
-            os.replace(part, tmp / fname)
+            write_shard(shard, tmp / fname)
             for name, t in shard.items():
                 weight_map[name] = fname
                 total += t.numel() * t.element_size()
-        index = {"metadata": {"total_size": total, "quantkit_format_version": FORMAT_VERSION},
-                 "weight_map": weight_map}
-        (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2))
+        (tmp / INDEX_NAME).write_text(json.dumps(make_index(weight_map, total), indent=2))
         cfg = model.config.to_dict()
         cfg["quantization_config"] = qc
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2, default=str))

@@ -43,7 +43,6 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from quantkit.activations import (
@@ -55,7 +54,14 @@ from quantkit.activations import (
     remove_tree,
     write_samples,
 )
-from quantkit.checkpoint import FORMAT_VERSION, INDEX_NAME, _packed_names, check_out_dir
+from quantkit.checkpoint import (
+    FORMAT_VERSION,
+    INDEX_NAME,
+    _packed_names,
+    check_out_dir,
+    make_index,
+    write_shard,
+)
 from quantkit.errors import QuantkitError
 from quantkit.models import decoder_layers
 from quantkit.pipeline import (
@@ -179,15 +185,8 @@ def _write_or_fail(what: Path, fn) -> None:
 
 
 def _save_shard(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-
-    def go():
-        # one metadata key only: safetensors keeps metadata in a hash map whose order changes from run to run,
-        # and a resumed run must write the same bytes (the format version is in the index)
-        save_file(tensors, str(tmp), metadata={"format": "pt"})
-        os.replace(tmp, path)
-
-    _write_or_fail(path, go)
+    # a resumed run must write the same bytes; write_shard keeps the shard metadata deterministic
+    _write_or_fail(path, lambda: write_shard(tensors, path))
 
 
 def _write_json(path: Path, obj) -> None:
@@ -648,9 +647,7 @@ def _finalize(partial: Path, out: Path, manifest: dict, config, src_path: Path, 
             weight_map[name] = units[u]["file"]
             total += nb
         modules.update(units[u].get("modules", {}))
-    index = {"metadata": {"total_size": total, "quantkit_format_version": FORMAT_VERSION},
-             "weight_map": weight_map}
-    _write_json(partial / INDEX_NAME, index)
+    _write_json(partial / INDEX_NAME, make_index(weight_map, total))
     cfg = config.to_dict()
     cfg["quantization_config"] = {"quant_method": "quantkit", "format_version": FORMAT_VERSION,
                                   "modules": modules, "recipe": manifest["settings"]["recipe"]}

@@ -193,7 +193,9 @@ def test_shard_breaking_mid_run_keeps_the_finished_layers(calib, tmp_path, monke
 def test_disk_full_is_one_clear_error_and_resumable(calib, tmp_path, monkeypatch):
     make_source(tmp_path / "src")
     full = stream(tmp_path / "src", tmp_path / "full", calib=calib)
-    real = offload.save_file
+    import quantkit.checkpoint as checkpoint  # shards are written through checkpoint.write_shard
+
+    real = checkpoint.save_file
     calls = []
 
     def flaky(tensors, path, metadata=None):
@@ -202,7 +204,7 @@ def test_disk_full_is_one_clear_error_and_resumable(calib, tmp_path, monkeypatch
             raise OSError(errno.ENOSPC, "No space left on device")
         return real(tensors, path, metadata=metadata)
 
-    monkeypatch.setattr(offload, "save_file", flaky)
+    monkeypatch.setattr(checkpoint, "save_file", flaky)
     with pytest.raises(QuantkitError, match="disk full while writing .*rerun the same command"):
         stream(tmp_path / "src", tmp_path / "q", calib=calib)
     assert "layer.0" in json.loads((tmp_path / "q.partial" / offload.MANIFEST_NAME).read_text())["units"]
