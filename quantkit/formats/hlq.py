@@ -168,10 +168,7 @@ class HLQ(WeightFormat):
             x = torch.where(ok, x, prev).float()
             scale, offset = _round_params(x[:, :n], x[:, n])
             codes, err = self._sq_error(w, scale, offset)
-            better = err < best_err
-            best_err = torch.where(better, err, best_err)
-            best_s = torch.where(better.unsqueeze(-1), scale, best_s)
-            best_z = torch.where(better, offset, best_z)
+            best_err, best_s, best_z = _keep_best(err, scale, offset, best_err, best_s, best_z)
         return best_s, best_z
 
     def _fit_adam(self, w, scale, offset, lr: float = 1e-3):
@@ -199,10 +196,7 @@ class HLQ(WeightFormat):
                 with torch.no_grad():
                     cs, cz = _round_params(s * rng, z * rng.squeeze(-1) + lo.squeeze(-1))
                     _, err = self._sq_error(w, cs, cz)
-                    better = err < best_err
-                    best_err = torch.where(better, err, best_err)
-                    best_s = torch.where(better.unsqueeze(-1), cs, best_s)
-                    best_z = torch.where(better, cz, best_z)
+                    best_err, best_s, best_z = _keep_best(err, cs, cz, best_err, best_s, best_z)
         return best_s, best_z
 
     # ---- storage ----
@@ -241,3 +235,10 @@ class HLQ(WeightFormat):
             sign = ((codes >> b) & 1).float() * 2 - 1
             out = out + alpha[..., b : b + 1] * sign
         return out
+
+
+def _keep_best(err, scale, offset, best_err, best_s, best_z):
+    """Per group, keep (scale, offset) where `err` beats the best squared error so far."""
+    better = err < best_err
+    return (torch.where(better, err, best_err), torch.where(better.unsqueeze(-1), scale, best_s),
+            torch.where(better, offset, best_z))
