@@ -1,0 +1,316 @@
+"""KV4: a real 4-bit KV cache (COMET's KV4) and an evaluation path with the very same numerics.
+
+Numerics (one definition, used by the cache and by evaluation alike):
+
+- K and V are quantized after RoPE, exactly as the attention hands them to the cache, as tensors
+  `[batch, kv_heads, tokens, head_dim]`. Each (batch, head, token) row of `head_dim` channels is cut into
+  groups of `group` consecutive channels; each group gets asymmetric INT4:
+  `zero = min(x)`, `scale = (max(x) - min(x)) / 15`, both rounded to float16 and stored;
+  `code = clamp(round((x - zero) / scale), 0, 15)` computed in float32 with the *stored* (fp16) scale and
+  zero, round half to even (`torch.round`); a group whose fp16 scale is 0 (constant, or a range below
+  fp16's resolution) takes code 0. Dequantized: `x̂ = code · scale + zero` in float32, cast to the model dtype.
+- Codes are packed two per byte along head_dim (`byte = c[2i] | c[2i+1] << 4`): packed `[..., head_dim/2]`
+  uint8, scale and zero `[..., head_dim/group]` float16. Bytes per token per layer, K and V together:
+  `2 · kv_heads · (head_dim/2 + 4 · head_dim/group)`; against bf16's `2 · kv_heads · 2 · head_dim` that is
+  0.281× at group = head_dim = 64 (SmolLM2), 0.266× at 128/128, 0.281× at 128/64, 0.3125× at group 32.
+- Why fp16 and not bf16 for scale/zero: same size, 3 more mantissa bits (zero is exact to 2^-11 of its
+  magnitude); K/V magnitudes sit far below fp16's 65504 (values beyond it are clamped there).
+- Group size: `DEFAULT_GROUP = 64` (capped at head_dim), chosen by measurement (docs/KVCACHE.md,
+  `python -m quantkit.eval.kv4_report`): on SmolLM2 (head_dim 64) group 32 gains little perplexity for 11 %
+  more bytes (0.3125× vs 0.281× of bf16).
+
+Why the cache and the full-window evaluation agree token for token: the scale and zero of a token depend
+only on that token's own channels (per-token groups, never statistics across tokens), so a token's stored
+K/V do not depend on whether it arrived in the prefill, in a decode step, or in a full-window forward; and
+the cache quantizes the current token too (no full-precision "residual" window as in transformers'
+QuantizedCache), so the query at position t attends to quantized K/V at every position ≤ t in both
+paths. The evaluation path *is* the cache: a full-window forward with a fresh `KV4Cache` as
+`past_key_values` quantizes all tokens in one `update` and attends to the dequantized result under the
+causal mask. The only remaining difference is floating-point rounding of the projections themselves
+(k_proj over one token vs. over the whole window), which can move a value across a rounding boundary.
+
+Pre-RoPE K quantization is not done: the attention applies RoPE before `Cache.update`, which receives
+neither positions nor cos/sin; storing pre-RoPE K would mean patching every attention class (or inverting
+RoPE from positions the cache would have to guess, wrong under left padding). See docs/KVCACHE.md.
+
+Public API:
+- `quantize_kv(t, group) -> (packed, scale, zero)`, `dequantize_kv(packed, scale, zero, group, dtype)`,
+  `fake_quant_kv(t, group)` (== dequantize_kv(*quantize_kv(t, group)), bit for bit).
+- `KV4Cache(model.config, group=None)`: a transformers `Cache` of `KV4Layer`s (a `DynamicLayer` subclass)
+  for `model.generate(..., past_key_values=KV4Cache(model.config))` or any forward; `memory_report()`.
+- `kv4_enabled(model, group=None)`: context manager; every forward of `model` (and `model.generate`) that
+  is given no cache runs with a fresh KV4Cache, so e.g. `quantkit.eval.perplexity` measures KV4.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+from collections.abc import Iterator
+
+import torch
+from transformers.cache_utils import Cache, DynamicLayer
+
+from quantkit.errors import QuantkitError
+
+BITS = 4
+QMAX = 2**BITS - 1
+DEFAULT_GROUP = 64
+_FP16_MAX = 65504.0
+_PARAM_DTYPE = torch.float16
+
+
+class KV4Error(QuantkitError, ValueError):
+    """A bad KV4 setting (group size, head_dim, architecture); one line, also a ValueError."""
+
+
+def _divisors(n: int) -> list[int]:
+    return [g for g in range(2, n + 1) if n % g == 0]
+
+
+def check_group(head_dim: int, group: int) -> int:
+    """Return `group` if it is an integer >= 2 dividing `head_dim` (itself even), else raise KV4Error."""
+    if head_dim % 2:
+        raise KV4Error(f"KV4 packs two 4-bit codes per byte along head_dim, which must be even (got {head_dim})")
+    if isinstance(group, bool) or not isinstance(group, int) or group < 2 or head_dim % group:
+        raise KV4Error(f"KV4 group size {group!r} does not divide head_dim={head_dim}; "
+                       f"use one of {', '.join(map(str, _divisors(head_dim)))}")
+    return group
+
+
+def default_group(head_dim: int) -> int:
+    """`DEFAULT_GROUP` channels, or the whole head_dim when it is smaller (or not a multiple of 64)."""
+    return DEFAULT_GROUP if head_dim % DEFAULT_GROUP == 0 else head_dim
+
+
+def head_dim_of(config) -> int:
+    """Attention head size of an HF (decoder) config: `head_dim`, else hidden_size / num_attention_heads."""
+    cfg = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    hd = getattr(cfg, "head_dim", None)
+    return int(hd) if hd else cfg.hidden_size // cfg.num_attention_heads
+
+
+# ---------------------------------------------------------------------------------------------------------
+# numerics
+
+
+def pack_int4(codes: torch.Tensor) -> torch.Tensor:
+    """uint8 codes in [0, 15], `[..., D]` (D even) -> `[..., D/2]` uint8, `c[2i] | c[2i+1] << 4`."""
+    c = codes.to(torch.uint8)
+    return c[..., 0::2] | (c[..., 1::2] << 4)
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """`[..., D/2]` uint8 -> `[..., D]` uint8 codes (inverse of `pack_int4`)."""
+    return torch.stack((packed & 0xF, packed >> 4), dim=-1).flatten(-2)
+
+
+def quantize_kv(t: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Asymmetric INT4 per row, groups of `group` channels along the last dim.
+
+    t: `[..., D]` float (any dtype; computed in float32). Returns packed `[..., D/2]` uint8, scale and zero
+    `[..., D/group]` float16 (x̂ = code · scale + zero).
+    """
+    d = t.shape[-1]
+    check_group(d, group)
+    x = t.float().unflatten(-1, (d // group, group))
+    lo, hi = x.amin(-1), x.amax(-1)
+    scale = ((hi - lo) / QMAX).clamp(max=_FP16_MAX).to(_PARAM_DTYPE)
+    zero = lo.clamp(-_FP16_MAX, _FP16_MAX).to(_PARAM_DTYPE)
+    s = scale.float()
+    s = torch.where(s > 0, s, torch.ones_like(s))  # scale 0 (constant group): every code rounds to 0
+    codes = torch.round((x - zero.float().unsqueeze(-1)) / s.unsqueeze(-1)).clamp_(0, QMAX)
+    return pack_int4(codes.flatten(-2)), scale, zero
+
+
+def dequantize_kv(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group: int,
+                  dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """`[..., D/2]` packed codes + `[..., D/group]` fp16 scale/zero -> `[..., D]` in `dtype` (float32 math)."""
+    codes = unpack_int4(packed).float().unflatten(-1, (-1, group))
+    x = codes * scale.float().unsqueeze(-1) + zero.float().unsqueeze(-1)
+    return x.flatten(-2).to(dtype)
+
+
+def fake_quant_kv(t: torch.Tensor, group: int) -> torch.Tensor:
+    """`dequantize_kv(*quantize_kv(t, group), group, t.dtype)`: the values attention sees, same shape/dtype."""
+    return dequantize_kv(*quantize_kv(t, group), group, t.dtype)
+
+
+def kv4_bytes_per_token(kv_heads: int, head_dim: int, group: int) -> int:
+    """Stored bytes per token per layer, K and V together (packed codes + fp16 scale and zero)."""
+    return 2 * kv_heads * (head_dim // 2 + 2 * 2 * (head_dim // group))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the cache
+
+
+class KV4Layer(DynamicLayer):
+    """One layer's KV4 cache: packed 4-bit K/V + fp16 scale/zero for every token, appended per update.
+
+    `update` quantizes the incoming K/V (current tokens included) and returns the dequantized K/V of all
+    tokens in the model dtype; the full-precision `keys`/`values` of `DynamicLayer` stay empty.
+    """
+
+    is_compileable = False
+
+    def __init__(self, group: int):
+        super().__init__()
+        self.group = group
+        self.cumulative_length = 0
+        self._k: tuple[torch.Tensor, ...] | None = None  # (packed, scale, zero), [B, H, T, ...]
+        self._v: tuple[torch.Tensor, ...] | None = None
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        k = quantize_kv(key_states, self.group)
+        v = quantize_kv(value_states, self.group)
+        if self._k is None:
+            self._k, self._v = k, v
+        else:
+            self._k = tuple(torch.cat((a, b), dim=-2) for a, b in zip(self._k, k, strict=True))
+            self._v = tuple(torch.cat((a, b), dim=-2) for a, b in zip(self._v, v, strict=True))
+        self.cumulative_length += key_states.shape[-2]
+        return (dequantize_kv(*self._k, self.group, self.dtype),
+                dequantize_kv(*self._v, self.group, self.dtype))
+
+    def get_seq_length(self) -> int:
+        return self.cumulative_length
+
+    def _map(self, fn) -> None:
+        if self._k is not None:
+            self._k = tuple(fn(t) for t in self._k)
+            self._v = tuple(fn(t) for t in self._v)
+
+    def reset(self) -> None:
+        self._k = self._v = None
+        self.keys = self.values = None
+        self.is_initialized = False
+        self.cumulative_length = 0
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Negative: drop that many trailing tokens; positive (older transformers): keep that many."""
+        n = self.cumulative_length
+        keep = n + tokens_to_remove if tokens_to_remove < 0 else min(tokens_to_remove, n)
+        keep = max(keep, 0)
+        if keep != n:
+            self._map(lambda t: t[..., :keep, :])
+            self.cumulative_length = keep
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._map(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._map(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._map(lambda t: t[indices, ...])
+
+    def offload(self) -> None:
+        self._map(lambda t: t.to("cpu", non_blocking=True))
+
+    def prefetch(self) -> None:
+        if self.is_initialized:
+            self._map(lambda t: t.to(self.device, non_blocking=True))
+
+    def stored(self) -> dict[str, tuple[torch.Tensor, ...]] | None:
+        """{'k': (packed, scale, zero), 'v': (...)} as stored, or None before the first update."""
+        return None if self._k is None else {"k": self._k, "v": self._v}
+
+    def nbytes(self) -> int:
+        if self._k is None:
+            return 0
+        return sum(t.numel() * t.element_size() for t in (*self._k, *self._v))
+
+
+class KV4Cache(Cache):
+    """A transformers Cache holding K/V as packed INT4 + fp16 scale/zero (see the module docstring).
+
+    `KV4Cache(model.config, group=None)`; `group` defaults to `default_group(head_dim)`. Only models whose
+    layers are all full attention (Llama, Qwen2, Mistral without sliding window, ...) are supported.
+    """
+
+    def __init__(self, config, group: int | None = None):
+        from transformers.cache_utils import get_layer_types_and_kwargs
+
+        cfg = config.get_text_config(decoder=True)
+        self.head_dim = head_dim_of(cfg)
+        self.group = check_group(self.head_dim, default_group(self.head_dim) if group is None else group)
+        layer_types = get_layer_types_and_kwargs(cfg)[0]
+        other = sorted(set(layer_types) - {"full_attention"})
+        if other:
+            raise KV4Error(f"KV4Cache supports full-attention layers only; this model also has {', '.join(other)}")
+        self.kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+        super().__init__(layers=[KV4Layer(self.group) for _ in layer_types])
+
+    def nbytes(self) -> int:
+        """Bytes stored: packed codes + scales + zeros, all layers."""
+        return sum(layer.nbytes() for layer in self.layers)
+
+    def memory_report(self) -> dict:
+        """Stored bytes vs what a bf16 DynamicCache would hold for the same tokens (JSON-ready)."""
+        tokens = self.get_seq_length()
+        batch = next((layer._k[0].shape[0] for layer in self.layers if layer._k is not None), 0)
+        bf16 = sum(2 * 2 * batch * self.kv_heads * layer.get_seq_length() * self.head_dim for layer in self.layers)
+        kv4 = self.nbytes()
+        per_tok = batch * tokens
+        return {
+            "group": self.group, "head_dim": self.head_dim, "kv_heads": self.kv_heads, "layers": len(self.layers),
+            "batch": batch, "tokens": tokens, "kv4_bytes": kv4, "bf16_bytes": bf16,
+            "kv4_bytes_per_token": kv4 / per_tok if per_tok else 0.0,
+            "bf16_bytes_per_token": bf16 / per_tok if per_tok else 0.0,
+            "ratio": kv4 / bf16 if bf16 else 0.0,
+        }
+
+
+# ---------------------------------------------------------------------------------------------------------
+# evaluation path
+
+
+@contextlib.contextmanager
+def kv4_enabled(model, group: int | None = None) -> Iterator[None]:
+    """Inside the block every forward of `model` given no cache runs with a fresh `KV4Cache`.
+
+    A full-window forward (`model(x, use_cache=False)`, as `quantkit.eval.perplexity` does) then quantizes
+    every token's K/V exactly as the cache stores them and attends to the dequantized values (the output
+    carries that KV4Cache, a few MB at 2048 tokens). `model.generate` without
+    `past_key_values` gets a KV4Cache too. A forward handed another Cache type raises KV4Error. `model` is
+    the top-level causal LM (calls into `model.model` or single layers bypass the hook).
+    """
+    group = check_group(head_dim_of(model.config),
+                        default_group(head_dim_of(model.config)) if group is None else group)
+    KV4Cache(model.config, group)  # validates the architecture before anything is patched
+    sig = inspect.signature(model.forward)
+    var_kw = next((p.name for p in sig.parameters.values() if p.kind is p.VAR_KEYWORD), None)
+
+    def pre_hook(module, args, kwargs):
+        bound = sig.bind_partial(*args, **kwargs)
+        cache = bound.arguments.get("past_key_values")
+        if cache is None:
+            bound.arguments["past_key_values"] = KV4Cache(model.config, group)
+        elif not isinstance(cache, KV4Cache):
+            raise KV4Error(f"kv4_enabled: the forward was given a {type(cache).__name__}; "
+                           f"pass past_key_values=KV4Cache(...) or none")
+        extra = bound.arguments.pop(var_kw, {}) if var_kw else {}
+        return (), {**bound.arguments, **extra}
+
+    orig_generate = model.generate
+
+    def generate(*args, **kwargs):
+        if kwargs.get("past_key_values") is None:
+            kwargs["past_key_values"] = KV4Cache(model.config, group)
+        return orig_generate(*args, **kwargs)
+
+    hook = model.register_forward_pre_hook(pre_hook, with_kwargs=True)
+    had_generate = "generate" in model.__dict__
+    model.generate = generate
+    try:
+        yield
+    finally:
+        hook.remove()
+        if had_generate:
+            model.generate = orig_generate
+        else:
+            del model.generate

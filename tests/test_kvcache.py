@@ -1,0 +1,134 @@
+"""KV4 cache: numerics, packing, generate() vs the full-window evaluation path, bytes, errors."""
+
+import pytest
+import torch
+
+from conftest import tiny_llama
+from quantkit.kvcache import (
+    KV4Cache,
+    KV4Error,
+    dequantize_kv,
+    fake_quant_kv,
+    kv4_bytes_per_token,
+    kv4_enabled,
+    pack_int4,
+    quantize_kv,
+    unpack_int4,
+)
+
+
+def sharp_llama(seed: int = 0, std: float = 0.2, **kw):
+    """tiny_llama with larger random weights: peaked attention and varied greedy tokens, so that KV4 visibly
+    changes generation (with the default 0.02 init the greedy output is one token repeated)."""
+    model = tiny_llama(seed=seed, **kw)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.copy_(torch.randn(p.shape, generator=g) * std)
+    return model
+
+
+def test_pack_unpack_round_trip():
+    codes = torch.randint(0, 16, (3, 2, 5, 24), dtype=torch.uint8)
+    packed = pack_int4(codes)
+    assert packed.shape == (3, 2, 5, 12) and packed.dtype == torch.uint8
+    assert torch.equal(unpack_int4(packed), codes)
+    assert torch.equal(pack_int4(unpack_int4(packed)), packed)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("group", [8, 12, 24])
+def test_fake_quant_equals_dequant_of_quant(dtype, group):
+    t = (torch.randn(2, 3, 7, 24) * 3 + 1).to(dtype)
+    packed, scale, zero = quantize_kv(t, group)
+    assert scale.dtype == zero.dtype == torch.float16 and scale.shape == (2, 3, 7, 24 // group)
+    fq = fake_quant_kv(t, group)
+    assert fq.dtype == dtype and torch.equal(fq, dequantize_kv(packed, scale, zero, group, dtype))
+    # asymmetric 4-bit: error at most half a step (+ fp16 rounding of scale/zero)
+    step = scale.float().repeat_interleave(group, dim=-1)
+    err = (fq.float() - t.float()).abs()
+    assert bool((err <= 0.5 * step + 2e-3 * t.float().abs().amax() + 1e-2 * step).all())
+    # quantizing the dequantized values again returns the same codes (the grid is reproducible)
+    assert torch.equal(unpack_int4(quantize_kv(fq.float(), group)[0]), unpack_int4(packed))
+
+
+def test_constant_and_zero_groups():
+    t = torch.zeros(1, 1, 2, 16)
+    t[0, 0, 1] = 3.25
+    assert torch.equal(fake_quant_kv(t, 8), t)
+
+
+def test_generate_matches_full_recompute_eval_path():
+    """generate() with a KV4Cache == a greedy loop that recomputes the whole sequence every step under
+    kv4_enabled (no cache carried between steps): same 16 tokens, and the same stored codes."""
+    model = sharp_llama()
+    prompt = torch.randint(0, 512, (2, 8), generator=torch.Generator().manual_seed(0))
+    cache = KV4Cache(model.config, group=12)
+    out = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=16, do_sample=False,
+                         past_key_values=cache)
+    assert out.shape == (2, 24) and cache.get_seq_length() == 23
+
+    seq = prompt
+    with torch.no_grad(), kv4_enabled(model, group=12):
+        for _ in range(16):
+            nxt = model(seq, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)
+            seq = torch.cat([seq, nxt], dim=1)
+    assert torch.equal(seq, out)
+
+    # the eval path stores what the cache stored (per-token groups: nothing depends on the chunking)
+    fresh = KV4Cache(model.config, group=12)
+    with torch.no_grad():
+        model(out[:, :-1], past_key_values=fresh)
+    for a, b in zip(cache.layers, fresh.layers, strict=True):
+        for key in ("k", "v"):
+            codes_a, codes_b = unpack_int4(a.stored()[key][0]), unpack_int4(b.stored()[key][0])
+            assert (codes_a == codes_b).float().mean() >= 0.999
+
+    # KV4 matters here: the unquantized greedy output differs
+    plain = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=16, do_sample=False)
+    assert not torch.equal(plain, out)
+    with kv4_enabled(model, group=12):  # generate() inside the context gets a KV4Cache by itself
+        again = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=16, do_sample=False)
+    assert torch.equal(again, out)
+
+
+def test_kv4_enabled_changes_logits_and_restores():
+    model = sharp_llama(seed=1)
+    x = torch.randint(0, 512, (1, 32), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = model(x, use_cache=False).logits
+        with kv4_enabled(model):  # default group: whole head_dim (24) here
+            kv4 = model(x, use_cache=False).logits
+        after = model(x, use_cache=False).logits
+    assert not torch.allclose(ref, kv4)
+    assert torch.equal(ref, after) and "generate" not in model.__dict__
+    with torch.no_grad(), kv4_enabled(model, group=24), pytest.raises(KV4Error, match="DynamicCache"):
+        from transformers import DynamicCache
+
+        model(x, past_key_values=DynamicCache(config=model.config))
+
+
+def test_bytes_per_token_at_most_0_3_of_bf16():
+    model = tiny_llama(hidden=256, layers=2)  # head_dim 64 as SmolLM2; default group 64
+    cache = KV4Cache(model.config)
+    with torch.no_grad():
+        model(torch.randint(0, 512, (2, 40)), past_key_values=cache)
+    rep = cache.memory_report()
+    assert rep["group"] == 64 and rep["tokens"] == 40 and rep["batch"] == 2
+    assert rep["bf16_bytes"] == 2 * 2 * 2 * 2 * 40 * 64 * 2  # layers·(K,V)·batch·kv_heads·tokens·hd·2 B
+    assert rep["kv4_bytes"] == 2 * 2 * 40 * kv4_bytes_per_token(2, 64, 64)
+    assert rep["ratio"] <= 0.3 and rep["ratio"] == pytest.approx(36 / 128)
+    assert kv4_bytes_per_token(8, 128, 128) / (2 * 8 * 128 * 2) <= 0.3
+
+
+@pytest.mark.parametrize("group", [5, 7, 48, 0, 1, 2.0, True])
+def test_bad_group_is_one_value_error_line(group, tiny_model):
+    with pytest.raises(ValueError) as e:
+        KV4Cache(tiny_model.config, group=group)
+    msg = str(e.value)
+    assert isinstance(e.value, KV4Error) and "\n" not in msg and "head_dim=24" in msg and "12" in msg
+    with pytest.raises(KV4Error):
+        quantize_kv(torch.randn(2, 24), 5)
+    with pytest.raises(KV4Error), kv4_enabled(tiny_model, group=group):
+        pass
