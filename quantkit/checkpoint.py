@@ -23,7 +23,7 @@ from safetensors.torch import save_file
 
 from quantkit.errors import QuantkitError
 from quantkit.nn import QuantLinear
-from quantkit.recipe import WeightSpec, _weights_from_dict
+from quantkit.recipe import WeightSpec, _acts_from_dict, _weights_from_dict
 
 FORMAT_VERSION = 1
 INDEX_NAME = "model.safetensors.index.json"
@@ -85,8 +85,7 @@ def quantization_config(model) -> dict:
     if not modules:  # a model loaded from a checkpoint: rebuild the table from its modules
         for name, m in model.named_modules():
             if isinstance(m, QuantLinear):
-                modules[name] = {**m.spec.to_dict(), "in_features": m.in_features,
-                                 "out_features": m.out_features, "bias": m.bias is not None}
+                modules[name] = m.scheme_entry()
     if not modules:
         raise QuantkitError("the model has no quantized modules; run quantize() first")
     qc = {"quant_method": "quantkit", "format_version": FORMAT_VERSION, "modules": modules}
@@ -211,7 +210,23 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: tor
         if (getattr(old, "in_features", k), getattr(old, "out_features", n)) != (k, n):
             raise QuantkitError(f"module '{name}': checkpoint says {k}->{n}, the model config says "
                                 f"{old.in_features}->{old.out_features}")
-        fmt_names = _packed_names(spec, k, n)
+        act = _act_from_entry(entry, name, k)
+        wk = act.weight_in_features if act is not None else k
+        if int(entry.get("weight_in_features", wk)) != wk:
+            raise QuantkitError(f"module '{name}': weight_in_features {entry['weight_in_features']} does not "
+                                f"match its activation scheme ({wk}); the checkpoint config is corrupt")
+        if act is not None:
+            for bname, buf in act.named_buffers():
+                key = f"{name}.act.{bname}"
+                t = tensors.pop(key, None)
+                if t is None:
+                    raise QuantkitError(f"checkpoint is missing tensor '{key}'; it is incomplete or corrupt")
+                if t.shape != buf.shape or t.dtype != buf.dtype:
+                    raise QuantkitError(f"tensor '{key}' has shape {tuple(t.shape)} {t.dtype}, expected "
+                                        f"{tuple(buf.shape)} {buf.dtype}; the checkpoint does not match its "
+                                        f"quantization_config")
+                buf.copy_(t)
+        fmt_names = _packed_names(spec, wk, n)
         packed = {}
         for pname, (shape, pdtype) in fmt_names.items():
             key = f"{name}.{pname}"
@@ -226,7 +241,8 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: tor
         if entry.get("bias") and bias is None:
             raise QuantkitError(f"checkpoint is missing tensor '{name}.bias'")
         parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, QuantLinear(k, n, spec, packed, bias))
+        setattr(model.get_submodule(parent) if parent else model, child,
+                QuantLinear(k, n, spec, packed, bias, act=act))
     expected = set(model.state_dict().keys())
     missing = [k for k in expected if k not in tensors and not _is_quant_key(model, k)]
     tied = getattr(config, "tie_word_embeddings", False)
@@ -248,11 +264,15 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: tor
 
 
 def _is_quant_key(model, key: str) -> bool:
-    mod_name = key.rpartition(".")[0]
-    try:
-        return isinstance(model.get_submodule(mod_name), QuantLinear)
-    except AttributeError:
-        return False
+    """A tensor a QuantLinear owns (its packed buffers, or its activation quantizer's: `<m>.act.<name>`)."""
+    parts = key.split(".")
+    for cut in (len(parts) - 1, len(parts) - 2):
+        try:
+            if cut > 0 and isinstance(model.get_submodule(".".join(parts[:cut])), QuantLinear):
+                return True
+        except AttributeError:
+            continue
+    return False
 
 
 def _stored_dtype(tensors: dict[str, torch.Tensor]) -> torch.dtype:
@@ -260,8 +280,35 @@ def _stored_dtype(tensors: dict[str, torch.Tensor]) -> torch.dtype:
     return floats[0] if floats else torch.float32
 
 
+def _act_from_entry(entry: dict, name: str, k: int):
+    a = entry.get("act")
+    if a is None:
+        return None
+    from quantkit.nn.act_quant import ACT_QUANTIZERS
+
+    where = f"quantization_config.modules['{name}'].act"
+    fmt = a.get("format")
+    if fmt not in ACT_QUANTIZERS:
+        raise QuantkitError(f"checkpoint config is invalid: {where}.format '{fmt}' is not an activation format "
+                            f"this quantkit knows ({', '.join(sorted(ACT_QUANTIZERS))})")
+    cls = ACT_QUANTIZERS[fmt]
+    spec_keys = {"format", "bits", "group_size", *cls_options(fmt)}
+    try:
+        spec = _acts_from_dict({kk: v for kk, v in a.items() if kk in spec_keys}, where=where)
+    except QuantkitError as e:
+        raise QuantkitError(f"checkpoint config is invalid: {e}") from None
+    return cls.from_entry(spec, k, {kk: v for kk, v in a.items() if kk not in spec_keys})
+
+
+def cls_options(fmt: str) -> tuple[str, ...]:
+    from quantkit.recipe import _ACT_FORMAT_LIMITS
+
+    return _ACT_FORMAT_LIMITS[fmt][3]
+
+
 def _spec_from_entry(entry: dict, name: str) -> WeightSpec:
-    keys = {k: v for k, v in entry.items() if k not in ("method", "in_features", "out_features", "bias")}
+    keys = {k: v for k, v in entry.items()
+            if k not in ("method", "in_features", "out_features", "bias", "act", "weight_in_features")}
     try:
         return _weights_from_dict(keys, where=f"quantization_config.modules['{name}']")
     except QuantkitError as e:
@@ -274,6 +321,12 @@ def _packed_names(spec: WeightSpec, k: int, n: int) -> dict[str, tuple[tuple[int
 
     fmt = make_format(spec)
     groups = fmt.groups(k)
-    probe = fmt.pack(torch.zeros(1, k, dtype=torch.int64),
-                     fmt.fit(torch.zeros(1, groups, fmt.group_size or k)), k)
-    return {name: (tuple(t.shape[:-1]) + (n,), t.dtype) for name, t in probe.items()}
+
+    def probe(rows: int) -> dict[str, torch.Tensor]:
+        return fmt.pack(torch.zeros(rows, k, dtype=torch.int64),
+                        fmt.fit(torch.zeros(rows, groups, fmt.group_size or k)), k)
+
+    # the dimension that grows with the number of rows is the output dimension, wherever a format puts it
+    one, two = probe(1), probe(2)
+    return {name: (tuple(n if a != b else a for a, b in zip(t.shape, two[name].shape, strict=True)), t.dtype)
+            for name, t in one.items()}

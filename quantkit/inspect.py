@@ -16,7 +16,16 @@ def _scheme_str(e: dict) -> str:
     s = f"{e.get('format')}{e.get('bits')} g{g}"
     if e.get("format") == "int":
         s += " sym" if e.get("symmetric") else " asym"
-    return f"{s} ({e.get('method', '?')})"
+    s = f"{s} ({e.get('method', '?')})"
+    a = e.get("act")
+    if a:
+        ga = a.get("group_size") or "tok"
+        s += f" | act {a.get('format')}{a.get('bits')} g{ga}"
+        if a.get("residual"):
+            s += f" +{a['residual']}ch"
+        if a.get("sensitivity") is not None:
+            s += f" sens={a['sensitivity']:.3g}"
+    return s
 
 
 def inspect_checkpoint(path: str | Path) -> dict:
@@ -46,7 +55,7 @@ def inspect_checkpoint(path: str | Path) -> dict:
         k, n = int(e["in_features"]), int(e["out_features"])
         b = sum(v for key, v in sizes.items() if key.startswith(name + ".") and key != name + ".bias")
         rows.append({"name": name, "scheme": _scheme_str(e), "shape": f"{n}x{k}",
-                     "bits_per_weight": 8 * b / (k * n), "bytes": b})
+                     "bits_per_weight": 8 * b / (k * n), "bytes": b, "act": e.get("act")})
         qparams += k * n
         qbytes += b
     disk = sum(sizes.values())

@@ -647,6 +647,9 @@ def _finalize(partial: Path, out: Path, manifest: dict, config, src_path: Path, 
             weight_map[name] = units[u]["file"]
             total += nb
         modules.update(units[u].get("modules", {}))
+    from quantkit.methods.flexq import select_high_precision_entries
+
+    select_high_precision_entries(modules)  # activation-precision search (FlexQ): needs every layer's score
     _write_json(partial / INDEX_NAME, make_index(weight_map, total))
     cfg = config.to_dict()
     cfg["quantization_config"] = {"quant_method": "quantkit", "format_version": FORMAT_VERSION,

@@ -23,8 +23,8 @@ from quantkit.errors import QuantkitError
 from quantkit.formats import make_format
 from quantkit.methods import HessianAccumulator, gptq_quantize, rtn_quantize
 from quantkit.models import decoder_layers
-from quantkit.nn import QuantLinear, set_weight_cache
-from quantkit.recipe import Recipe, WeightSpec
+from quantkit.nn import ACT_QUANTIZERS, QuantLinear, set_weight_cache
+from quantkit.recipe import ActSpec, Recipe, WeightSpec, _acts_from_dict
 
 
 @dataclass
@@ -34,6 +34,7 @@ class QuantizeReport:
     seconds: float = 0.0
     nsamples: int = 0
     seq_len: int = 0
+    high_precision: list[str] = field(default_factory=list)  # Linears the activation search gave high_bits
 
 
 class _StopForward(Exception):
@@ -166,23 +167,62 @@ def _sub_blocks(layer: nn.Module, targets: dict, x: torch.Tensor, kwargs: dict) 
 
 
 def _quantize_linear(name: str, mod: nn.Linear, spec: WeightSpec, recipe: Recipe,
-                     hessian: torch.Tensor | None, hessian_consumable: bool = False) -> QuantLinear:
+                     hessian: torch.Tensor | None, hessian_consumable: bool = False, act=None) -> QuantLinear:
     _check_finite(name, mod.weight)
     fmt = make_format(spec)
+    weight = act.transform_weight(mod.weight) if act is not None else mod.weight
     if recipe.method.name == "gptq" and hessian is not None:
         m = recipe.method
-        codes, params = gptq_quantize(mod.weight, hessian, fmt, damping=m.damping,
+        codes, params = gptq_quantize(weight, hessian, fmt, damping=m.damping,
                                       block_size=m.block_size, act_order=m.act_order,
                                       consume_hessian=hessian_consumable)
     else:
-        codes, params = rtn_quantize(mod.weight, fmt)
-    q = QuantLinear.from_codes(mod, spec, codes, params)
+        codes, params = rtn_quantize(weight, fmt)
+    q = QuantLinear.from_codes(mod, spec, codes, params, act=act)
+    if act is not None:
+        act.enabled = False  # calibration propagates activation-float outputs (see finalize_activations)
     return q.to(mod.weight.device)
 
 
 def _scheme_entry(mod: QuantLinear, recipe: Recipe) -> dict:
-    return {**mod.spec.to_dict(), "method": recipe.method.name, "in_features": mod.in_features,
-            "out_features": mod.out_features, "bias": mod.bias is not None}
+    return {**mod.scheme_entry(), "method": recipe.method.name}
+
+
+def _act_class(spec: ActSpec | None):
+    return ACT_QUANTIZERS[spec.format] if spec is not None else None
+
+
+def _run_block_hook(layer: nn.Module, last: nn.Module, fn, xs, kwargs: dict, device: torch.device) -> None:
+    """Run the layer on every input, hand `last`'s input to `fn`, and stop each forward right there."""
+    def hook(m, args):
+        fn(args[0])
+        raise _StopForward
+
+    handle = last.register_forward_pre_hook(hook)
+    try:
+        for i in range(len(xs)):
+            try:
+                _run_layer(layer, xs[i].to(device), kwargs)
+            except _StopForward:
+                pass
+    finally:
+        handle.remove()
+
+
+def _calibrate_acts(layer, block: list[str], targets: dict, act_specs: dict, xs, kwargs, device) -> dict:
+    """Activation quantizers of a sub-block's Linears, from one calibration pass where any needs data."""
+    collectors = {}
+    for n in block:
+        spec = act_specs.get(n)
+        if spec is not None:
+            c = _act_class(spec).collector(spec, targets[n][0])
+            if c is not None:
+                collectors[n] = c
+    if collectors:
+        _run_block_hook(layer, targets[block[-1]][0], lambda x: [c.add(x) for c in collectors.values()],
+                        xs, kwargs, device)
+    return {n: _act_class(act_specs[n]).from_calibration(act_specs[n], targets[n][0], collectors.get(n))
+            for n in block if act_specs.get(n) is not None}
 
 
 @torch.no_grad()
@@ -198,34 +238,31 @@ def quantize_layer(layer: nn.Module, lprefix: str, recipe: Recipe, xs, kwargs: d
     forwards, one more float copy of the layer in memory; the values are the same either way).
     """
     targets = _targets(layer, lprefix, recipe)
-    if recipe.method.name == "gptq" and targets and len(xs):
+    act_specs = {n: recipe.act_scheme_for(f"{lprefix}.{n}") for n in targets}
+    gptq = recipe.method.name == "gptq"
+    act_data = any(s is not None and _act_class(s).wants_calibration(s) for s in act_specs.values())
+    if (gptq or act_data) and targets and len(xs):
         blocks = _sub_blocks(layer, targets, xs[0].to(device), kwargs) \
             if recipe.method.true_sequential else [list(targets)]
         for block in blocks:
             if bar is not None:
                 bar.set_postfix_str(",".join(n.rsplit(".", 1)[-1] for n in block))
-            # every module of a sub-block reads the same tensor: one Hessian serves them all
-            acc = HessianAccumulator(targets[block[0]][0].in_features, device)
-            last = targets[block[-1]][0]
-
-            def hook(m, args, acc=acc):
-                acc.add(args[0])
-                raise _StopForward  # the rest of the layer is not needed for this sub-block
-
-            handle = last.register_forward_pre_hook(hook)
-            try:
-                for i in range(len(xs)):
-                    try:
-                        _run_layer(layer, xs[i].to(device), kwargs)
-                    except _StopForward:
-                        pass
-            finally:
-                handle.remove()
+            acts = _calibrate_acts(layer, block, targets, act_specs, xs, kwargs, device)
+            acc = None
+            if gptq:
+                # every module of a sub-block reads the same tensor: one Hessian serves them all (modules
+                # of a block share their activation transform: same format, same calibration input)
+                first = acts.get(block[0])
+                k = first.weight_in_features if first is not None else targets[block[0]][0].in_features
+                acc = HessianAccumulator(k, device)
+                _run_block_hook(layer, targets[block[-1]][0],
+                                (lambda x, a=acc, f=first: a.add(f.hessian_input(x))) if first is not None else acc.add,
+                                xs, kwargs, device)
             for j, n in enumerate(block):
                 mod, spec = targets.pop(n)  # drop the float module as soon as its QuantLinear exists
                 # the block's last module may consume the Hessian (saves K x K copies on big layers)
-                q = _quantize_linear(f"{lprefix}.{n}", mod, spec, recipe, acc.h,
-                                     hessian_consumable=j == len(block) - 1)
+                q = _quantize_linear(f"{lprefix}.{n}", mod, spec, recipe, acc.h if acc is not None else None,
+                                     hessian_consumable=j == len(block) - 1, act=acts.get(n))
                 q.cache_weight = cache_weights  # later sub-blocks and the output pass reuse it
                 _set_module(layer, n, q)
                 report.modules[f"{lprefix}.{n}"] = _scheme_entry(q, recipe)
@@ -233,7 +270,9 @@ def quantize_layer(layer: nn.Module, lprefix: str, recipe: Recipe, xs, kwargs: d
             del acc
     else:
         for n, (mod, spec) in list(targets.items()):
-            q = _quantize_linear(f"{lprefix}.{n}", mod, spec, recipe, None)
+            a = act_specs.get(n)
+            act = _act_class(a).from_calibration(a, mod, None) if a is not None else None
+            q = _quantize_linear(f"{lprefix}.{n}", mod, spec, recipe, None, act=act)
             _set_module(layer, n, q)
             report.modules[f"{lprefix}.{n}"] = _scheme_entry(q, recipe)
             del targets[n], mod
@@ -247,7 +286,25 @@ def layer_outputs(layer: nn.Module, xs, kwargs: dict, device: torch.device, sink
 
 
 def needs_calibration(recipe: Recipe) -> bool:
-    return recipe.method.name == "gptq"
+    specs = [recipe.activations] + [
+        _acts_from_dict({**recipe.activations.to_dict(), **o.activations})
+        for o in recipe.overrides if o.activations and recipe.activations is not None]
+    return recipe.method.name == "gptq" or any(
+        s is not None and _act_class(s).wants_calibration(s) for s in specs)
+
+
+def finalize_activations(model: nn.Module, report: QuantizeReport | None = None) -> list[str]:
+    """After all layers: run the activation-precision search (FlexQ), switch activation quantization on
+    for inference, and refresh the report's entries. Returns the names given high-precision inputs."""
+    from quantkit.methods.flexq import select_high_precision
+
+    modules = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear) and m.act is not None}
+    chosen = select_high_precision(modules)
+    for n, m in modules.items():
+        m.act.enabled = True
+        if report is not None and n in report.modules:
+            report.modules[n] = {**m.scheme_entry(), "method": report.modules[n].get("method")}
+    return chosen
 
 
 @torch.no_grad()
@@ -292,6 +349,7 @@ def quantize_model(
         layers[li] = layer.to(store)
         if device.type == "cuda":
             torch.cuda.empty_cache()
+    report.high_precision = finalize_activations(model, report)
     report.seconds = time.perf_counter() - t0
     model.quantkit_report = report
     return report

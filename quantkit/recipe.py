@@ -53,6 +53,28 @@ class WeightSpec:
 
 
 @dataclass(frozen=True)
+class ActSpec:
+    """How one Linear's input activations are quantized online (dynamic; per token unless the format says).
+
+    group_size None = one group per token. `options` holds the act format's extra settings (e.g. the FlexQ
+    sensitivity search budget), hashable.
+    """
+
+    format: str = "int"
+    bits: int = 8
+    group_size: int | None = 128
+    options: tuple[tuple[str, Any], ...] = ()
+
+    def option(self, key: str, default: Any = None) -> Any:
+        return dict(self.options).get(key, default)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {"format": self.format, "bits": self.bits, "group_size": self.group_size}
+        d.update({k: list(v) if isinstance(v, tuple) else v for k, v in self.options})
+        return d
+
+
+@dataclass(frozen=True)
 class MethodSpec:
     name: str = "rtn"
     damping: float = 0.01  # GPTQ: fraction of mean(diag H) added to the diagonal
@@ -65,6 +87,7 @@ class MethodSpec:
 class Override:
     match: tuple[str, ...]
     weights: dict[str, Any]
+    activations: dict[str, Any] | None = None  # merged over the recipe's `activations`
 
 
 @dataclass(frozen=True)
@@ -73,7 +96,7 @@ class Recipe:
     description: str = ""
     method: MethodSpec = field(default_factory=MethodSpec)
     weights: WeightSpec = field(default_factory=WeightSpec)
-    activations: dict[str, Any] | None = None  # reserved for activation-quantizing methods
+    activations: ActSpec | None = None  # None: weight-only (activations stay in the model dtype)
     targets: tuple[str, ...] = ("*",)
     ignore: tuple[str, ...] = ()
     overrides: tuple[Override, ...] = ()
@@ -90,12 +113,25 @@ class Recipe:
                 spec = _weights_from_dict({**spec.to_dict(), **ov.weights}, where=f"override {ov.match}")
         return spec
 
+    def act_scheme_for(self, module_name: str) -> ActSpec | None:
+        """The activation spec of a targeted decoder Linear (None: its input is not quantized)."""
+        if self.activations is None or self.scheme_for(module_name) is None:
+            return None
+        spec = self.activations
+        for ov in self.overrides:
+            if ov.activations and any(match_pattern(p, module_name) for p in ov.match):
+                spec = _acts_from_dict({**spec.to_dict(), **ov.activations}, where=f"override {ov.match}")
+        return spec
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "name": self.name, "description": self.description,
             "method": dataclasses.asdict(self.method), "weights": self.weights.to_dict(),
-            "activations": self.activations, "targets": list(self.targets), "ignore": list(self.ignore),
-            "overrides": [{"match": list(o.match), "weights": o.weights} for o in self.overrides],
+            "activations": self.activations.to_dict() if self.activations else None,
+            "targets": list(self.targets), "ignore": list(self.ignore),
+            "overrides": [{"match": list(o.match), "weights": o.weights,
+                           **({"activations": o.activations} if o.activations else {})}
+                          for o in self.overrides],
         }
 
 
@@ -170,6 +206,40 @@ def _weights_from_dict(d: dict, where: str = "weights") -> WeightSpec:
     return WeightSpec(format=fmt, bits=bits, group_size=gs, symmetric=sym, options=options)
 
 
+_ACT_FORMAT_LIMITS: dict[str, tuple[int, int, int, tuple[str, ...]]] = {}
+
+
+def register_act_format(name: str, min_bits: int, max_bits: int, min_group: int, options=()) -> None:
+    """Activation formats (quantkit.nn.act_quant and method modules) declare their ranges and keys here."""
+    _ACT_FORMAT_LIMITS[name] = (min_bits, max_bits, min_group, tuple(options))
+
+
+def _acts_from_dict(d: dict, where: str = "activations") -> ActSpec:
+    if not _ACT_FORMAT_LIMITS:
+        import quantkit.nn  # noqa: F401  (activation quantizers register their formats on import)
+    if not isinstance(d, dict):
+        raise QuantkitError(f"recipe section '{where}' must be a mapping, got {type(d).__name__}")
+    fmt = d.get("format", "int")
+    if fmt not in _ACT_FORMAT_LIMITS:
+        raise _unknown_key(str(fmt), _ACT_FORMAT_LIMITS, f"{where}.format (an activation format)")
+    lo, hi, min_group, opts = _ACT_FORMAT_LIMITS[fmt]
+    _check_keys(d, {"format", "bits", "group_size", *opts}, where)
+    bits = _typed(d.get("bits", hi), int, "bits", where)
+    if not lo <= bits <= hi:
+        raise QuantkitError(f"{where}.bits = {bits} is out of range for activation format '{fmt}': "
+                            f"use {lo}..{hi}")
+    gs = d.get("group_size", 128)
+    if gs in (None, -1, "token", "per-token"):
+        gs = None
+    else:
+        gs = _typed(gs, int, "group_size", where)
+        if gs < min_group:
+            raise QuantkitError(f"{where}.group_size = {gs} is out of range for activation format '{fmt}': "
+                                f"use >= {min_group}, or 'token' for one group per token")
+    options = tuple(sorted((k, tuple(d[k]) if isinstance(d[k], list) else d[k]) for k in opts if k in d))
+    return ActSpec(format=fmt, bits=bits, group_size=gs, options=options)
+
+
 def _method_from_dict(d: dict) -> MethodSpec:
     valid = {f.name for f in dataclasses.fields(MethodSpec)}
     _check_keys(d, valid, "method")
@@ -208,21 +278,27 @@ def recipe_from_dict(d: dict, default_name: str = "recipe") -> Recipe:
     weights = _weights_from_dict(d.get("weights") or {})
     overrides = []
     for i, ov in enumerate(d.get("overrides") or []):
-        _check_keys(ov, {"match", "weights"}, f"overrides[{i}]")
+        _check_keys(ov, {"match", "weights", "activations"}, f"overrides[{i}]")
         if "match" not in ov:
             raise QuantkitError(f"overrides[{i}] needs a 'match' pattern list")
         w = ov.get("weights") or {}
         _weights_from_dict({**weights.to_dict(), **w}, where=f"overrides[{i}].weights")  # validate early
-        overrides.append(Override(match=_patterns(ov["match"], f"overrides[{i}].match"), weights=dict(w)))
+        a = ov.get("activations")
+        if a is not None:
+            if d.get("activations") is None:
+                raise QuantkitError(f"overrides[{i}].activations needs a recipe-level 'activations' section")
+            _acts_from_dict({**_acts_from_dict(d["activations"]).to_dict(), **a},
+                            where=f"overrides[{i}].activations")
+        overrides.append(Override(match=_patterns(ov["match"], f"overrides[{i}].match"), weights=dict(w),
+                                  activations=dict(a) if a else None))
     acts = d.get("activations")
-    if acts is not None:
-        raise QuantkitError("recipe key 'activations' is reserved for activation-quantizing methods; "
-                            "remove it for weight-only methods")
+    acts = _acts_from_dict(acts) if acts is not None else None
     return Recipe(
         name=str(d.get("name", default_name)),
         description=str(d.get("description", "")),
         method=_method_from_dict(d.get("method") or {}),
         weights=weights,
+        activations=acts,
         targets=_patterns(d.get("targets", ["*"]), "targets"),
         ignore=_patterns(d.get("ignore", []), "ignore"),
         overrides=tuple(overrides),

@@ -5,8 +5,14 @@ travel with `.to()` and land in the state dict under `<module>.<name>`) and comp
 
     y = x @ dequantize(packed)[:, :in_features]ᵀ + bias
 
-On CUDA a kernel registered for the format in `KERNELS` serves the forward instead (quantkit.kernels fills
-it); the torch reference above is what CPU runs and what kernels are tested against.
+With an activation quantizer `act` (quantkit.nn.act_quant) the input is first transformed and quantized
+online, and the packed weight spans the transformed input (`weight_in_features` columns):
+
+    y = act(x) @ dequantize(packed)[:, :weight_in_features]ᵀ + bias
+
+On CUDA a kernel registered in `KERNELS` under `kernel_key` (the weight format, or "<act>:<weight>")
+serves the forward instead (quantkit.kernels fills it); the torch reference above is what CPU runs and
+what kernels are tested against.
 """
 
 from __future__ import annotations
@@ -28,12 +34,15 @@ class QuantLinear(nn.Module):
     """A Linear whose weight is stored packed. x: [..., in_features] → [..., out_features]."""
 
     def __init__(self, in_features: int, out_features: int, spec: WeightSpec,
-                 packed: dict[str, torch.Tensor], bias: torch.Tensor | None = None):
+                 packed: dict[str, torch.Tensor], bias: torch.Tensor | None = None, act: nn.Module | None = None):
         super().__init__()
         self.in_features = in_features
         self.out_features = out_features
         self.spec = spec
         self.fmt = make_format(spec)
+        self.act = act
+        self.weight_in_features = act.weight_in_features if act is not None else in_features
+        self.kernel_key = self.fmt.name if act is None else f"{act.spec.format}:{self.fmt.name}"
         for name, t in packed.items():
             self.register_buffer(name, t)
         self.packed_names = tuple(packed)
@@ -42,32 +51,38 @@ class QuantLinear(nn.Module):
         self.cache_weight = False
 
     @classmethod
-    def from_codes(cls, linear: nn.Linear, spec: WeightSpec, codes: torch.Tensor, params) -> QuantLinear:
+    def from_codes(cls, linear: nn.Linear, spec: WeightSpec, codes: torch.Tensor, params,
+                   act: nn.Module | None = None) -> QuantLinear:
+        """codes/params: the quantized weight (of `act.transform_weight(W)` when `act` is given)."""
         fmt = make_format(spec)
-        packed = fmt.pack(codes, params, linear.in_features)
+        k = act.weight_in_features if act is not None else linear.in_features
+        packed = fmt.pack(codes, params, k)
         bias = linear.bias.detach().clone() if linear.bias is not None else None
-        return cls(linear.in_features, linear.out_features, spec, packed, bias)
+        return cls(linear.in_features, linear.out_features, spec, packed, bias, act)
 
     def packed(self) -> dict[str, torch.Tensor]:
         return {name: getattr(self, name) for name in self.packed_names}
 
     def dequantize_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """The weight the packed tensors represent: [out_features, in_features] in `dtype`."""
+        """The weight the packed tensors represent: [out_features, weight_in_features] in `dtype`."""
         if self._cached is not None and self._cached.dtype == dtype:
             return self._cached
-        codes, params = self.fmt.unpack(self.packed(), self.fmt.padded_k(self.in_features))
-        w = self.fmt.dequantize_grouped(codes, params)[:, : self.in_features].to(dtype)
+        k = self.weight_in_features
+        codes, params = self.fmt.unpack(self.packed(), self.fmt.padded_k(k))
+        w = self.fmt.dequantize_grouped(codes, params)[:, :k].to(dtype)
         if self.cache_weight:
             self._cached = w
         return w
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.is_cuda:
-            kernel = KERNELS.get(self.fmt.name)
+            kernel = KERNELS.get(self.kernel_key)
             if kernel is not None:
                 y = kernel(self, x)
                 if y is not None:
                     return y
+        if self.act is not None:
+            x = self.act(x)
         return F.linear(x, self.dequantize_weight(x.dtype), self.bias)
 
     def extra_repr(self) -> str:
@@ -75,6 +90,15 @@ class QuantLinear(nn.Module):
         g = s.group_size or "channel"
         return (f"in_features={self.in_features}, out_features={self.out_features}, format={s.format}, "
                 f"bits={s.bits}, group_size={g}, symmetric={s.symmetric}")
+
+    def scheme_entry(self) -> dict:
+        """This module's `quantization_config.modules` entry (weights, activations, shapes)."""
+        e = {**self.spec.to_dict(), "in_features": self.in_features, "out_features": self.out_features,
+             "bias": self.bias is not None}
+        if self.act is not None:
+            e["act"] = {**self.act.spec.to_dict(), **self.act.extra_state()}
+            e["weight_in_features"] = self.weight_in_features
+        return e
 
 
 def set_weight_cache(model: nn.Module, on: bool) -> None:

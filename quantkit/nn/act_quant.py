@@ -1,0 +1,148 @@
+"""Online activation quantizers: what a `QuantLinear` does to its input before the weight product.
+
+An activation quantizer belongs to one Linear. It may reshape the input space — permute channels (COMET)
+or append residual channels (ARCQuant) — in which case the weight is stored for that transformed space:
+
+    x [..., K] --transform_input--> [..., K'] --quantize (dynamic)--> x' ;  y = x' @ W'ᵀ,  W' = transform_weight(W)
+
+`forward` is the torch reference ("fake quant": quantize then dequantize, in float): what the integer /
+FP4 kernels compute, and what CPU evaluation runs. Calibration, where a format needs it, goes through a
+collector that sees the Linear's calibration inputs (`collector`, then `from_calibration`).
+
+Formats register here by name (`ACT_QUANTIZERS`) and declare their recipe keys with
+`quantkit.recipe.register_act_format`. The checkpoint stores a module's `ActSpec` plus `extra_state()`
+in its `quantization_config` entry and any buffers under `<module>.act.<name>`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from quantkit.formats.act_int import fake_quant_act_int
+from quantkit.recipe import ActSpec, register_act_format
+
+ACT_QUANTIZERS: dict[str, type[ActQuantizer]] = {}
+
+
+def register_act_quantizer(cls: type[ActQuantizer]) -> type[ActQuantizer]:
+    ACT_QUANTIZERS[cls.format] = cls
+    return cls
+
+
+class ActQuantizer(nn.Module):
+    format: ClassVar[str]
+
+    def __init__(self, spec: ActSpec, in_features: int):
+        super().__init__()
+        self.spec = spec
+        self.in_features = in_features
+        self.enabled = True  # off while the pipeline propagates calibration data (weights-only error)
+
+    # ---- geometry: identity unless the format permutes or augments channels ----
+    @property
+    def weight_in_features(self) -> int:
+        return self.in_features
+
+    def transform_input(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def transform_weight(self, w: torch.Tensor) -> torch.Tensor:
+        return w
+
+    def hessian_input(self, x: torch.Tensor) -> torch.Tensor:
+        """What GPTQ's Hessian is accumulated over (the un-quantized transformed input by default)."""
+        return self.transform_input(x)
+
+    # ---- numerics ----
+    def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
+        """Fake-quantize an already transformed input [..., K']."""
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.transform_input(x)
+        return self.quantize_input(x) if self.enabled else x
+
+    # ---- calibration and persistence ----
+    @classmethod
+    def wants_calibration(cls, spec: ActSpec) -> bool:
+        """Whether `collector` returns something for this spec (the pipeline then needs calibration data)."""
+        return False
+
+    @classmethod
+    def collector(cls, spec: ActSpec, linear: nn.Module):
+        """An object with `add(x)` fed every calibration input of `linear` (x: [..., K], before any
+        transform), or None when this spec needs no calibration data."""
+        return None
+
+    @classmethod
+    def from_calibration(cls, spec: ActSpec, linear: nn.Module, collected) -> ActQuantizer:
+        return cls(spec, linear.in_features)
+
+    def extra_state(self) -> dict[str, Any]:
+        """JSON-able facts saved beside the spec (they must suffice to rebuild the buffers' shapes)."""
+        return {}
+
+    @classmethod
+    def from_entry(cls, spec: ActSpec, in_features: int, extra: dict[str, Any]) -> ActQuantizer:
+        """An instance with correctly shaped (uninitialized) buffers, for the checkpoint loader to fill."""
+        return cls(spec, in_features)
+
+    def extra_repr(self) -> str:
+        g = self.spec.group_size or "token"
+        return f"format={self.spec.format}, bits={self.spec.bits}, group_size={g}"
+
+
+@register_act_quantizer
+class IntActQuantizer(ActQuantizer):
+    """Dynamic symmetric integer, per token and per group of channels (quantkit.formats.act_int).
+
+    FlexQ: 6-bit by default, 8-bit on the Linears the sensitivity search picks (quantkit.methods.flexq).
+    """
+
+    format = "int"
+
+    def __init__(self, spec: ActSpec, in_features: int):
+        super().__init__(spec, in_features)
+        self.sensitivity: float | None = None  # FlexQ search score (A6-vs-A8 damage), when measured
+
+    @classmethod
+    def wants_calibration(cls, spec: ActSpec) -> bool:
+        from quantkit.methods.flexq import search_enabled
+
+        return search_enabled(spec)
+
+    @classmethod
+    def collector(cls, spec: ActSpec, linear: nn.Module):
+        from quantkit.methods.flexq import SensitivityCollector, search_enabled
+
+        return SensitivityCollector(spec, linear) if search_enabled(spec) else None
+
+    @classmethod
+    def from_calibration(cls, spec: ActSpec, linear: nn.Module, collected) -> ActQuantizer:
+        q = cls(spec, linear.in_features)
+        if collected is not None:
+            q.sensitivity = collected.score()
+        return q
+
+    def extra_state(self) -> dict[str, Any]:
+        return {"sensitivity": self.sensitivity} if self.sensitivity is not None else {}
+
+    @classmethod
+    def from_entry(cls, spec: ActSpec, in_features: int, extra: dict[str, Any]) -> ActQuantizer:
+        q = cls(spec, in_features)
+        q.sensitivity = extra.get("sensitivity")
+        return q
+
+    def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
+        return fake_quant_act_int(x, self.spec.bits, self.spec.group_size or x.shape[-1])
+
+
+register_act_format("int", 2, 8, 16, options=("a8_budget", "high_bits", "sensitivity"))
+
+
+def build_act_quantizer(spec: ActSpec, in_features: int, extra: dict[str, Any] | None = None) -> ActQuantizer:
+    cls = ACT_QUANTIZERS[spec.format]
+    return cls.from_entry(spec, in_features, extra or {})
