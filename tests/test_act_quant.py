@@ -21,10 +21,10 @@ def _recipe(**acts):
 
 
 def test_act_int_reference_values():
-    x = torch.tensor([[0.5, -1.0, 0.25, 0.0, 3.0, -0.1]])
+    x = torch.tensor([[3.5, -7.0, 2.5, 0.0, 3.0, -0.1]])
     q, s = quantize_act_int(x, 4, group_size=4)  # groups: 4 channels, then a short group of 2
-    assert s[0].tolist() == pytest.approx([1.0 / 7, 3.0 / 7])
-    assert q.tolist() == [[4, -7, 2, 0, 7, 0]]  # 0.5*7 = 3.5 rounds half to even -> 4; 0.25*7=1.75 -> 2
+    assert s[0].tolist() == pytest.approx([1.0, 3.0 / 7])
+    assert q.tolist() == [[4, -7, 2, 0, 7, 0]]  # ties round half to even: 3.5 -> 4, 2.5 -> 2
     assert torch.allclose(dequantize_act_int(q, s, 4), q.float() * s.repeat_interleave(4, -1)[:, :6])
     # an all-zero group is exact and gets scale 1
     q0, s0 = quantize_act_int(torch.zeros(2, 8), 8, group_size=8)
