@@ -120,3 +120,29 @@ def test_sensitivity_prefers_outlier_inputs():
     xs[:, 5] *= 60
     spiky.add(xs)
     assert spiky.score() > 3 * flat.score() > 0
+
+
+def test_activation_variants_share_weights(calib):
+    """Recipes differing only in activations quantize identical weights, so eval/act_variants may quantize
+    once: applying a variant's activations to the base model equals quantizing with the variant."""
+    from conftest import tiny_llama
+
+    from quantkit.eval.act_variants import apply_variant
+
+    def rec(**ov):
+        d = _recipe(**ov)
+        d["method"] = {"name": "gptq"}
+        return d
+
+    base_r = load_recipe(rec(a8_budget=2))
+    down_r = load_recipe({**rec(), "overrides": [{"match": ["*.down_proj"], "activations": {"bits": 8}}]})
+    base, down = tiny_llama(), tiny_llama()
+    quantize_model(base, base_r, calib, progress=False)
+    quantize_model(down, down_r, calib, progress=False)
+    for (n, a), (_, b) in zip(base.named_modules(), down.named_modules(), strict=True):
+        if isinstance(a, QuantLinear):
+            assert all(torch.equal(a.packed()[k], b.packed()[k]) for k in a.packed_names), n
+    ids = torch.randint(0, 512, (1, 40))
+    apply_variant(base, down_r)
+    assert torch.equal(base(ids).logits, down(ids).logits)
+    assert apply_variant(base, base_r) and base.model.layers[0].mlp.down_proj.act.sensitivity is not None
