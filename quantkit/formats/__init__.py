@@ -2,6 +2,8 @@
 
 from quantkit.formats.base import FORMATS, Params, WeightFormat, register_format
 from quantkit.formats.hlq import HLQ
+from quantkit.formats.int6 import Int6
+from quantkit.formats.nvfp4 import NVFP4Format
 from quantkit.formats.packing import pack_codes, unpack_codes
 from quantkit.formats.uniform import UniformInt
 
@@ -14,5 +16,5 @@ def make_format(spec) -> WeightFormat:
     )
 
 
-__all__ = ["FORMATS", "HLQ", "Params", "UniformInt", "WeightFormat", "make_format", "pack_codes",
-           "register_format", "unpack_codes"]
+__all__ = ["FORMATS", "HLQ", "Int6", "NVFP4Format", "Params", "UniformInt", "WeightFormat", "make_format",
+           "pack_codes", "register_format", "unpack_codes"]

@@ -1,0 +1,101 @@
+"""INT6 weight format (quantkit/formats/int6.py): packing, RTN, GPTQ, recipe limits, bits/weight."""
+
+import pytest
+import torch
+
+from quantkit.errors import QuantkitError
+from quantkit.formats import FORMATS, Int6
+from quantkit.formats.int6 import pack_int6, unpack_int6
+from quantkit.methods import HessianAccumulator, gptq_quantize, rtn_quantize
+
+
+@pytest.mark.parametrize("k", [1, 31, 128, 200, 333])
+def test_pack_unpack_round_trip_exact(k):
+    g = torch.Generator().manual_seed(k)
+    codes = torch.randint(0, 64, (7, k), generator=g)
+    packed = pack_int6(codes)
+    assert packed.dtype == torch.uint8 and packed.shape == (-(-k // 128) * 96, 7)
+    assert torch.equal(unpack_int6(packed, k).long(), codes)
+
+
+def test_packed_layout_is_the_documented_one():
+    codes = torch.arange(128).remainder(64).unsqueeze(0)  # one column, one block
+    b = pack_int6(codes)[:, 0].long()
+    for r in range(3):
+        for i in range(32):
+            assert b[32 * r + i] == codes[0, 32 * r + i] | (((codes[0, 96 + i] >> (2 * r)) & 3) << 6)
+
+
+@pytest.mark.parametrize("group", [128, 64, 16, None])
+def test_rtn_within_half_step_and_save_round_trip(group):
+    torch.manual_seed(0)
+    k = 200  # not a multiple of any group size here
+    w = torch.randn(24, k)
+    fmt = Int6(6, group)
+    codes, params = fmt.quantize_rtn(w)
+    assert codes.min() >= 1 and codes.max() <= 63  # q = c − 32 ∈ [−31, 31]
+    assert torch.equal(params["scale"], params["scale"].half().float())  # fp16-exact scales
+    deq = fmt.dequantize_grouped(codes, params)
+    scale = params["scale"].repeat_interleave(group or k, dim=1)[:, :k]
+    assert torch.all((deq - w).abs() <= 0.5 * scale * (1 + 1e-3) + 1e-7)
+    # ±31 reaches the group's absmax: the largest |ŵ| of a row equals 31·scale of its group
+    assert torch.equal(deq.abs().amax(dim=1), (31 * scale).gather(1, (deq.abs()).argmax(dim=1, keepdim=True))[:, 0])
+    packed = fmt.pack(codes, params, k)
+    assert set(packed) == {"qweight", "scales"} and packed["scales"].dtype == torch.float16
+    c2, p2 = fmt.unpack(packed, fmt.padded_k(k))
+    assert torch.equal(c2[:, :k], codes)
+    assert torch.equal(fmt.dequantize_grouped(c2[:, :k], p2), deq)
+
+
+def test_zero_and_tiny_groups():
+    w = torch.zeros(2, 256)
+    w[1, 128:] = 1e-9  # fp16 underflow of absmax/31
+    fmt = Int6(6, 128)
+    codes, params = fmt.quantize_rtn(w)
+    assert torch.all(params["scale"] > 0)
+    assert torch.equal(fmt.dequantize_grouped(codes, params)[0], w[0])
+
+
+def test_gptq_beats_rtn_and_matches_rtn_on_diagonal_hessian():
+    g = torch.Generator().manual_seed(0)
+    k, n = 160, 48
+    x = torch.randn(1024, k, generator=g) @ (torch.randn(k, k, generator=g) * 0.2 + torch.eye(k))
+    w = torch.randn(n, k, generator=g)
+    acc = HessianAccumulator(k, "cpu")
+    acc.add(x)
+    fmt = Int6(6, 64)
+
+    def err(c, p):
+        return float(((x @ (w - fmt.dequantize_grouped(c, p)).t()) ** 2).mean())
+
+    rtn = err(*rtn_quantize(w, fmt))
+    gq = gptq_quantize(w, acc.h, fmt, block_size=32)
+    assert gq[0].min() >= 1 and gq[0].max() <= 63
+    assert err(*gq) < 0.8 * rtn
+    c_rtn, _ = rtn_quantize(w, fmt)
+    c_diag, _ = gptq_quantize(w, torch.diag(torch.rand(k, generator=g) + 0.5), fmt, damping=0.0)
+    assert torch.equal(c_rtn, c_diag)
+
+
+def test_bits_per_weight_and_limits():
+    assert FORMATS["int6"] is Int6
+    assert Int6(6, 128).bits_per_weight(4096, 64) == pytest.approx(6 + 16 / 128)
+    assert Int6(6, None).bits_per_weight(4096, 64) == pytest.approx(6 + 16 / 4096)
+    assert Int6(6, 128).bits_per_weight(200, 8) == pytest.approx((256 * 6 + 2 * 16) / 200)
+    with pytest.raises(QuantkitError):
+        Int6(4, 128)
+    with pytest.raises(QuantkitError):
+        Int6(6, 8)
+
+
+def test_recipe_accepts_int6():
+    from quantkit.formats import make_format
+    from quantkit.recipe import _weights_from_dict
+
+    spec = _weights_from_dict({"format": "int6", "bits": 6, "group_size": 128})
+    fmt = make_format(spec)
+    assert isinstance(fmt, Int6) and fmt.group_size == 128
+    with pytest.raises(QuantkitError):
+        _weights_from_dict({"format": "int6", "bits": 4})
+    with pytest.raises(QuantkitError):
+        _weights_from_dict({"format": "int6", "bits": 6, "group_size": 8})
