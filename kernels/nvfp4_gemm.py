@@ -1,0 +1,567 @@
+"""Triton kernels for ARCQuant (NVFP4 + augmented residual channels) on GPUs without FP4 tensor cores.
+
+Torch reference of the same math: `quantkit/arc_numerics.py` (activation quantization, bit-exact) and
+`nvfp4_reference.py` (the GEMM). Numerics of NVFP4: `quantkit/formats/nvfp4.py`.
+
+- `_amax_kernel`     partial max |x| over a slice of x per program → `part` [P] (fp32). The tensor scale
+                     S = max(part)/2688 is then reduced by every program of the next kernel (P ≤ 256 floats
+                     from L2: no atomics, no memset, deterministic). For small inputs (M·K ≤ 2^15) this
+                     launch is skipped and each program of the activation kernel reduces all of x itself.
+- `_arc_act_kernel`  one pass over x: gather the reordered channels, NVFP4-quantize the row's blocks,
+                     recompute Q1 on the last s channels and quantize their residual (own block scales,
+                     same S), pack → X' codes uint8 [M, K'/2], block scales (e4m3 bits) [M, K'/16], S [1].
+                     Optionally (`WRITE_DEQ`) it writes the dequantized X' in bf16 [M, K'] instead — the
+                     operand of the large-M "decode + cuBLAS" path — with S folded in: bf16((e2m1·e4m3)·S),
+                     i.e. exactly the bf16 fake-quantized activation.
+                     Bit-exact with the torch reference: divisions are `div_rn`, e4m3 rounding is done in
+                     integer arithmetic, and the kernel is compiled with `enable_fp_fusion=False` (an FMA in
+                     x − deq would change the residual's last bit).
+- `_nvfp4_mm_kernel` Y[M, N] = Sx·Sw · Σ_k X'[m, k]·W'[n, k]. Hopper has no FP4 MMA: both operands are
+                     decoded in registers to bf16 (e2m1 × e4m3 is exact in bf16: ≤ 6 significant bits,
+                     magnitudes in [2^-10, 2688], all normal in bf16), `tl.dot` in bf16 with fp32
+                     accumulation, S scales in the epilogue. Small M: the product is computed transposed
+                     (SWAP: acc^T = W'·X'^T, BLOCK_M = 16) with split-K (one launch: wq_gemm's workspace +
+                     last-program epilogue). Large M: plain tiles with grouped ordering.
+- `_nvfp4_gemv_kernel` decode path (M ≤ GEMV_MAX_M): CUDA cores, W' read as [BLOCK_N, blocks, 8-byte] tiles,
+                     even/odd nibbles FMA'd with the decoded X' row, block scales applied once per block
+                     (the 16 products of a block sum exactly in fp32), split-K as above.
+- `_nvfp4_decode_kernel` W' → bf16 [N, K'] (e2m1·e4m3, no S) for the "decode + cuBLAS" path:
+                     y = addmm(X'_bf16, W'_bf16ᵀ, alpha = Sw) (Sw is a static host float).
+
+Tiles are decoded as even and odd halves (the two nibbles of a byte) and the dot is taken over each half
+(Σ_k x_k w_k = Σ_j x_2j w_2j + x_2j+1 w_2j+1), so no tile is interleaved or reshaped in registers.
+Decoding without lookup tables: an e2m1 code c (sign bit 3) becomes the fp16 bit pattern
+((c & 7) << 9) | ((c & 8) << 12) = value·2^-14 (code 1 is an fp16 subnormal; the fp16 → fp32 conversion is
+exact), an e4m3 byte u becomes the fp16 pattern (u & 0x7F) << 7 = value·2^-8; the block's 2^22 is folded into
+its scale once, so an element costs a few integer ops, one conversion and one multiply.
+
+`tl.dot_scaled` is not used: Hopper has no native FP4 MMA (Triton emulates it by upcasting), and its
+microscaling operands take e8m0 scales per 32 elements, not NVFP4's e4m3 per 16.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from quantkit.kernels.wq_gemm import NUM_SMS, _split_k, _store_out
+
+AMAX_PARTS = 256  # programs of the amax pre-pass (and the size every activation program reduces)
+FUSED_AMAX_MAX = 1 << 15  # M·K up to which the activation kernel reduces x itself (no pre-pass)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# element helpers (shared by the kernels; the torch reference is quantkit/formats/nvfp4.py)
+
+
+@triton.jit
+def _round_e4m3(v):
+    """v float32 ≥ 0, finite → (nearest e4m3 value as float32 (RNE, saturating at 448), its uint8 bits)."""
+    v = tl.minimum(v, 448.0)
+    bits = v.to(tl.int32, bitcast=True)
+    e = tl.maximum(((bits >> 23) & 0xFF) - 127, -6)  # binade (subnormals share the 2^-6 binade's quantum)
+    q = ((e + 124) << 23).to(tl.float32, bitcast=True)  # quantum 2^(e-3)
+    t = v / q  # exact: division by a power of two
+    t = (t + 8388608.0) - 8388608.0  # round to nearest even integer (t < 16)
+    r = t * q
+    rb = r.to(tl.int32, bitcast=True)
+    er = ((rb >> 23) & 0xFF) - 127
+    normal = ((er + 7) << 3) | ((rb >> 20) & 7)
+    sub = (r * 512.0).to(tl.int32)
+    byte = tl.where(er >= -6, normal, sub)
+    return r, byte.to(tl.uint8)
+
+
+@triton.jit
+def _e2m1_code(u):
+    """float32 (already divided by the scale) → int32 e2m1 code, RNE ties to even code, saturating at ±6."""
+    a = tl.abs(u)
+    mag = (a > 0.25).to(tl.int32) + (a >= 0.75).to(tl.int32) + (a > 1.25).to(tl.int32)
+    mag += (a >= 1.75).to(tl.int32) + (a > 2.5).to(tl.int32) + (a >= 3.5).to(tl.int32) + (a > 5.0).to(tl.int32)
+    return tl.where((u < 0) & (mag > 0), mag + 8, mag)
+
+
+@triton.jit
+def _e2m1_value(code):
+    """int32 code → float32 value (exact)."""
+    mag = code & 7
+    v = tl.where(mag < 4, mag.to(tl.float32) * 0.5, tl.where(mag == 7, 6.0, (mag - 2).to(tl.float32)))
+    return tl.where(code >= 8, -v, v)
+
+
+@triton.jit
+def _quant_blocks(v, S):
+    """v float32 [NB, 16] (one NVFP4 block per row), S scalar → (block scale float32 [NB] (e4m3 value),
+    its e4m3 bits uint8 [NB], codes int32 [NB, 16])."""
+    amax = tl.max(tl.abs(v), axis=1)
+    bs, bits = _round_e4m3(tl.math.div_rn(tl.math.div_rn(amax, 6.0), S))
+    denom = bs * S
+    safe = tl.where(denom > 0, denom, 1.0)
+    u = tl.where(denom[:, None] > 0, tl.math.div_rn(v, safe[:, None]), 0.0)
+    return bs, bits, _e2m1_code(u)
+
+
+@triton.jit
+def _pack_pairs(codes, NB: tl.constexpr):
+    """int32 codes [NB, 16] → uint8 [NB·8]: element 2j in the low nibble of byte j."""
+    lo, hi = tl.split(tl.reshape(codes, (NB * 8, 2)))
+    return (lo | (hi << 4)).to(tl.uint8)
+
+
+@triton.jit
+def _tensor_scale(x_ptr, part_ptr, P, MK, FUSED: tl.constexpr, PBLOCK: tl.constexpr):
+    """S = amax/2688 (1.0 when amax = 0) from the partials, or from all of x (x contiguous) when FUSED."""
+    if FUSED:
+        acc = tl.zeros((PBLOCK,), tl.float32)
+        for i in range(0, MK, PBLOCK):
+            offs = i + tl.arange(0, PBLOCK)
+            acc = tl.maximum(acc, tl.abs(tl.load(x_ptr + offs, mask=offs < MK, other=0).to(tl.float32)))
+        amax = tl.max(acc, axis=0)
+    else:
+        offs = tl.arange(0, PBLOCK)
+        amax = tl.max(tl.load(part_ptr + offs, mask=offs < P, other=0), axis=0)
+    return tl.where(amax > 0, tl.math.div_rn(amax, 2688.0), 1.0)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# activation kernels
+
+
+@triton.jit
+def _amax_kernel(x_ptr, part_ptr, MK, PER_PROG, BLOCK: tl.constexpr):
+    """part[pid] = max |x| over flat elements [pid·PER_PROG, (pid+1)·PER_PROG) of a contiguous x."""
+    pid = tl.program_id(0)
+    start = pid * PER_PROG
+    end = tl.minimum(start + PER_PROG, MK)
+    acc = tl.zeros((BLOCK,), tl.float32)
+    for i in range(start, end, BLOCK):
+        offs = i + tl.arange(0, BLOCK)
+        acc = tl.maximum(acc, tl.abs(tl.load(x_ptr + offs, mask=offs < end, other=0).to(tl.float32)))
+    tl.store(part_ptr + pid, tl.max(acc, axis=0))
+
+
+@triton.jit
+def _arc_act_kernel(x_ptr, ridx_ptr, part_ptr, q_ptr, bs_ptr, s_ptr, xd_ptr, M, K, KP, SRES, P, N_MAIN,
+                    BLOCK_K: tl.constexpr, FUSED: tl.constexpr, ALIGNED: tl.constexpr,
+                    WRITE_PACKED: tl.constexpr, WRITE_DEQ: tl.constexpr, PBLOCK: tl.constexpr):
+    """Grid (N_MAIN + cdiv(SRES, BLOCK_K), M). x: [M, K] contiguous; ridx: int32 [K]; X' has KQ = KP + SRES
+    columns: q [M, KQ/2] uint8, bs [M, KQ/16] uint8 (e4m3 bits), s [1] fp32; xd [M, KQ] bf16 (WRITE_DEQ).
+    Programs with chunk < N_MAIN quantize columns [chunk·BLOCK_K, +BLOCK_K) of Q1; the rest quantize the
+    residual of the last SRES channels. ALIGNED: K % 16 == 0 (residual blocks coincide with Q1's)."""
+    chunk = tl.program_id(0)
+    m = tl.program_id(1)
+    S = _tensor_scale(x_ptr, part_ptr, P, M * K, FUSED, PBLOCK)
+    if (chunk == 0) & (m == 0):
+        tl.store(s_ptr, S)
+    NB: tl.constexpr = BLOCK_K // 16
+    KQ = KP + SRES
+    xrow = x_ptr + m.to(tl.int64) * K
+    rb = tl.arange(0, NB)[:, None]
+    ri = tl.arange(0, 16)[None, :]
+    if chunk < N_MAIN:
+        c0 = chunk * BLOCK_K
+        c = c0 + rb * 16 + ri  # [NB, 16] Q1 columns
+        ok = c < K
+        idx = tl.load(ridx_ptr + c, mask=ok, other=0)
+        v = tl.load(xrow + idx, mask=ok, other=0).to(tl.float32)
+        bs, bits, codes = _quant_blocks(v, S)
+        out0 = c0  # X' column of this tile's first element
+        lim = KP
+    else:
+        j0 = (chunk - N_MAIN) * BLOCK_K
+        j = j0 + rb * 16 + ri  # [NB, 16] residual index, X' column KP + j, channel K - SRES + j
+        okj = j < SRES
+        c = K - SRES + j
+        idx = tl.load(ridx_ptr + c, mask=okj, other=0)
+        xv = tl.load(xrow + idx, mask=okj, other=0).to(tl.float32)
+        if ALIGNED:
+            bs1, _b1, c1 = _quant_blocks(xv, S)
+            deq = (_e2m1_value(c1) * bs1[:, None]) * S
+        else:  # Q1's block of each element: a [NB, 16, 16] tile of 16 gathered values per element
+            cb = (c // 16 * 16)[:, :, None] + tl.arange(0, 16)[None, None, :]
+            okb = (cb < K) & okj[:, :, None]
+            blk = tl.load(xrow + tl.load(ridx_ptr + cb, mask=okb, other=0), mask=okb, other=0).to(tl.float32)
+            amax = tl.max(tl.abs(blk), axis=2)
+            bs1, _b1 = _round_e4m3(tl.math.div_rn(tl.math.div_rn(amax, 6.0), S))
+            den = bs1 * S
+            u = tl.where(den > 0, tl.math.div_rn(xv, tl.where(den > 0, den, 1.0)), 0.0)
+            deq = (_e2m1_value(_e2m1_code(u)) * bs1) * S
+        r = tl.where(okj, xv - deq, 0.0)
+        bs, bits, codes = _quant_blocks(r, S)
+        out0 = KP + j0
+        lim = KQ
+    if WRITE_PACKED:
+        pb = out0 // 2 + tl.arange(0, BLOCK_K // 2)
+        tl.store(q_ptr + m.to(tl.int64) * (KQ // 2) + pb, _pack_pairs(codes, NB), mask=pb < lim // 2)
+        sb = out0 // 16 + tl.arange(0, NB)
+        tl.store(bs_ptr + m.to(tl.int64) * (KQ // 16) + sb, bits, mask=sb < lim // 16)
+    if WRITE_DEQ:
+        d = (_e2m1_value(codes) * bs[:, None]) * S
+        col = out0 + rb * 16 + ri
+        tl.store(xd_ptr + m.to(tl.int64) * KQ + col, d.to(xd_ptr.dtype.element_ty), mask=col < lim)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# GEMM
+
+
+@triton.jit
+def _e2m1_f32(c, SHIFT: tl.constexpr):
+    """The e2m1 code at bits [SHIFT, SHIFT+4) of int32 c → float32 value · 2^-14 (via fp16 bits: exact)."""
+    if SHIFT == 0:
+        h = ((c & 7) << 9) | ((c & 8) << 12)
+    else:
+        h = ((c & 0x70) << 5) | ((c & 0x80) << 8)
+    return h.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+
+
+@triton.jit
+def _scale_f32(u):
+    """e4m3 bits (int32) → float32 value · 2^14 (via fp16 bits: exact)."""
+    return ((u & 0x7F) << 7).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32) * 4194304.0
+
+
+@triton.jit
+def _decode_tile(q_ptr, s_ptr, rows, R, kb0, KQ, BLOCK_R: tl.constexpr, BLOCK_KB: tl.constexpr):
+    """Rows `rows` [BLOCK_R] × bytes [kb0, kb0 + BLOCK_KB) of a packed NVFP4 matrix (q uint8 [R, KQ/2], s e4m3
+    bits [R, KQ/16]) → (even, odd) float32 [BLOCK_R, BLOCK_KB] each: e2m1 · e4m3 of columns 2j and 2j+1
+    (no tensor scale; exact). The scale of byte j is loaded per byte (index j // 8, cached), so no tile is
+    ever interleaved or reshaped."""
+    rmask = rows[:, None] < R
+    pc = kb0 + tl.arange(0, BLOCK_KB)
+    ok = rmask & (pc[None, :] < KQ // 2)
+    r64 = rows[:, None].to(tl.int64)
+    b = tl.load(q_ptr + r64 * (KQ // 2) + pc[None, :], mask=ok, other=0).to(tl.int32)
+    sc = _scale_f32(tl.load(s_ptr + r64 * (KQ // 16) + (pc // 8)[None, :], mask=ok, other=0).to(tl.int32))
+    return _e2m1_f32(b, 0) * sc, _e2m1_f32(b, 4) * sc
+
+
+@triton.jit
+def _nvfp4_mm_kernel(xq_ptr, xs_ptr, wq_ptr, ws_ptr, sx_ptr, sw, bias_ptr, out_ptr, acc_ptr, cnt_ptr,
+                     M, N, KQ, stride_om, M_BUCKET,
+                     HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                     BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr,
+                     SWAP: tl.constexpr = False, DOT_F32: tl.constexpr = False, PPS: tl.constexpr = 4):
+    """Grid (cdiv(M, BLOCK_M)·cdiv(N, BLOCK_N), SPLIT_K). out [M, N] = Sx·sw·X'·W'ᵀ (+ bias).
+    DOT_F32: the product on fp32 copies of the same (bf16-exact) operands (Triton's CPU interpreter)."""
+    pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    width = GROUP_M * num_n
+    group_id = pid // width
+    first_m = group_id * GROUP_M
+    size_m = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % width) % size_m
+    pid_n = (pid % width) // size_m
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    k_tiles = tl.cdiv(KQ, BLOCK_K)
+    per_split = tl.cdiv(k_tiles, SPLIT_K)
+    t0 = pid_k * per_split
+    t1 = tl.minimum(t0 + per_split, k_tiles)
+    if SWAP:
+        acc = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    KB: tl.constexpr = BLOCK_K // 2
+    for t in range(t0, t1):
+        xe, xo = _decode_tile(xq_ptr, xs_ptr, offs_m, M, t * KB, KQ, BLOCK_M, KB)
+        we, wo = _decode_tile(wq_ptr, ws_ptr, offs_n, N, t * KB, KQ, BLOCK_N, KB)
+        if DOT_F32:
+            if SWAP:
+                acc = tl.dot(we, tl.trans(xe), acc, input_precision="ieee")
+                acc = tl.dot(wo, tl.trans(xo), acc, input_precision="ieee")
+            else:
+                acc = tl.dot(xe, tl.trans(we), acc, input_precision="ieee")
+                acc = tl.dot(xo, tl.trans(wo), acc, input_precision="ieee")
+        else:
+            if SWAP:
+                acc = tl.dot(we.to(tl.bfloat16), tl.trans(xe.to(tl.bfloat16)), acc)
+                acc = tl.dot(wo.to(tl.bfloat16), tl.trans(xo.to(tl.bfloat16)), acc)
+            else:
+                acc = tl.dot(xe.to(tl.bfloat16), tl.trans(we.to(tl.bfloat16)), acc)
+                acc = tl.dot(xo.to(tl.bfloat16), tl.trans(wo.to(tl.bfloat16)), acc)
+    if SWAP:
+        acc = tl.trans(acc)
+    acc = acc * (tl.load(sx_ptr) * sw)
+    _store_out(acc, out_ptr, acc_ptr, cnt_ptr, bias_ptr, offs_m, offs_n, M, N, stride_om, pid, HAS_BIAS,
+               SPLIT_K)
+
+
+@triton.jit
+def _decode_tile3(q_ptr, s_ptr, rows, R, blk0, KQ, BLOCK_R: tl.constexpr, NBK: tl.constexpr):
+    """Like `_decode_tile`, for NVFP4 blocks [blk0, blk0 + NBK) as 3-D tiles [BLOCK_R, NBK, 8] (byte-in-block
+    last): the scales load once per block ([BLOCK_R, NBK]) and broadcast along the last axis. Returns
+    (even, odd e2m1 values · 2^-14 as float32 [BLOCK_R, NBK, 8], block scale · 2^14 float32 [BLOCK_R, NBK])."""
+    r64 = rows[:, None].to(tl.int64)
+    bk = blk0 + tl.arange(0, NBK)[None, :]
+    ok2 = (rows[:, None] < R) & (bk < KQ // 16)
+    sc = _scale_f32(tl.load(s_ptr + r64 * (KQ // 16) + bk, mask=ok2, other=0).to(tl.int32))
+    pc = bk[:, :, None] * 8 + tl.arange(0, 8)[None, None, :]
+    b = tl.load(q_ptr + r64[:, :, None] * (KQ // 2) + pc, mask=ok2[:, :, None], other=0).to(tl.int32)
+    return _e2m1_f32(b, 0), _e2m1_f32(b, 4), sc
+
+
+@triton.jit
+def _nvfp4_gemv_kernel(xq_ptr, xs_ptr, wq_ptr, ws_ptr, sx_ptr, sw, bias_ptr, out_ptr, acc_ptr, cnt_ptr,
+                       M, N, KQ, stride_om, M_BUCKET,
+                       HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, NBK: tl.constexpr,
+                       SPLIT_K: tl.constexpr, PPS: tl.constexpr = 8):
+    """Decode path (small M), CUDA cores, no tensor cores. Grid (cdiv(N, BLOCK_N), SPLIT_K, M): one program =
+    BLOCK_N outputs of row m over a K slice; per step NBK NVFP4 blocks of BLOCK_N rows of W' are decoded as
+    [BLOCK_N, NBK, 8] byte tiles (even and odd halves) and FMA'd with the row's decoded X'; the two block
+    scales multiply once per block, Sx·Sw once per output."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    m = tl.program_id(2)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    k_tiles = tl.cdiv(KQ // 16, NBK)
+    per_split = tl.cdiv(k_tiles, SPLIT_K)
+    t0 = pid_k * per_split
+    t1 = tl.minimum(t0 + per_split, k_tiles)
+    acc = tl.zeros((BLOCK_N, NBK), tl.float32)
+    rows_m = m + tl.arange(0, 1)
+    for t in range(t0, t1):
+        xe, xo, xsc = _decode_tile3(xq_ptr, xs_ptr, rows_m, M, t * NBK, KQ, 1, NBK)
+        we, wo, wsc = _decode_tile3(wq_ptr, ws_ptr, offs_n, N, t * NBK, KQ, BLOCK_N, NBK)
+        part = tl.sum(we * xe + wo * xo, axis=2)  # exact: ≤ 16 products of ≤ 3-bit values, scaled by 2^-28
+        acc += part * (wsc * xsc)
+    out = tl.sum(acc, axis=1) * (tl.load(sx_ptr) * sw)
+    tile_id = m * tl.num_programs(0) + pid_n
+    _store_out(out[None, :], out_ptr, acc_ptr, cnt_ptr, bias_ptr, rows_m, offs_n, M, N, stride_om, tile_id,
+               HAS_BIAS, SPLIT_K)
+
+
+@triton.jit
+def _nvfp4_decode_kernel(q_ptr, s_ptr, out_ptr, R, KQ, BLOCK_R: tl.constexpr, BLOCK_KB: tl.constexpr):
+    """out [R, KQ] (bf16) = e2m1 · e4m3 of a packed NVFP4 matrix (no tensor scale). Grid (cdiv(R, BLOCK_R),
+    cdiv(KQ/2, BLOCK_KB))."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    kb0 = tl.program_id(1) * BLOCK_KB
+    we, wo = _decode_tile(q_ptr, s_ptr, rows, R, kb0, KQ, BLOCK_R, BLOCK_KB)
+    w = tl.reshape(tl.join(we, wo), (BLOCK_R, 2 * BLOCK_KB))
+    cols = 2 * kb0 + tl.arange(0, 2 * BLOCK_KB)
+    tl.store(out_ptr + rows[:, None].to(tl.int64) * KQ + cols[None, :], w.to(out_ptr.dtype.element_ty),
+             mask=(rows[:, None] < R) & (cols[None, :] < KQ))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# autotuning (small lists; the chosen config is cached per key)
+
+_KEY = ["M_BUCKET", "N", "KQ"]
+_CACHE_KW = {"cache_results": True} if "cache_results" in inspect.signature(triton.autotune).parameters else {}
+
+
+def _c(num_warps, num_stages, **kw):
+    return triton.Config(kw, num_warps=num_warps, num_stages=num_stages)
+
+
+def _mm_split(a):
+    tiles = triton.cdiv(a["M"], a["BLOCK_M"]) * triton.cdiv(a["N"], a["BLOCK_N"])
+    target = (a.get("PPS", 4) if a["M"] <= 64 else 1) * NUM_SMS[0]
+    return _split_k(tiles, triton.cdiv(a["KQ"], a["BLOCK_K"]), target)
+
+
+def _gemv_split(a):  # memory-bound: about PPS programs per SM
+    return _split_k(triton.cdiv(a["N"], a["BLOCK_N"]) * a["M"], triton.cdiv(a["KQ"], 16 * a["NBK"]),
+                    a.get("PPS", 8) * NUM_SMS[0], 64)
+
+
+GEMV_CONFIGS = [
+    _c(4, 1, BLOCK_N=128, NBK=4, PPS=8),
+    _c(4, 1, BLOCK_N=64, NBK=8, PPS=8),
+    _c(4, 1, BLOCK_N=256, NBK=2, PPS=8),
+    _c(8, 1, BLOCK_N=256, NBK=4, PPS=4),
+    _c(2, 1, BLOCK_N=64, NBK=4, PPS=16),
+]
+MM_SMALL_CONFIGS = [  # M <= 64: transposed product, split-K to fill the GPU
+    _c(4, 3, BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, GROUP_M=1, SWAP=True, PPS=4),
+    _c(4, 3, BLOCK_M=16, BLOCK_N=128, BLOCK_K=128, GROUP_M=1, SWAP=True, PPS=4),
+    _c(4, 3, BLOCK_M=16, BLOCK_N=64, BLOCK_K=256, GROUP_M=1, SWAP=True, PPS=8),
+    _c(8, 3, BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, GROUP_M=1, PPS=2),
+]
+MM_LARGE_CONFIGS = [
+    _c(8, 3, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8),
+    _c(8, 3, BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8),
+    _c(4, 4, BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, GROUP_M=8),
+]
+
+
+def _tuned(configs):
+    return triton.autotune(configs, key=_KEY, **_CACHE_KW)(triton.heuristics({"SPLIT_K": _mm_split})(
+        _nvfp4_mm_kernel))
+
+
+gemv_tuned = triton.autotune(GEMV_CONFIGS, key=_KEY, **_CACHE_KW)(triton.heuristics({"SPLIT_K": _gemv_split})(
+    _nvfp4_gemv_kernel))
+mm_small_tuned = _tuned(MM_SMALL_CONFIGS)
+mm_large_tuned = _tuned(MM_LARGE_CONFIGS)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# host side
+
+
+@dataclass
+class ArcWeight:
+    """Kernel-ready W' of one ARC linear: q uint8 [N, KQ/2], s e4m3 bits as uint8 [N, KQ/16], sw the weight's
+    tensor scale as a host float (static), k = K (in_features), s_res = residual channels, KQ = ceil(K/16)·16
+    + s_res."""
+
+    q: torch.Tensor
+    s: torch.Tensor
+    sw: float
+    k: int
+    s_res: int
+
+    @property
+    def n(self) -> int:
+        return self.q.shape[0]
+
+    @property
+    def kq(self) -> int:
+        return self.q.shape[1] * 2
+
+
+def prepare_arc_weight(packed: torch.Tensor, block_scales: torch.Tensor, tensor_scale, k: int,
+                       s_res: int) -> ArcWeight:
+    """Stored W' tensors (quantkit.arc_numerics.arc_weight) → ArcWeight (one host sync, at load time)."""
+    q = packed.contiguous()
+    bs = block_scales.contiguous().view(torch.uint8)
+    kq = -(-k // 16) * 16 + s_res
+    if q.shape[1] * 2 != kq or bs.shape != (q.shape[0], kq // 16):
+        raise ValueError(f"W' shapes {tuple(q.shape)}, {tuple(bs.shape)} do not match K = {k}, s = {s_res}")
+    return ArcWeight(q, bs, float(torch.as_tensor(tensor_scale).reshape(-1)[0]), k, s_res)
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def arc_quantize_activation_triton(x: torch.Tensor, ridx: torch.Tensor, s_res: int, packed: bool = True,
+                                   deq_dtype: torch.dtype | None = None, block_k: int | None = None):
+    """x [M, K] (bf16/fp16/fp32), ridx int32 [K] (the reorder index), s_res residual channels →
+    packed=True:  (q uint8 [M, KQ/2], bs float8_e4m3fn [M, KQ/16], S fp32 [1])  (== arc_quantize_activation)
+    deq_dtype:    also / instead the dequantized X' [M, KQ] in that dtype, S folded in (returned last).
+    No NaN check (the torch reference raises; the kernel does not look)."""
+    m, k = x.shape
+    x = x.contiguous()
+    if block_k is None:  # enough work per program at large M, enough programs at small M
+        block_k = 1024 if m >= 64 else 256
+    kp = -(-k // 16) * 16
+    kq = kp + s_res
+    dev = x.device
+    s_out = torch.empty(1, dtype=torch.float32, device=dev)
+    q = torch.empty(m, kq // 2, dtype=torch.uint8, device=dev) if packed else s_out
+    bs = torch.empty(m, kq // 16, dtype=torch.uint8, device=dev) if packed else s_out
+    xd = torch.empty(m, kq, dtype=deq_dtype, device=dev) if deq_dtype is not None else x
+    fused = m * k <= FUSED_AMAX_MAX
+    if fused:
+        part, p, pblock = s_out, 1, 1024
+    else:
+        per = -(-(m * k) // AMAX_PARTS)
+        per = -(-per // 1024) * 1024
+        p = -(-(m * k) // per)
+        part = torch.empty(p, dtype=torch.float32, device=dev)
+        _amax_kernel[(p,)](x, part, m * k, per, BLOCK=1024, num_warps=4)
+        pblock = _pow2(p)
+    n_main = triton.cdiv(kp, block_k)
+    grid = (n_main + triton.cdiv(s_res, block_k), m)
+    _arc_act_kernel[grid](x, ridx, part, q, bs, s_out, xd, m, k, kp, s_res, p, n_main, BLOCK_K=block_k,
+                          FUSED=fused, ALIGNED=(k % 16 == 0), WRITE_PACKED=packed,
+                          WRITE_DEQ=deq_dtype is not None, PBLOCK=pblock, num_warps=4, enable_fp_fusion=False)
+    out = (q, bs.view(torch.float8_e4m3fn), s_out) if packed else (s_out,)
+    return (*out, xd) if deq_dtype is not None else out
+
+
+def _bucket(m: int) -> int:
+    return min(_pow2(m), 8192)
+
+
+def _interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def nvfp4_mm(xq: torch.Tensor, xs: torch.Tensor, sx: torch.Tensor, w: ArcWeight, bias: torch.Tensor | None = None,
+             out_dtype: torch.dtype = torch.bfloat16, config: dict | None = None,
+             path: str | None = None) -> torch.Tensor:
+    """Y [M, N] = Sx·Sw·X'·W'ᵀ (+ bias) with X' packed (q uint8 [M, KQ/2], xs e4m3 [M, KQ/16], sx fp32 [1]).
+    path: "gemv" (CUDA cores, M ≤ GEMV_MAX_M by default) or "mm" (tl.dot); None = by M.
+    config: None = autotuned (GEMV list; tl.dot: small-M list for M ≤ 64, large otherwise); a dict = those
+    meta-parameters (BLOCK_N, NBK for the GEMV; BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, SWAP for tl.dot)."""
+    from quantkit.kernels.dispatch import _set_sms, _workspace
+
+    m = xq.shape[0]
+    n, kq = w.n, w.kq
+    out = torch.empty(m, n, dtype=out_dtype, device=xq.device)
+    _set_sms(xq.device)
+    acc, cnt = _workspace(xq.device, m * n, m * n // 16 + 1)
+    args = (xq, xs.view(torch.uint8), w.q, w.s, sx, w.sw, bias if bias is not None else out, out, acc, cnt,
+            m, n, kq, out.stride(0), _bucket(m))
+    consts = {"HAS_BIAS": bias is not None}
+    if _interpret():
+        consts["DOT_F32"] = True
+
+    gemv = (path or ("gemv" if m <= GEMV_MAX_M else "mm")) == "gemv"
+
+    def grid(a):
+        if gemv:
+            return (triton.cdiv(n, a["BLOCK_N"]), a["SPLIT_K"], m)
+        return (triton.cdiv(m, a["BLOCK_M"]) * triton.cdiv(n, a["BLOCK_N"]), a["SPLIT_K"])
+
+    if gemv:
+        consts.pop("DOT_F32", None)
+    if config is not None:
+        meta = dict(config)
+        nw, ns = meta.pop("num_warps", 4), meta.pop("num_stages", 1 if gemv else 3)
+        split = _gemv_split if gemv else _mm_split
+        meta.setdefault("SPLIT_K", split({"M": m, "N": n, "KQ": kq, **meta}))
+        kern = _nvfp4_gemv_kernel if gemv else _nvfp4_mm_kernel
+        kern[grid(meta)](*args, **consts, **meta, num_warps=nw, num_stages=ns)
+    elif gemv:
+        gemv_tuned[grid](*args, **consts)
+    else:
+        (mm_small_tuned if m <= 64 else mm_large_tuned)[grid](*args, **consts)
+    return out
+
+
+def nvfp4_decode(q: torch.Tensor, s: torch.Tensor, dtype: torch.dtype = torch.bfloat16,
+                 block_r: int = 64, block_kb: int = 128) -> torch.Tensor:
+    """Packed [R, KQ/2] + e4m3 scales [R, KQ/16] → [R, KQ] of e2m1·e4m3 in `dtype` (no tensor scale)."""
+    r, kq = q.shape[0], q.shape[1] * 2
+    out = torch.empty(r, kq, dtype=dtype, device=q.device)
+    _nvfp4_decode_kernel[(triton.cdiv(r, block_r), triton.cdiv(kq // 2, block_kb))](
+        q, s.view(torch.uint8), out, r, kq, BLOCK_R=block_r, BLOCK_KB=block_kb, num_warps=4)
+    return out
+
+
+GEMV_MAX_M = 4  # up to this M the GEMV kernel (CUDA cores) serves the GEMM
+DEQUANT_MIN_M = 1024  # from M on: decode X' (in the activation kernel) and W' to bf16, then cuBLAS
+
+
+def arc_linear(x: torch.Tensor, ridx: torch.Tensor, w: ArcWeight, bias: torch.Tensor | None = None,
+               path: str | None = None) -> torch.Tensor:
+    """The full ARC linear on a GPU: x [..., K] → y [..., N] in x's dtype.
+    path: "fused" (activation kernel → packed X' → NVFP4 GEMM), "dequant" (activation kernel writes bf16 X',
+    W' decoded to bf16, cuBLAS addmm with alpha = Sw), None = by M (DEQUANT_MIN_M)."""
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])
+    m = x2.shape[0]
+    if path is None:
+        path = "dequant" if m >= DEQUANT_MIN_M else "fused"
+    if path == "dequant":
+        (_sx, xd) = arc_quantize_activation_triton(x2, ridx, w.s_res, packed=False, deq_dtype=torch.bfloat16)
+        wd = nvfp4_decode(w.q, w.s, torch.bfloat16)
+        if bias is not None:
+            y = torch.addmm(bias.to(torch.bfloat16), xd, wd.t(), alpha=w.sw)
+        else:  # beta = 0: the (broadcast) input is ignored; Sw is applied by cuBLAS (alpha), no extra pass
+            y = torch.addmm(xd.new_zeros(1, 1).expand(m, w.n), xd, wd.t(), beta=0, alpha=w.sw)
+        return y.to(x.dtype).reshape(*lead, w.n)
+    q, bs, sx = arc_quantize_activation_triton(x2, ridx, w.s_res)
+    return nvfp4_mm(q, bs, sx, w, bias, out_dtype=x.dtype).reshape(*lead, w.n)

@@ -1,0 +1,137 @@
+"""ARCQuant Triton kernels (kernels/nvfp4_gemm.py) against their torch reference (quantkit/arc_numerics.py,
+kernels/nvfp4_reference.py).
+
+Without a GPU they run in Triton's interpreter (TRITON_INTERPRET=1, set before triton is imported) on small
+shapes: odd M, K not a multiple of 16 / 32, N not a multiple of the block, s ∈ {0, 16, 32}. The activation
+kernel must be bit-exact (codes, e4m3 scales, tensor scale, dequantized X'); the GEMM must match a float64
+reference within fp32 accumulation-order error. The interpreter rounds fp32 → bf16 by truncation (the GPU
+rounds to nearest even), so there the dequantized X' is compared in fp32 and the GEMM runs on fp32 copies of
+the (bf16-exact) operands.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+if importlib.util.find_spec("triton") is None:
+    pytest.skip("triton is not installed", allow_module_level=True)
+
+from quantkit.arc_numerics import arc_linear_ref, arc_quantize_activation, arc_weight
+from quantkit.formats.nvfp4 import nvfp4_dequantize
+from quantkit.kernels import nvfp4_gemm as kg
+from quantkit.kernels.nvfp4_reference import nvfp4_decode_ref, nvfp4_mm_ref
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+DEQ_DTYPE = torch.bfloat16 if DEV == "cuda" else torch.float32
+
+
+def _inputs(m, k, n, seed=0, dtype=torch.bfloat16):
+    g = torch.Generator().manual_seed(seed)
+    chan = torch.rand(k, generator=g) * 2 + 0.05
+    chan[torch.randperm(k, generator=g)[:3]] *= 30
+    x = (torch.randn(m, k, generator=g) * chan).to(dtype)
+    reorder = torch.argsort(x.float().abs().amax(dim=0))
+    w = torch.randn(n, k, generator=g) * 0.05
+    return x.to(DEV), reorder.to(DEV), w.to(DEV)
+
+
+ACT_CASES = [(1, 64, 16), (3, 200, 32), (5, 96, 0), (2, 40, 16), (7, 48, 32)]
+
+
+@pytest.mark.parametrize("case", ACT_CASES, ids=lambda c: f"m{c[0]}-k{c[1]}-s{c[2]}")
+def test_activation_kernel_bit_exact(case):
+    m, k, s = case
+    x, reorder, _ = _inputs(m, k, 8, seed=k + s)
+    ref = arc_quantize_activation(x, reorder, s)
+    for block_k in (32, 64):
+        q, bs, sx = kg.arc_quantize_activation_triton(x, reorder.to(torch.int32), s, block_k=block_k)
+        assert torch.equal(q, ref.packed)
+        assert torch.equal(bs.view(torch.uint8), ref.block_scales.view(torch.uint8))
+        assert sx.item() == ref.tensor_scale.item()
+    (sx2, xd) = kg.arc_quantize_activation_triton(x, reorder.to(torch.int32), s, packed=False, deq_dtype=DEQ_DTYPE)
+    assert sx2.item() == ref.tensor_scale.item()
+    assert torch.equal(xd, nvfp4_dequantize(ref.packed, ref.block_scales, ref.tensor_scale).to(DEQ_DTYPE))
+
+
+def test_activation_kernel_amax_prepass(monkeypatch):
+    # force the two-kernel path (partial amax pre-pass) on a small input
+    monkeypatch.setattr(kg, "FUSED_AMAX_MAX", 0)
+    monkeypatch.setattr(kg, "AMAX_PARTS", 3)
+    x, reorder, _ = _inputs(9, 80, 8, seed=3, dtype=torch.float32)
+    ref = arc_quantize_activation(x, reorder, 16)
+    q, bs, sx = kg.arc_quantize_activation_triton(x, reorder.to(torch.int32), 16, block_k=64)
+    assert torch.equal(q, ref.packed) and sx.item() == ref.tensor_scale.item()
+    assert torch.equal(bs.view(torch.uint8), ref.block_scales.view(torch.uint8))
+
+
+def test_activation_kernel_e4m3_edge_values():
+    # blocks whose scales land on e4m3 subnormals, rounding ties, zero blocks and the 448 saturation
+    k = 128
+    x = torch.zeros(2, k)
+    x[0, 0] = 2688.0  # S = 1
+    for b in range(1, 8):
+        x[0, 16 * b: 16 * b + 16] = torch.linspace(-1, 1, 16) * 6 * (2.0**-9) * (b + 0.5)  # ties between subnormals
+    x[1, :16] = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, 6.0] * 2) * 2  # element ties (bs = 2)
+    x = x.to(DEV)
+    reorder = torch.arange(k, device=DEV)
+    ref = arc_quantize_activation(x, reorder, 0)
+    q, bs, _sx = kg.arc_quantize_activation_triton(x, reorder.to(torch.int32), 0, block_k=64)
+    assert torch.equal(q, ref.packed)
+    assert torch.equal(bs.view(torch.uint8), ref.block_scales.view(torch.uint8))
+
+
+MM_CASES = [(1, 64, 40, 16), (3, 200, 72, 32), (17, 96, 24, 0), (5, 40, 33, 16)]
+CONFIGS = [
+    dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=32, GROUP_M=1, SWAP=True, SPLIT_K=2),
+    dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=64, GROUP_M=2, SPLIT_K=1),
+]
+GEMV_CONFIGS = [dict(BLOCK_N=16, NBK=2, SPLIT_K=3), dict(BLOCK_N=32, NBK=4, SPLIT_K=1)]
+
+
+@pytest.mark.parametrize("case", MM_CASES, ids=lambda c: f"m{c[0]}-k{c[1]}-n{c[2]}-s{c[3]}")
+def test_gemm_matches_reference(case):
+    m, k, n, s = case
+    x, reorder, w = _inputs(m, k, n, seed=m + k)
+    wq = arc_weight(w, reorder, s)
+    wp = kg.prepare_arc_weight(wq.packed, wq.block_scales, wq.tensor_scale, k, s)
+    bias = torch.randn(n, generator=torch.Generator().manual_seed(1)).to(DEV, torch.bfloat16)
+    q, bs, sx = kg.arc_quantize_activation_triton(x, reorder.to(torch.int32), s)
+    ref = nvfp4_mm_ref(q, bs, sx, wq.packed, wq.block_scales, wq.tensor_scale, bias)
+    assert torch.allclose(ref, arc_linear_ref(x, reorder, s, wq, bias, dtype=torch.float64), rtol=1e-6, atol=1e-6)
+    for cfg, path in [(c, "mm") for c in CONFIGS] + [(c, "gemv") for c in GEMV_CONFIGS]:
+        y = kg.nvfp4_mm(q, bs, sx, wp, bias, out_dtype=torch.float32, config=cfg, path=path)
+        assert torch.isfinite(y).all()
+        err = ((y.double() - ref).norm() / ref.norm()).item()
+        assert err < 1e-6, (cfg, err)
+    y0 = kg.nvfp4_mm(q, bs, sx, wp, None, out_dtype=torch.float32, config=CONFIGS[1], path="mm")
+    assert ((y0.double() - (ref - bias.double())).norm() / ref.norm()).item() < 1e-6
+
+
+def test_decode_kernel_exact():
+    _, reorder, w = _inputs(1, 72, 37, seed=2)
+    wq = arc_weight(w, reorder, 16)
+    wd = kg.nvfp4_decode(wq.packed, wq.block_scales, torch.float32, block_r=16, block_kb=16)
+    assert torch.equal(wd, nvfp4_decode_ref(wq.packed, wq.block_scales))
+
+
+@pytest.mark.parametrize("path", ["fused", "dequant"])
+def test_arc_linear_paths(path, monkeypatch):
+    m, k, n, s = 3, 64, 40, 32
+    x, reorder, w = _inputs(m, k, n, seed=5)
+    wq = arc_weight(w, reorder, s)
+    wp = kg.prepare_arc_weight(wq.packed, wq.block_scales, wq.tensor_scale, k, s)
+    ref = arc_linear_ref(x, reorder, s, wq, dtype=torch.float64)
+    if path == "fused":  # the autotuner would try every config in the interpreter: pin one
+        orig = kg.nvfp4_mm
+        monkeypatch.setattr(kg, "nvfp4_mm", lambda *a, **kw: orig(*a, **kw, config=GEMV_CONFIGS[0]))
+    y = kg.arc_linear(x.reshape(1, m, k), reorder.to(torch.int32), wp, path=path)
+    assert y.shape == (1, m, n) and y.dtype == x.dtype
+    err = ((y[0].double() - ref).norm() / ref.norm()).item()
+    assert err < 1e-2  # bf16 output (and bf16 X' in the dequant path)
