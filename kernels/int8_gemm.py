@@ -1,0 +1,306 @@
+"""Triton W{4,6}A{4,6,8} kernels on int8 tensor cores (FlexQ: W6A6/W6A8; COMET: W4A4/A8 mixed blocks).
+
+Torch reference of the same math, and the weight preparation: `int8_reference.py` (read its docstring first).
+
+- `_act_quant_kernel`  x [M, K] bf16/fp16 → qa int8 [M, Kp], a_scale fp32 [M, G], a_sum int32 [M, G]: per
+  token and per group of 128 channels, symmetric, bits per group (an int, or an int tensor [G]), optional
+  channel gather x[:, perm] in the same pass. Bit-identical to `quantkit.formats.act_int.quantize_act_int`:
+  the two divisions are IEEE (`div_rn`), rounding is half-to-even by the (v + 1.5·2^23) − 1.5·2^23 trick.
+- `_gemm_kernel`  Y = Σ_g a_scale·w_scale·I_g (+ bias): per 128-block of K, four int8 `tl.dot`s of
+  [BLOCK_M, 32] × [32, BLOCK_N] into one int32 tile (the weight tile is unpacked in registers from the
+  INT6 or INT4-nibble-plane layout by masks and constant shifts: unsigned codes, no interleaving), then
+      f = bitcast_f32(I + 0x4B400000 − z·a_sum) − 1.5·2^23          (exact int→float for |I| < 2^22: an
+                                                                        IADD + FADD instead of a slow I2F)
+      acc += f · (a_scale[m] · w_scale[n])
+  The zero point (symmetric: the constant 2^(b−1); asymmetric: per (group, column)) is removed from the
+  integer sum through the activations' block sums, so the dots run on the raw codes. Small M (decode) uses
+  BLOCK_M = 16 and split-K over 128-blocks: each slice writes an fp32 partial tile, the program that finishes
+  a tile last (per-tile counter) adds the partials in slice order (deterministic), adds the bias, writes the
+  output and resets the counter (one launch, no memset). Large M uses big tiles, SPLIT_K = 1, a grouped tile
+  order and pipelined loads (num_stages). (Triton's interpreter truncates fp32 → bf16 instead of rounding
+  to nearest even, so interpreted bf16 outputs carry ~2x the rounding error of compiled ones.)
+
+Public entry points (what QuantLinear calls; shapes in the docstrings):
+    quantize_act(x, bits, perm=None)                  -> (qa, a_scale, a_sum)
+    lowbit_gemm(qa, a_scale, a_sum, w, bias=None, out_dtype=torch.bfloat16)   -> y [M, N]
+    lowbit_linear(x, w, act_bits, perm=None, bias=None)                      -> y [..., N] (x's dtype)
+with `w` a `LowbitWeight` from `int8_reference.prepare_int6` / `prepare_int4` (cache it on the module).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from quantkit.kernels.int8_reference import ACT_GROUP, LowbitWeight
+
+MAGIC = 0x4B400000  # bits of 1.5·2^23
+MAGIC_F = 12582912.0
+SMALL_M = 16  # M <= SMALL_M: the decode configurations (BLOCK_M = 16, split-K)
+SPLIT_MAX = 8
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# activation quantization
+
+
+@triton.jit
+def _act_quant_kernel(x_ptr, perm_ptr, bits_ptr, q_ptr, s_ptr, qs_ptr, K, G, stride_x, stride_q, stride_s,
+                      HAS_PERM: tl.constexpr, BITS: tl.constexpr, GB: tl.constexpr):
+    """One program: one row × GB groups of 128 channels. BITS > 0: all groups that width; 0: from bits_ptr."""
+    m = tl.program_id(0).to(tl.int64)
+    gs = tl.program_id(1) * GB + tl.arange(0, GB)  # [GB]
+    cols = gs[:, None] * 128 + tl.arange(0, 128)[None, :]  # [GB, 128]
+    gmask = gs < G
+    kmask = cols < K
+    if HAS_PERM:
+        src = tl.load(perm_ptr + cols, mask=kmask, other=0)
+    else:
+        src = cols
+    x = tl.load(x_ptr + m * stride_x + src, mask=kmask, other=0).to(tl.float32)
+    amax = tl.max(tl.abs(x), axis=1)  # [GB]
+    if BITS == 0:
+        b = tl.load(bits_ptr + gs, mask=gmask, other=8)
+        qmax = ((1 << (b - 1)) - 1).to(tl.float32)
+    else:
+        qmax = tl.full([GB], (1 << (BITS - 1)) - 1, tl.float32)
+    scale = tl.math.div_rn(amax, qmax)
+    scale = tl.where(scale > 0, scale, 1.0)
+    v = tl.math.div_rn(x, scale[:, None])
+    r = (v + MAGIC_F) - MAGIC_F  # round half to even (|v| <= 127.x)
+    r = tl.minimum(tl.maximum(r, -qmax[:, None]), qmax[:, None])
+    qi = r.to(tl.int32)
+    tl.store(q_ptr + m * stride_q + cols, qi.to(tl.int8), mask=gmask[:, None])
+    tl.store(s_ptr + m * stride_s + gs, scale, mask=gmask)
+    tl.store(qs_ptr + m * stride_s + gs, tl.sum(qi, axis=1), mask=gmask)
+
+
+def quantize_act(x: torch.Tensor, bits: int | torch.Tensor, perm: torch.Tensor | None = None,
+                 group_blocks: int = 8) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x [M, K] bf16/fp16/fp32 (row-contiguous) → (qa int8 [M, Kp], a_scale fp32 [M, G], a_sum int32 [M, G]).
+
+    bits: an int in 2..8, or an int32 tensor [G] on x's device (one width per 128-channel block);
+    perm: int32/int64 [K] on x's device, the kernel reads x[:, perm] (COMET's outlier gathering)."""
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    m, k = x.shape
+    g = -(-k // ACT_GROUP)
+    q = torch.empty(m, g * ACT_GROUP, dtype=torch.int8, device=x.device)
+    s = torch.empty(m, g, dtype=torch.float32, device=x.device)
+    qs = torch.empty(m, g, dtype=torch.int32, device=x.device)
+    if isinstance(bits, torch.Tensor):
+        if bits.numel() != g:
+            raise ValueError(f"bits has {bits.numel()} entries for {g} channel groups")
+        bt, bc = bits, 0
+    else:
+        if not 2 <= bits <= 8:
+            raise ValueError(f"activation bits must be 2..8, got {bits}")
+        bt, bc = s, bits  # bits_ptr unused
+    gb = min(group_blocks, triton.next_power_of_2(g))
+    grid = (m, triton.cdiv(g, gb))
+    if m:
+        _act_quant_kernel[grid](x, perm if perm is not None else x, bt, q, s, qs, k, g, x.stride(0), q.stride(0),
+                                s.stride(0), HAS_PERM=perm is not None, BITS=bc, GB=gb, num_warps=4)
+    return q, s, qs
+
+
+# ----------------------------------------------------------------------------------------------------------
+# GEMM
+
+
+@triton.jit
+def _gemm_kernel(qa_ptr, as_ptr, qs_ptr, w_ptr, ws_ptr, wz_ptr, bias_ptr, out_ptr, part_ptr, cnt_ptr,
+                 M, N, KB, stride_qa, stride_as, stride_out, MB,
+                 WBITS: tl.constexpr, WGB: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr, GROUP_M: tl.constexpr):
+    """WBITS 6 (int6 layout) or 4 (nibble planes); WGB = weight group size in 128-blocks, 0 = per-channel.
+    MB (bucketed M) is only an autotuning key."""
+    pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    width = GROUP_M * num_n
+    first_m = (pid // width) * GROUP_M
+    gsize = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % width) % gsize
+    pid_n = (pid % width) // gsize
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mmask = offs_m < M
+    nmask = offs_n < N
+    i32 = tl.arange(0, 32)
+    a_ptrs = qa_ptr + offs_m.to(tl.int64)[:, None] * stride_qa + i32[None, :]
+    w_ptrs = w_ptr + i32[:, None] * N + offs_n[None, :]
+    ROWS: tl.constexpr = 16 * WBITS  # byte rows per 128-block
+    ZC: tl.constexpr = 1 << (WBITS - 1)
+
+    per = tl.cdiv(KB, SPLIT_K)
+    b0 = pid_k * per
+    b1 = tl.minimum(b0 + per, KB)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for b in range(b0, b1):
+        ka = a_ptrs + b * 128
+        a0 = tl.load(ka, mask=mmask[:, None], other=0)
+        a1 = tl.load(ka + 32, mask=mmask[:, None], other=0)
+        a2 = tl.load(ka + 64, mask=mmask[:, None], other=0)
+        a3 = tl.load(ka + 96, mask=mmask[:, None], other=0)
+        wb = w_ptrs + b * ROWS * N  # int32 offsets: a weight of < 2 GiB
+        if WBITS == 6:
+            x0 = tl.load(wb, mask=nmask[None, :], other=0)
+            x1 = tl.load(wb + 32 * N, mask=nmask[None, :], other=0)
+            x2 = tl.load(wb + 64 * N, mask=nmask[None, :], other=0)
+            c0 = (x0 & 63).to(tl.int8)
+            c1 = (x1 & 63).to(tl.int8)
+            c2 = (x2 & 63).to(tl.int8)
+            c3 = ((x0 >> 6) | ((x1 >> 4) & 12) | ((x2 >> 2) & 48)).to(tl.int8)
+        else:
+            x0 = tl.load(wb, mask=nmask[None, :], other=0)
+            x1 = tl.load(wb + 32 * N, mask=nmask[None, :], other=0)
+            c0 = (x0 & 15).to(tl.int8)
+            c1 = (x1 & 15).to(tl.int8)
+            c2 = (x0 >> 4).to(tl.int8)
+            c3 = (x1 >> 4).to(tl.int8)
+        d = tl.dot(a0, c0, out_dtype=tl.int32)
+        d = tl.dot(a1, c1, d, out_dtype=tl.int32)
+        d = tl.dot(a2, c2, d, out_dtype=tl.int32)
+        d = tl.dot(a3, c3, d, out_dtype=tl.int32)
+        sa = tl.load(as_ptr + offs_m * stride_as + b, mask=mmask, other=0)
+        asum = tl.load(qs_ptr + offs_m * stride_as + b, mask=mmask, other=0)
+        if WGB == 0:
+            g = 0
+        else:
+            g = b // WGB
+        if HAS_ZERO:
+            z = tl.load(wz_ptr + g * N + offs_n, mask=nmask, other=0).to(tl.int32)
+            d = d + (MAGIC - asum[:, None] * z[None, :])
+        else:
+            d = d + (MAGIC - ZC * asum)[:, None]
+        f = d.to(tl.float32, bitcast=True) - MAGIC_F
+        if WGB == 0:  # per-channel weight scale: applied once at the end
+            acc += f * sa[:, None]
+        else:
+            sw = tl.load(ws_ptr + g * N + offs_n, mask=nmask, other=0).to(tl.float32)
+            acc += f * (sa[:, None] * sw[None, :])
+    if WGB == 0:
+        sw = tl.load(ws_ptr + offs_n, mask=nmask, other=0).to(tl.float32)
+        acc = acc * sw[None, :]
+
+    omask = mmask[:, None] & nmask[None, :]
+    o_ptrs = out_ptr + offs_m.to(tl.int64)[:, None] * stride_out + offs_n[None, :]
+    if SPLIT_K == 1:
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + offs_n, mask=nmask, other=0).to(tl.float32)[None, :]
+        tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=omask)
+    else:
+        tile = offs_m[:, None] * N + offs_n[None, :]
+        tl.store(part_ptr + pid_k * M * N + tile, acc, mask=omask)
+        tl.debug_barrier()  # every thread's partial is written before the counter moves
+        old = tl.atomic_add(cnt_ptr + pid, 1, sem="acq_rel")
+        if old == SPLIT_K - 1:  # the last slice of this tile: sum the partials in slice order
+            tot = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            for s in range(SPLIT_K):
+                tot += tl.load(part_ptr + s * M * N + tile, mask=omask, other=0, cache_modifier=".cg")
+            if HAS_BIAS:
+                tot += tl.load(bias_ptr + offs_n, mask=nmask, other=0).to(tl.float32)[None, :]
+            tl.store(o_ptrs, tot.to(out_ptr.dtype.element_ty), mask=omask)
+            tl.atomic_xchg(cnt_ptr + pid, 0)
+
+
+def _small_configs():
+    out = []
+    for bn, sk, warps, stages in ((64, 4, 4, 4), (64, 8, 4, 3), (128, 4, 4, 3), (32, 8, 4, 4), (128, 2, 4, 4),
+                                  (64, 2, 4, 4)):
+        out.append(triton.Config({"BLOCK_M": 16, "BLOCK_N": bn, "SPLIT_K": sk, "GROUP_M": 1},
+                                 num_warps=warps, num_stages=stages))
+    return out
+
+
+def _large_configs():
+    out = []
+    for bm, bn, warps, stages in ((128, 128, 8, 3), (128, 256, 8, 3), (256, 128, 8, 3), (64, 128, 4, 4),
+                                  (128, 128, 4, 4)):
+        out.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "SPLIT_K": 1, "GROUP_M": 8},
+                                 num_warps=warps, num_stages=stages))
+    return out
+
+
+_KEY = ["MB", "N", "KB", "WBITS", "WGB", "HAS_ZERO"]
+gemm_small_tuned = triton.autotune(_small_configs(), key=_KEY)(_gemm_kernel)
+gemm_large_tuned = triton.autotune(_large_configs(), key=_KEY)(_gemm_kernel)
+
+# split-K tile counters (kept all-zero between calls), per device
+_COUNTERS: dict[torch.device, torch.Tensor] = {}
+
+
+def _counters(device: torch.device, tiles: int) -> torch.Tensor:
+    c = _COUNTERS.get(device)
+    if c is None or c.numel() < tiles:
+        c = torch.zeros(max(tiles, 1 << 16), dtype=torch.int32, device=device)
+        _COUNTERS[device] = c
+    return c
+
+
+def _bucket(m: int) -> int:
+    return 1 << max(0, (m - 1).bit_length())
+
+
+def lowbit_gemm(qa: torch.Tensor, a_scale: torch.Tensor, a_sum: torch.Tensor, w: LowbitWeight,
+                bias: torch.Tensor | None = None, out_dtype: torch.dtype = torch.bfloat16,
+                config: dict | None = None) -> torch.Tensor:
+    """(qa int8 [M, Kp], a_scale fp32 [M, G], a_sum int32 [M, G]) × LowbitWeight [N, K] → y [M, N] `out_dtype`.
+
+    `config`: explicit meta-parameters (BLOCK_M, BLOCK_N, SPLIT_K, GROUP_M, num_warps, num_stages) instead
+    of the autotuned choice (tests, the interpreter)."""
+    m = qa.shape[0]
+    kb = w.blocks
+    if qa.shape[1] != kb * ACT_GROUP or a_scale.shape != (m, kb) or a_sum.shape != (m, kb):
+        raise ValueError(f"activations {tuple(qa.shape)} / {tuple(a_scale.shape)} do not match K={w.k}")
+    out = torch.empty(m, w.n, dtype=out_dtype, device=qa.device)
+    if m == 0:
+        return out
+    small = m <= SMALL_M
+    part = torch.empty(SPLIT_MAX if small else 1, m, w.n, dtype=torch.float32, device=qa.device)
+    cnt = _counters(qa.device, triton.cdiv(m, 16) * triton.cdiv(w.n, 16))
+    wgb = (w.group_size // ACT_GROUP) if w.group_size else 0
+    args = (qa, a_scale, a_sum, w.qweight, w.scales, w.zeros if w.zeros is not None else w.scales,
+            bias if bias is not None else out, out, part, cnt, m, w.n, kb, qa.stride(0), a_scale.stride(0),
+            out.stride(0), _bucket(m))
+    consts = {"WBITS": w.bits, "WGB": wgb, "HAS_ZERO": w.zeros is not None, "HAS_BIAS": bias is not None}
+
+    def grid(a):
+        return (triton.cdiv(m, a["BLOCK_M"]) * triton.cdiv(w.n, a["BLOCK_N"]), a["SPLIT_K"])
+
+    if config is None:
+        fn = gemm_small_tuned if small else gemm_large_tuned
+        fn[grid](*args, **consts)
+    else:
+        c = {"GROUP_M": 1, "num_warps": 4, "num_stages": 2, **config}
+        if c["SPLIT_K"] > 1 and c["SPLIT_K"] > part.shape[0]:
+            part = torch.empty(c["SPLIT_K"], m, w.n, dtype=torch.float32, device=qa.device)
+            args = (*args[:8], part, *args[9:])
+        _gemm_kernel[grid(c)](*args, **consts, **c)
+    return out
+
+
+def lowbit_linear(x: torch.Tensor, w: LowbitWeight, act_bits: int | torch.Tensor,
+                  perm: torch.Tensor | None = None, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """y = Q_act(x[..., perm]) @ Wᵀ (+ bias): x [..., K] bf16/fp16 on CUDA → [..., N] in x's dtype.
+
+    act_bits: int (FlexQ: 6 or 8 per layer) or int32 tensor [ceil(K/128)] on x's device (COMET: 4/8 per block,
+    in the permuted channel order); perm: int32 [K] (COMET) or None."""
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])
+    qa, s, qs = quantize_act(x2, act_bits, perm)
+    y = lowbit_gemm(qa, s, qs, w, bias, out_dtype=x.dtype)
+    return y.reshape(*lead, w.n)
+
+
+def supports(fmt: str, bits: int, group_size: int | None) -> bool:
+    """Whether these kernels serve a weight format: int6, or 4-bit `int`, groups a multiple of 128 / channel."""
+    ok_group = group_size is None or group_size % ACT_GROUP == 0
+    return ok_group and ((fmt == "int6" and bits == 6) or (fmt == "int" and bits == 4))
