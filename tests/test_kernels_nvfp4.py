@@ -60,6 +60,18 @@ def test_activation_kernel_bit_exact(case):
     assert torch.equal(xd, nvfp4_dequantize(ref.packed, ref.block_scales, ref.tensor_scale).to(DEQ_DTYPE))
 
 
+@pytest.mark.xfail(DEV == "cuda", reason="unaligned-K residual branch differs compiled on an H200 (see kernel)",
+                   strict=False)
+@pytest.mark.parametrize("case", [(3, 200, 32), (2, 40, 16)], ids=lambda c: f"m{c[0]}-k{c[1]}-s{c[2]}")
+def test_activation_kernel_unaligned_k_no_fallback(case):
+    m, k, s = case
+    x, reorder, _ = _inputs(m, k, 8, seed=k + s)
+    ref = arc_quantize_activation(x, reorder, s)
+    q, bs, sx = kg.arc_quantize_activation_triton(x, reorder.to(torch.int32), s, block_k=32, fallback=False)
+    assert torch.equal(q, ref.packed) and sx.item() == ref.tensor_scale.item()
+    assert torch.equal(bs.view(torch.uint8), ref.block_scales.view(torch.uint8))
+
+
 def test_activation_kernel_amax_prepass(monkeypatch):
     # force the two-kernel path (partial amax pre-pass) on a small input
     monkeypatch.setattr(kg, "FUSED_AMAX_MAX", 0)
