@@ -32,14 +32,25 @@ def apply_variant(model, recipe) -> list[str]:
         if recipe.scheme_for(n) != m.spec:
             raise SystemExit(f"variant '{recipe.name}' quantizes '{n}' as {recipe.scheme_for(n)}, the base as "
                              f"{m.spec}: variants must share the base's weights")
-        if not hasattr(m, "_base_sensitivity"):
-            m._base_sensitivity = getattr(m.act, "sensitivity", None)
-        spec = recipe.act_scheme_for(n)
-        if spec is not None and m.weight_in_features != m.in_features:
-            raise SystemExit("act_variants handles activation schemes that keep the input geometry only")
-        m.act = build_act_quantizer(spec, m.in_features) if spec is not None else None
-        if m.act is not None and hasattr(m.act, "sensitivity"):
-            m.act.sensitivity = m._base_sensitivity
+        if not hasattr(m, "_base_act"):
+            m._base_act = m.act
+        base, spec = m._base_act, recipe.act_scheme_for(n)
+        if base is not None and base.transform_weight(torch.eye(2, m.in_features)).shape[1] != m.in_features:
+            raise SystemExit("act_variants handles activation schemes that keep the input width only")
+        if spec is None:
+            if base is not None and base.spec.format != "int":
+                raise SystemExit(f"variant '{recipe.name}' drops the base's '{base.spec.format}' activation "
+                                 f"transform, which the stored weights depend on")
+            m.act = None
+        elif base is not None and base.spec.format == spec.format:
+            m.act = base.with_spec(spec)  # same calibration (scores, permutation), the variant's settings
+            if hasattr(base, "sensitivity"):
+                m.act.sensitivity = base.sensitivity
+        elif spec.format == "int" and (base is None or base.spec.format == "int"):
+            m.act = build_act_quantizer(spec, m.in_features)
+        else:
+            raise SystemExit(f"variant '{recipe.name}' uses activation format '{spec.format}' on '{n}', the base "
+                             f"'{base.spec.format if base else None}': they must match")
         m.kernel_key = m.fmt.name if m.act is None else f"{m.act.spec.format}:{m.fmt.name}"
     return select_high_precision(mods)
 

@@ -285,7 +285,9 @@ def _act_from_entry(entry: dict, name: str, k: int):
     if a is None:
         return None
     from quantkit.nn.act_quant import ACT_QUANTIZERS
+    from quantkit.recipe import load_act_formats
 
+    load_act_formats()
     where = f"quantization_config.modules['{name}'].act"
     fmt = a.get("format")
     if fmt not in ACT_QUANTIZERS:

@@ -21,8 +21,10 @@ def _scheme_str(e: dict) -> str:
     if a:
         ga = a.get("group_size") or "tok"
         s += f" | act {a.get('format')}{a.get('bits')} g{ga}"
-        if a.get("residual"):
-            s += f" +{a['residual']}ch"
+        if a.get("residual_channels"):
+            s += f" +{a['residual_channels']}ch"
+        if a.get("int8_blocks") is not None:
+            s += f" int8 blocks {a['int8_blocks']}/{a['blocks']}"
         if a.get("sensitivity") is not None:
             s += f" sens={a['sensitivity']:.3g}"
     return s

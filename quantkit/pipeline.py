@@ -171,6 +171,8 @@ def _quantize_linear(name: str, mod: nn.Linear, spec: WeightSpec, recipe: Recipe
     _check_finite(name, mod.weight)
     fmt = make_format(spec)
     weight = act.transform_weight(mod.weight) if act is not None else mod.weight
+    if hasattr(fmt, "prepare"):  # formats with a whole-matrix parameter (nvfp4's tensor scale) bind it first
+        fmt = fmt.prepare(weight)
     if recipe.method.name == "gptq" and hessian is not None:
         m = recipe.method
         codes, params = gptq_quantize(weight, hessian, fmt, damping=m.damping,

@@ -207,6 +207,17 @@ def _weights_from_dict(d: dict, where: str = "weights") -> WeightSpec:
 
 
 _ACT_FORMAT_LIMITS: dict[str, tuple[int, int, int, tuple[str, ...]]] = {}
+# modules that define activation formats (each registers its quantizer and limits on import)
+ACT_FORMAT_MODULES = ("quantkit.nn.act_quant", "quantkit.methods.comet", "quantkit.methods.arcquant")
+
+
+def load_act_formats() -> None:
+    import importlib
+    import importlib.util
+
+    for mod in ACT_FORMAT_MODULES:
+        if importlib.util.find_spec(mod) is not None:
+            importlib.import_module(mod)
 
 
 def register_act_format(name: str, min_bits: int, max_bits: int, min_group: int, options=()) -> None:
@@ -215,8 +226,8 @@ def register_act_format(name: str, min_bits: int, max_bits: int, min_group: int,
 
 
 def _acts_from_dict(d: dict, where: str = "activations") -> ActSpec:
-    if not _ACT_FORMAT_LIMITS:
-        import quantkit.nn  # noqa: F401  (activation quantizers register their formats on import)
+    if d.get("format", "int") not in _ACT_FORMAT_LIMITS if isinstance(d, dict) else False:
+        load_act_formats()
     if not isinstance(d, dict):
         raise QuantkitError(f"recipe section '{where}' must be a mapping, got {type(d).__name__}")
     fmt = d.get("format", "int")

@@ -81,6 +81,10 @@ class ActQuantizer(nn.Module):
     def from_calibration(cls, spec: ActSpec, linear: nn.Module, collected) -> ActQuantizer:
         return cls(spec, linear.in_features)
 
+    def with_spec(self, spec: ActSpec) -> ActQuantizer:
+        """This quantizer under another spec of the same format, reusing its calibration (eval/act_variants)."""
+        return build_act_quantizer(spec, self.in_features, self.extra_state())
+
     def extra_state(self) -> dict[str, Any]:
         """JSON-able facts saved beside the spec (they must suffice to rebuild the buffers' shapes)."""
         return {}

@@ -1,0 +1,181 @@
+"""ARCQuant: NVFP4 activations with augmented residual channels (numerics: quantkit.arc_numerics).
+
+Calibration, per quantized Linear input (q/k/v read one input, gate/up one: they get identical statistics
+and hence one shared reorder and residual count):
+
+- reorder = ascending sort of the per-channel max |x| over all calibration tokens: outliers come last.
+- residual count s: the share of entries above τ = 2^-3 · max, rounded up to a multiple of
+  `residual_multiple` (16 by default; the paper's code uses 64), capped at K. Two variants of the max:
+    `per_token` (the paper's code): each entry against its own token's max |x|;
+    `layer_max` (the paper's text): every entry against the layer-wide max |x| over all calibration tokens.
+  The layer variant needs the global max before counting, so entries are binned into a log2 histogram
+  (64 bins per octave) and counted above τ at bin resolution (≤ 1.1% off in the threshold).
+  `residual_rule` picks the variant; docs/ARCQUANT.md has the measurement that chose the default.
+- `max_residual` (fraction of K, default 1) caps s.
+
+Runtime (fake-quant reference; kernels in quantkit.kernels.nvfp4_gemm):
+    x [.., K] → Xr = x[.., reorder] → X' = [NVFP4(Xr) | NVFP4(residual of the last s channels)] (K' = Kp + s)
+    y = X' · W'ᵀ, W' = [NVFP4(Wr) | NVFP4(Wr[:, K−s:])]
+Kp = K rounded up to 16; its padding columns are zero in X' and W' (so any K works). The weight is stored
+by the `nvfp4` weight format over the K' columns; RTN by default, GPTQ optional (its Hessian is taken over
+the fake-quantized X', the input the weights actually meet).
+
+`residual: false` gives plain NVFP4 W4A4 (recipe nvfp4-rtn): no reorder, no residual channels.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+from quantkit.errors import QuantkitError
+from quantkit.formats.nvfp4 import BLOCK, compute_tensor_scale, nvfp4_fake_quant
+from quantkit.nn.act_quant import ActQuantizer, register_act_quantizer
+from quantkit.recipe import ActSpec, register_act_format
+
+RULES = ("per_token", "layer_max")
+_BINS_PER_OCTAVE = 64
+_LOG2_LO, _LOG2_HI = -64, 64  # |x| outside [2^-64, 2^64) lands in the end bins
+
+
+class ARCCollector:
+    """Per-channel max |x|, per-token threshold counts and a log2 histogram of |x| (layer-max rule)."""
+
+    def __init__(self, in_features: int):
+        self.k = in_features
+        self.chan_max = torch.zeros(in_features)
+        self.tokens = 0
+        self.above_token = 0
+        self.hist = torch.zeros((_LOG2_HI - _LOG2_LO) * _BINS_PER_OCTAVE, dtype=torch.float64)
+
+    @torch.no_grad()
+    def add(self, x: torch.Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1]).float().abs()
+        self.chan_max = torch.maximum(self.chan_max, x.amax(dim=0).cpu())
+        tmax = x.amax(dim=-1, keepdim=True)
+        self.above_token += int((x > tmax / 8).sum())
+        self.tokens += x.shape[0]
+        nz = x[x > 0]
+        idx = ((torch.log2(nz) - _LOG2_LO) * _BINS_PER_OCTAVE).floor().clamp(0, self.hist.numel() - 1)
+        self.hist += torch.bincount(idx.long().cpu(), minlength=self.hist.numel()).double()
+
+    def ratio(self, rule: str) -> float:
+        """Share of entries above τ = max/8 under `rule`."""
+        total = max(self.tokens * self.k, 1)
+        if rule == "per_token":
+            return self.above_token / total
+        tau = float(self.chan_max.max()) / 8
+        if tau <= 0:
+            return 0.0
+        b = math.floor((math.log2(tau) - _LOG2_LO) * _BINS_PER_OCTAVE)
+        return float(self.hist[b + 1:].sum()) / total  # bins wholly above the threshold's bin
+
+    def residual_channels(self, rule: str, multiple: int = BLOCK, cap: float = 1.0) -> int:
+        s = math.ceil(self.k * self.ratio(rule) / multiple) * multiple
+        limit = (int(cap * self.k) // BLOCK) * BLOCK
+        return max(0, min(s, limit))
+
+
+def _residual_settings(spec: ActSpec) -> tuple[bool, str, int, float]:
+    use = bool(spec.option("residual", True))
+    rule = spec.option("residual_rule", "per_token")
+    if rule not in RULES:
+        raise QuantkitError(f"activations.residual_rule = '{rule}' is unknown: use one of {', '.join(RULES)}")
+    mult = int(spec.option("residual_multiple", BLOCK))
+    if mult <= 0 or mult % BLOCK:
+        raise QuantkitError(f"activations.residual_multiple = {mult} must be a positive multiple of {BLOCK}")
+    return use, rule, mult, float(spec.option("max_residual", 1.0))
+
+
+@register_act_quantizer
+class ARCActQuantizer(ActQuantizer):
+    """Reorder + NVFP4 + residual channels; the weight spans Kp + s columns."""
+
+    format = "nvfp4"
+
+    def __init__(self, spec: ActSpec, in_features: int, reorder: torch.Tensor | None = None, residual: int = 0):
+        super().__init__(spec, in_features)
+        if spec.group_size != BLOCK:
+            raise QuantkitError(f"activations.group_size = {spec.group_size}: NVFP4 blocks are {BLOCK} channels; "
+                                f"set group_size: {BLOCK}")
+        if residual % BLOCK or not 0 <= residual <= in_features:
+            raise QuantkitError(f"ARCQuant residual channels = {residual} must be a multiple of {BLOCK} in "
+                                f"[0, {in_features}]")
+        self.residual = int(residual)
+        self.kp = -(-in_features // BLOCK) * BLOCK
+        self.register_buffer("reorder", reorder.to(torch.int32) if reorder is not None
+                             else torch.arange(in_features, dtype=torch.int32))
+
+    @property
+    def weight_in_features(self) -> int:
+        return self.kp + self.residual
+
+    @classmethod
+    def wants_calibration(cls, spec: ActSpec) -> bool:
+        return _residual_settings(spec)[0]
+
+    @classmethod
+    def collector(cls, spec: ActSpec, linear: nn.Module):
+        return ARCCollector(linear.in_features) if _residual_settings(spec)[0] else None
+
+    @classmethod
+    def from_calibration(cls, spec: ActSpec, linear: nn.Module, collected) -> ActQuantizer:
+        use, rule, mult, cap = _residual_settings(spec)
+        if not use or collected is None:
+            return cls(spec, linear.in_features)
+        reorder = torch.argsort(collected.chan_max, stable=True)
+        q = cls(spec, linear.in_features, reorder, collected.residual_channels(rule, mult, cap))
+        q.collected = collected  # in memory only: lets eval/act_variants re-plan under another rule
+        return q
+
+    def with_spec(self, spec: ActSpec) -> ActQuantizer:
+        c = getattr(self, "collected", None)
+        return type(self).from_calibration(spec, nn.Linear(self.in_features, 1, bias=False, device="meta"), c)
+
+    def extra_state(self) -> dict[str, Any]:
+        return {"residual_channels": self.residual, "bits_per_activation": round(4.5 * (self.kp + self.residual)
+                                                                        / self.in_features, 4)}
+
+    @classmethod
+    def from_entry(cls, spec: ActSpec, in_features: int, extra: dict[str, Any]) -> ActQuantizer:
+        return cls(spec, in_features, None, int(extra.get("residual_channels", 0)))
+
+    def _gather(self, t: torch.Tensor) -> torch.Tensor:
+        idx = self.reorder.to(device=t.device, dtype=torch.long)
+        tr = t.index_select(-1, idx)
+        pad = self.kp - self.in_features
+        parts = [tr]
+        if pad:
+            parts.append(tr.new_zeros(*tr.shape[:-1], pad))
+        if self.residual:
+            parts.append(tr[..., self.in_features - self.residual:])
+        return torch.cat(parts, dim=-1) if len(parts) > 1 else tr
+
+    def transform_input(self, x: torch.Tensor) -> torch.Tensor:
+        return self._gather(x)
+
+    def transform_weight(self, w: torch.Tensor) -> torch.Tensor:
+        return self._gather(w)
+
+    def hessian_input(self, x: torch.Tensor) -> torch.Tensor:
+        return self.quantize_input(self.transform_input(x))
+
+    def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
+        """x: transformed [.., Kp + s]. One dynamic tensor scale per call (over every entry of x)."""
+        main = x[..., : self.kp]
+        s = compute_tensor_scale(main.float())
+        q1 = nvfp4_fake_quant(main.float(), s)
+        if not self.residual:
+            return q1.to(x.dtype)
+        k = self.in_features
+        r = x[..., self.kp:].float() - q1[..., k - self.residual : k]
+        return torch.cat([q1, nvfp4_fake_quant(r, s)], dim=-1).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"format=nvfp4, residual={self.residual}, K'={self.weight_in_features}"
+
+
+register_act_format("nvfp4", 4, 4, 16, options=("residual", "residual_rule", "residual_multiple", "max_residual"))
