@@ -50,7 +50,6 @@ def _recipe(bits=4, method="gptq", share=0.5):
 
 def test_comet_pipeline_round_trip_and_shared_weights(tiny_model, calib, tmp_path):
     from conftest import tiny_llama
-
     from quantkit.eval.act_variants import apply_variant
 
     ids = torch.randint(0, 512, (1, 40))
