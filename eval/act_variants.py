@@ -26,7 +26,9 @@ def apply_variant(model, recipe) -> list[str]:
     returns the Linears the search put in high precision."""
     from quantkit.methods.flexq import select_high_precision
     from quantkit.nn import QuantLinear, build_act_quantizer
+    from quantkit.pipeline import set_kv_cache
 
+    set_kv_cache(model, recipe.kv_cache)
     mods = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
     for n, m in mods.items():
         if recipe.scheme_for(n) != m.spec:

@@ -37,19 +37,25 @@ def perplexity(model, tokenizer=None, dataset: str = "ptb", seq_len: int = 2048,
 
     # On CPU, dequantize each QuantLinear once for the whole evaluation instead of once per window.
     set_weight_cache(model, device.type == "cpu")
+    from quantkit.pipeline import kv_cache_context
+
+    kv = getattr(model, "quantkit_kv_cache", None)
     t0 = time.perf_counter()
     nll, count = 0.0, 0
     bar = tqdm(range(windows), desc=f"ppl {dataset}", unit="window", disable=not progress)
-    for i in bar:
-        x = ids[i * seq_len : (i + 1) * seq_len].unsqueeze(0).to(device)
-        logits = model(x, use_cache=False).logits[0, :-1].float()
-        nll += float(F.cross_entropy(logits, x[0, 1:], reduction="sum"))
-        count += seq_len - 1
-        bar.set_postfix(ppl=f"{math.exp(nll / count):.3f}")
-    set_weight_cache(model, False)
+    try:
+        with kv_cache_context(model):  # a quantized KV cache (COMET's KV4) takes part in every window
+            for i in bar:
+                x = ids[i * seq_len : (i + 1) * seq_len].unsqueeze(0).to(device)
+                logits = model(x, use_cache=False).logits[0, :-1].float()
+                nll += float(F.cross_entropy(logits, x[0, 1:], reduction="sum"))
+                count += seq_len - 1
+                bar.set_postfix(ppl=f"{math.exp(nll / count):.3f}")
+    finally:
+        set_weight_cache(model, False)
     return {
         "dataset": dataset, "split": split, "seq_len": seq_len, "windows": windows,
         "tokens": windows * seq_len, "predicted_tokens": count, "nll": nll / count,
         "ppl": math.exp(nll / count), "seconds": round(time.perf_counter() - t0, 2),
-        "dtype": str(dtype).replace("torch.", ""), "device": str(device),
+        "dtype": str(dtype).replace("torch.", ""), "device": str(device), "kv_cache": kv,
     }

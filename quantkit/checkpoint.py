@@ -89,6 +89,8 @@ def quantization_config(model) -> dict:
     if not modules:
         raise QuantkitError("the model has no quantized modules; run quantize() first")
     qc = {"quant_method": "quantkit", "format_version": FORMAT_VERSION, "modules": modules}
+    if getattr(model, "quantkit_kv_cache", None):
+        qc["kv_cache"] = model.quantkit_kv_cache
     recipe = getattr(model, "quantkit_recipe", None)
     if recipe is not None:
         qc["recipe"] = recipe
@@ -260,6 +262,7 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: tor
     except Exception:
         model.quantkit_tokenizer = None
     model.quantkit_recipe = qc.get("recipe")
+    model.quantkit_kv_cache = qc.get("kv_cache")
     return model
 
 

@@ -295,6 +295,28 @@ def needs_calibration(recipe: Recipe) -> bool:
         s is not None and _act_class(s).wants_calibration(s) for s in specs)
 
 
+def set_kv_cache(model: nn.Module, kv: dict | None) -> None:
+    """Record the recipe's KV-cache scheme on the model (saved in the checkpoint, applied by evaluation)."""
+    if kv is not None:
+        from quantkit.kvcache import check_group, default_group, head_dim_of
+
+        hd = head_dim_of(model.config)
+        kv = {**kv, "group_size": check_group(hd, kv.get("group_size") or default_group(hd))}
+    model.quantkit_kv_cache = kv
+
+
+def kv_cache_context(model: nn.Module):
+    """A context in which forwards of `model` use its quantized KV cache (a no-op without one)."""
+    import contextlib
+
+    kv = getattr(model, "quantkit_kv_cache", None)
+    if not kv:
+        return contextlib.nullcontext()
+    from quantkit.kvcache import kv4_enabled
+
+    return kv4_enabled(model, kv["group_size"])
+
+
 def finalize_activations(model: nn.Module, report: QuantizeReport | None = None) -> list[str]:
     """After all layers: run the activation-precision search (FlexQ), switch activation quantization on
     for inference, and refresh the report's entries. Returns the names given high-precision inputs."""
@@ -331,6 +353,7 @@ def quantize_model(
         raise QuantkitError(f"method '{recipe.method.name}' needs calibration data; pass a dataset")
     report = QuantizeReport(recipe=recipe.name)
     t0 = time.perf_counter()
+    set_kv_cache(model, recipe.kv_cache)
 
     xs: list[torch.Tensor] = []
     kwargs: dict = {}

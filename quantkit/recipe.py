@@ -100,6 +100,7 @@ class Recipe:
     targets: tuple[str, ...] = ("*",)
     ignore: tuple[str, ...] = ()
     overrides: tuple[Override, ...] = ()
+    kv_cache: dict[str, Any] | None = None  # {format: int4, group_size: G}: quantized KV cache (quantkit.kvcache)
 
     def scheme_for(self, module_name: str) -> WeightSpec | None:
         """The weight spec of a decoder Linear, or None when it stays in full precision."""
@@ -128,7 +129,7 @@ class Recipe:
             "name": self.name, "description": self.description,
             "method": dataclasses.asdict(self.method), "weights": self.weights.to_dict(),
             "activations": self.activations.to_dict() if self.activations else None,
-            "targets": list(self.targets), "ignore": list(self.ignore),
+            "targets": list(self.targets), "ignore": list(self.ignore), "kv_cache": self.kv_cache,
             "overrides": [{"match": list(o.match), "weights": o.weights,
                            **({"activations": o.activations} if o.activations else {})}
                           for o in self.overrides],
@@ -251,6 +252,20 @@ def _acts_from_dict(d: dict, where: str = "activations") -> ActSpec:
     return ActSpec(format=fmt, bits=bits, group_size=gs, options=options)
 
 
+def _kv_from_dict(d) -> dict[str, Any] | None:
+    if d is None:
+        return None
+    _check_keys(d, {"format", "group_size"}, "kv_cache")
+    if d.get("format", "int4") != "int4":
+        raise QuantkitError(f"kv_cache.format = '{d.get('format')}' is not supported: use int4")
+    gs = d.get("group_size")
+    if gs is not None:
+        gs = _typed(gs, int, "group_size", "kv_cache")
+        if gs < 2 or gs % 2:
+            raise QuantkitError(f"kv_cache.group_size = {gs} must be an even number that divides head_dim")
+    return {"format": "int4", "group_size": gs}
+
+
 def _method_from_dict(d: dict) -> MethodSpec:
     valid = {f.name for f in dataclasses.fields(MethodSpec)}
     _check_keys(d, valid, "method")
@@ -284,7 +299,8 @@ def _patterns(value, key: str) -> tuple[str, ...]:
 
 
 def recipe_from_dict(d: dict, default_name: str = "recipe") -> Recipe:
-    top = {"name", "description", "method", "weights", "activations", "targets", "ignore", "overrides"}
+    top = {"name", "description", "method", "weights", "activations", "targets", "ignore", "overrides",
+           "kv_cache"}
     _check_keys(d, top, "the recipe")
     weights = _weights_from_dict(d.get("weights") or {})
     overrides = []
@@ -310,6 +326,7 @@ def recipe_from_dict(d: dict, default_name: str = "recipe") -> Recipe:
         method=_method_from_dict(d.get("method") or {}),
         weights=weights,
         activations=acts,
+        kv_cache=_kv_from_dict(d.get("kv_cache")),
         targets=_patterns(d.get("targets", ["*"]), "targets"),
         ignore=_patterns(d.get("ignore", []), "ignore"),
         overrides=tuple(overrides),

@@ -2,9 +2,11 @@
 
 import json
 
+import pytest
 import torch
 
 from quantkit.checkpoint import load, save
+from quantkit.errors import QuantkitError
 from quantkit.formats.act_int import fake_quant_act_int
 from quantkit.methods.comet import ChannelScoreCollector, FMPQActQuantizer, plan_blocks
 from quantkit.nn import QuantLinear
@@ -76,3 +78,26 @@ def test_comet_pipeline_round_trip_and_shared_weights(tiny_model, calib, tmp_pat
             assert int(m.act.block_bits.min()) == 8
     apply_variant(tiny_model, _recipe(bits=8))
     assert torch.equal(tiny_model(ids).logits, a8(ids).logits)
+
+
+def test_kv4_recipe_applies_in_evaluation_and_checkpoint(tiny_model, tmp_path):
+    import quantkit as qk
+
+    r = load_recipe({"name": "kv", "weights": {"format": "int", "bits": 8, "group_size": 32},
+                     "kv_cache": {"format": "int4", "group_size": 8}})
+    ids = torch.randint(0, 512, (1, 48))
+    ref = tiny_model(ids, use_cache=False).logits
+    quantize_model(tiny_model, r, progress=False)
+    assert tiny_model.quantkit_kv_cache == {"format": "int4", "group_size": 8}
+    from quantkit.pipeline import kv_cache_context
+
+    plain = tiny_model(ids, use_cache=False).logits
+    with kv_cache_context(tiny_model):
+        kv = tiny_model(ids, use_cache=False).logits
+    assert not torch.equal(kv, plain) and (kv - ref).abs().max() < 0.5 * ref.abs().max()
+    m2 = qk.load(save(tiny_model, tmp_path / "ck"))
+    assert m2.quantkit_kv_cache == {"format": "int4", "group_size": 8}
+    with kv_cache_context(m2):
+        assert torch.equal(m2(ids, use_cache=False).logits, kv)
+    with pytest.raises(QuantkitError, match="kv_cache.format"):
+        load_recipe({"name": "kv", "kv_cache": {"format": "int2"}})
