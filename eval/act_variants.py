@@ -103,9 +103,17 @@ def main(argv=None) -> None:
         n_q = sum(1 for e in model.quantkit_report.modules)
         a8 = sum(1 for _, m in model.named_modules()
                  if getattr(m, "act", None) is not None and hasattr(m, "kernel_key") and m.act.spec.bits >= 8)
+        blocks = [(int((m.act.block_bits >= 8).sum()), m.act.block_bits.numel(), n.rsplit(".", 1)[-1])
+                  for n, m in model.named_modules() if hasattr(getattr(m, "act", None), "block_bits")]
+        share = None
+        if blocks:  # COMET: share of INT8 activation blocks, overall and per Linear type
+            share = {"all": sum(b[0] for b in blocks) / sum(b[1] for b in blocks)}
+            for t in sorted({b[2] for b in blocks}):
+                sel = [b for b in blocks if b[2] == t]
+                share[t] = sum(b[0] for b in sel) / sum(b[1] for b in sel)
         r = evaluate(model)
         rows.append({"recipe": name, "ppl": r["ppl"], "a8_linears": a8, "quantized_linears": n_q,
-                     "searched_a8": high, "eval": r})
+                     "searched_a8": high, "int8_block_share": share, "kv_cache": r.get("kv_cache"), "eval": r})
         dump()
     fp = next((r["ppl"] for r in rows if r["recipe"] == "fp"), None)
     print(f"\n{args.model}, {args.dataset} test, seq_len {args.seq_len}, calibration {args.nsamples} x "
