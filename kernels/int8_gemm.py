@@ -6,9 +6,10 @@ Torch reference of the same math, and the weight preparation: `int8_reference.py
   token and per group of 128 channels, symmetric, bits per group (an int, or an int tensor [G]), optional
   channel gather x[:, perm] in the same pass. Bit-identical to `quantkit.formats.act_int.quantize_act_int`:
   the two divisions are IEEE (`div_rn`), rounding is half-to-even by the (v + 1.5·2^23) − 1.5·2^23 trick.
-- `_gemm_kernel`  Y = Σ_g a_scale·w_scale·I_g (+ bias): per 128-block of K, four int8 `tl.dot`s of
-  [BLOCK_M, 32] × [32, BLOCK_N] into one int32 tile (the weight tile is unpacked in registers from the
-  INT6 or INT4-nibble-plane layout by masks and constant shifts: unsigned codes, no interleaving), then
+- `_gemm_kernel`  Y = Σ_g a_scale·w_scale·I_g (+ bias): per 128-block of K, one int8 `tl.dot` of
+  [BLOCK_M, 128] × [128, BLOCK_N] into an int32 tile (the weight tile is unpacked in registers from the
+  K-contiguous INT6 or INT4-nibble-plane layout by masks and constant shifts into four [BLOCK_N, 32] planes,
+  joined along K in registers: unsigned codes, no interleaving), then
       f = bitcast_f32(I + 0x4B400000 − z·a_sum) − 1.5·2^23          (exact int→float for |I| < 2^22: an
                                                                         IADD + FADD instead of a slow I2F)
       acc += f · (a_scale[m] · w_scale[n])
@@ -114,14 +115,15 @@ def quantize_act(x: torch.Tensor, bits: int | torch.Tensor, perm: torch.Tensor |
 
 @triton.jit
 def _stack4(c0, c1, c2, c3, BLOCK_N: tl.constexpr):
-    """Four [32, BLOCK_N] tiles → [128, BLOCK_N], c0 on top (join + permute + reshape: register moves)."""
-    c = tl.join(tl.join(c0, c1), tl.join(c2, c3))  # [32, BLOCK_N, q, p]: element of c_(2p+q)
-    return tl.reshape(tl.permute(c, (3, 2, 0, 1)), (128, BLOCK_N))
+    """Four [BLOCK_N, 32] tiles → [BLOCK_N, 128], c0 first along K (join + permute + reshape: register moves;
+    each thread keeps its K-contiguous runs, so the K-major shared-memory store of the dot operand is wide)."""
+    c = tl.join(tl.join(c0, c1), tl.join(c2, c3))  # [BLOCK_N, 32, q, p]: element of c_(2p+q)
+    return tl.reshape(tl.permute(c, (0, 3, 2, 1)), (BLOCK_N, 128))
 
 
 @triton.jit
 def _gemm_kernel(qa_ptr, as_ptr, qs_ptr, w_ptr, ws_ptr, wz_ptr, bias_ptr, out_ptr, part_ptr, cnt_ptr,
-                 M, N, KB, stride_qa, stride_as, stride_out, MB,
+                 M, N, KB, stride_qa, stride_as, stride_out, stride_w, MB,
                  WBITS: tl.constexpr, WGB: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr, GROUP_M: tl.constexpr):
     """WBITS 6 (int6 layout) or 4 (nibble planes); WGB = weight group size in 128-blocks, 0 = per-channel.
@@ -142,8 +144,8 @@ def _gemm_kernel(qa_ptr, as_ptr, qs_ptr, w_ptr, ws_ptr, wz_ptr, bias_ptr, out_pt
     nmask = offs_n < N
     i32 = tl.arange(0, 32)
     a_ptrs = qa_ptr + offs_m.to(tl.int64)[:, None] * stride_qa + tl.arange(0, 128)[None, :]
-    w_ptrs = w_ptr + i32[:, None] * N + offs_n[None, :]
-    ROWS: tl.constexpr = 16 * WBITS  # byte rows per 128-block
+    w_ptrs = w_ptr + offs_n.to(tl.int64)[:, None] * stride_w + i32[None, :]
+    ROWS: tl.constexpr = 16 * WBITS  # bytes per 128-block and row
     ZC: tl.constexpr = 1 << (WBITS - 1)
 
     per = tl.cdiv(KB, SPLIT_K)
@@ -152,23 +154,23 @@ def _gemm_kernel(qa_ptr, as_ptr, qs_ptr, w_ptr, ws_ptr, wz_ptr, bias_ptr, out_pt
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for b in range(b0, b1):
         a = tl.load(a_ptrs + b * 128, mask=mmask[:, None], other=0)  # [BLOCK_M, 128]
-        wb = w_ptrs + b * ROWS * N  # int32 offsets: a weight of < 2 GiB
+        wb = w_ptrs + b * ROWS
         if WBITS == 6:
-            x0 = tl.load(wb, mask=nmask[None, :], other=0)
-            x1 = tl.load(wb + 32 * N, mask=nmask[None, :], other=0)
-            x2 = tl.load(wb + 64 * N, mask=nmask[None, :], other=0)
+            x0 = tl.load(wb, mask=nmask[:, None], other=0)  # [BLOCK_N, 32] uint8, K contiguous
+            x1 = tl.load(wb + 32, mask=nmask[:, None], other=0)
+            x2 = tl.load(wb + 64, mask=nmask[:, None], other=0)
             c0 = (x0 & 63).to(tl.int8)
             c1 = (x1 & 63).to(tl.int8)
             c2 = (x2 & 63).to(tl.int8)
             c3 = ((x0 >> 6) | ((x1 >> 4) & 12) | ((x2 >> 2) & 48)).to(tl.int8)
         else:
-            x0 = tl.load(wb, mask=nmask[None, :], other=0)
-            x1 = tl.load(wb + 32 * N, mask=nmask[None, :], other=0)
+            x0 = tl.load(wb, mask=nmask[:, None], other=0)
+            x1 = tl.load(wb + 32, mask=nmask[:, None], other=0)
             c0 = (x0 & 15).to(tl.int8)
             c1 = (x1 & 15).to(tl.int8)
             c2 = (x0 >> 4).to(tl.int8)
             c3 = (x1 >> 4).to(tl.int8)
-        c = _stack4(c0, c1, c2, c3, BLOCK_N)  # [128, BLOCK_N], K in natural order
+        c = tl.trans(_stack4(c0, c1, c2, c3, BLOCK_N))  # [128, BLOCK_N], K in natural order
         d = tl.dot(a, c, out_dtype=tl.int32)
         sa = tl.load(as_ptr + offs_m * stride_as + b, mask=mmask, other=0)
         asum = tl.load(qs_ptr + offs_m * stride_as + b, mask=mmask, other=0)
@@ -277,7 +279,7 @@ def lowbit_gemm(qa: torch.Tensor, a_scale: torch.Tensor, a_sum: torch.Tensor, w:
     wgb = (w.group_size // ACT_GROUP) if w.group_size else 0
     args = (qa, a_scale, a_sum, w.qweight, w.scales, w.zeros if w.zeros is not None else w.scales,
             bias if bias is not None else out, out, part, cnt, m, w.n, kb, qa.stride(0), a_scale.stride(0),
-            out.stride(0), _bucket(m))
+            out.stride(0), w.qweight.stride(0), _bucket(m))
     consts = {"WBITS": w.bits, "WGB": wgb, "HAS_ZERO": w.zeros is not None, "HAS_BIAS": bias is not None}
 
     def grid(a):

@@ -20,9 +20,10 @@ GEMM, per 128-channel block g of the activations (weight groups must be whole mu
 with g' = g·128 // weight group size. The kernels accumulate the fp32 sum in increasing g (split-K: per slice,
 then the slices in order), so they differ from this reference by fp32 rounding only.
 
-INT4 kernel layout (`pack_nibble_planes`): per block of 128 K and column, 64 bytes; byte row 32·j + i
-(j ∈ {0, 1}, i ∈ [0, 32)) holds c[32·j + i] in its low nibble and c[64 + 32·j + i] in its high nibble, so the
-kernel gets four K-contiguous [32, BLOCK_N] code tiles from two byte tiles with one mask or shift each.
+INT4 kernel layout (`pack_nibble_planes`): `uint8 [N, ceil(K/128)·64]`, rows contiguous along K; per block of
+128 K, 64 bytes; byte 32·j + i (j ∈ {0, 1}, i ∈ [0, 32)) holds c[32·j + i] in its low nibble and
+c[64 + 32·j + i] in its high nibble, so the kernel gets four K-contiguous [BLOCK_N, 32] code tiles from two byte
+tiles with one mask or shift each (K-contiguous as the int6 layout, for the same reason: see docs/FORMAT.md).
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ class LowbitWeight:
     bits: int  # 4 or 6
     k: int
     n: int
-    qweight: torch.Tensor  # uint8 [ceil(K/128)·16·bits, N]: int6 stored layout, or int4 nibble planes
+    qweight: torch.Tensor  # uint8 [N, >= ceil(K/128)·16·bits]: int6 stored layout, or int4 nibble planes
     scales: torch.Tensor  # fp16 [groups, N]
     zeros: torch.Tensor | None  # uint8 [groups, N], or None: symmetric, z = 2^(bits−1)
     group_size: int | None  # weight group size along K (a multiple of 128), None = per-channel
@@ -62,17 +63,17 @@ def _check_group(group_size: int | None) -> None:
 
 
 def prepare_int6(packed: dict[str, torch.Tensor], k: int, group_size: int | None) -> LowbitWeight:
-    """The `int6` format's stored tensors (`qweight`, `scales`) → LowbitWeight (views, no copy). Rows past
-    ceil(K/128)·96 (K padded to a whole weight group larger than 128) are never read."""
+    """The `int6` format's stored tensors (`qweight`, `scales`) → LowbitWeight (views, no copy). Columns past
+    ceil(K/128)·96 bytes (K padded to a whole weight group larger than 128) are never read."""
     _check_group(group_size)
     qw = packed["qweight"]
-    if qw.dtype != torch.uint8 or qw.shape[0] % 96 or qw.shape[0] < -(-k // ACT_GROUP) * 96:
+    if qw.dtype != torch.uint8 or qw.shape[1] % 96 or qw.shape[1] < -(-k // ACT_GROUP) * 96:
         raise ValueError(f"int6 qweight of shape {tuple(qw.shape)} / {qw.dtype} does not hold K={k}")
-    return LowbitWeight(6, k, qw.shape[1], qw.contiguous(), packed["scales"].contiguous(), None, group_size)
+    return LowbitWeight(6, k, qw.shape[0], qw.contiguous(), packed["scales"].contiguous(), None, group_size)
 
 
 def pack_nibble_planes(codes: torch.Tensor) -> torch.Tensor:
-    """codes [N, K] in [0, 16) → `uint8 [ceil(K/128)·64, N]` (the INT4 kernel layout, zero-padded)."""
+    """codes [N, K] in [0, 16) → `uint8 [N, ceil(K/128)·64]` (the INT4 kernel layout, zero-padded)."""
     n, k = codes.shape
     blocks = -(-k // ACT_GROUP)
     c = torch.zeros(n, blocks * ACT_GROUP, dtype=torch.int32, device=codes.device)
@@ -80,14 +81,14 @@ def pack_nibble_planes(codes: torch.Tensor) -> torch.Tensor:
     # byte row 32·j + i: lo nibble c[32j + i], hi nibble c[64 + 32j + i]
     c = c.view(n, blocks, ACT_GROUP)
     b = (c[:, :, :64] | (c[:, :, 64:] << 4)).reshape(n, blocks * 64)
-    return b.to(torch.uint8).t().contiguous()
+    return b.to(torch.uint8).contiguous()
 
 
 def unpack_nibble_planes(qweight: torch.Tensor, k: int) -> torch.Tensor:
     """Inverse of `pack_nibble_planes` → codes `uint8 [N, k]`."""
-    rows, n = qweight.shape
-    blocks = rows // 64
-    b = qweight.t().to(torch.int32).view(n, blocks, 2, 32)
+    n, cols = qweight.shape
+    blocks = cols // 64
+    b = qweight[:, : blocks * 64].to(torch.int32).view(n, blocks, 2, 32)
     lo, hi = (b & 15).reshape(n, blocks, 64), (b >> 4).reshape(n, blocks, 64)
     return torch.cat([lo, hi], dim=2).reshape(n, blocks * ACT_GROUP)[:, :k].to(torch.uint8)
 

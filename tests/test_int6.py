@@ -14,13 +14,13 @@ def test_pack_unpack_round_trip_exact(k):
     g = torch.Generator().manual_seed(k)
     codes = torch.randint(0, 64, (7, k), generator=g)
     packed = pack_int6(codes)
-    assert packed.dtype == torch.uint8 and packed.shape == (-(-k // 128) * 96, 7)
+    assert packed.dtype == torch.uint8 and packed.shape == (7, -(-k // 128) * 96)
     assert torch.equal(unpack_int6(packed, k).long(), codes)
 
 
 def test_packed_layout_is_the_documented_one():
     codes = torch.arange(128).remainder(64).unsqueeze(0)  # one column, one block
-    b = pack_int6(codes)[:, 0].long()
+    b = pack_int6(codes)[0].long()
     for r in range(3):
         for i in range(32):
             assert b[32 * r + i] == codes[0, 32 * r + i] | (((codes[0, 96 + i] >> (2 * r)) & 3) << 6)
