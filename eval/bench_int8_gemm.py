@@ -239,8 +239,6 @@ def main(argv: list[str] | None = None) -> dict:
     result = {"device": info, "protocol": "CUDA-graph replays over rotated weight copies (> 2.5x L2), median",
               "comet_int8_fraction": COMET_INT8_FRACTION, "checks": checks, "rows": summary,
               "configs": tuned_configs(), "ptx": ptx_summary()}
-    for p in result["ptx"]:
-        print("ptx", p, flush=True)
     path = Path(args.json)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=1))
