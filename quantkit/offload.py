@@ -65,6 +65,7 @@ from quantkit.checkpoint import (
 from quantkit.errors import QuantkitError
 from quantkit.models import decoder_layers
 from quantkit.pipeline import (
+    HOST_FACTOR_MIN_BYTES,
     QuantizeReport,
     _layer_prefix,
     _to,
@@ -232,7 +233,7 @@ def estimate(src: SourceCheckpoint, config, recipe: Recipe, prefix: str, n_layer
     inter = int(getattr(config, "intermediate_size", 4 * hidden))
     heads = int(getattr(config, "num_attention_heads", 1))
     layer_src = layer_compute = 0
-    gptq_work = 0
+    gptq_work = host_factor = 0
     out_bytes = 0
     for li in range(n_layers):
         lp = f"{prefix}.{li}."
@@ -250,9 +251,12 @@ def estimate(src: SourceCheckpoint, config, recipe: Recipe, prefix: str, n_layer
             nout, k = shape
             out_bytes += sum(_nbytes(s, d) for s, d in _packed_names(spec, k, nout).values())
             if needs_calibration(recipe):
-                # H, its Cholesky factor and the inverse's temporary (measured on an H200 at K = 14336: the
-                # step that decides a streamed layer's peak), W in fp32, codes in uint8
-                gptq_work = max(gptq_work, 3 * k * k * 4 + nout * k * (4 + 1))
+                # H, its Cholesky factor and the inverse's temporary, W in fp32, codes in uint8; on a GPU,
+                # Hessians >= HOST_FACTOR_MIN_BYTES are factorized on the host (one K x K stays on the GPU)
+                kk = k * k * 4
+                host = device.type == "cuda" and kk >= HOST_FACTOR_MIN_BYTES
+                gptq_work = max(gptq_work, (1 if host else 3) * kk + nout * k * (4 + 1))
+                host_factor = max(host_factor, 3 * kk if host else 0)
             else:
                 gptq_work = max(gptq_work, nout * k * (4 + 8))
     other = [n for n in src.meta if not n.startswith(f"{prefix}.")]
@@ -269,7 +273,7 @@ def estimate(src: SourceCheckpoint, config, recipe: Recipe, prefix: str, n_layer
     layer_peak = (2 if cache_weights else 1) * layer_compute + gptq_work + fwd
     dev_peak = max(embed + fwd, layer_peak) + acts_dev
     base_ram = 600 * 1024**2  # python + torch + transformers + tokenizer, measured ~0.5 GB
-    staging = layer_src + out_bytes // max(n_layers, 1)  # a layer read from the shards; a packed layer
+    staging = layer_src + out_bytes // max(n_layers, 1) + host_factor  # + host-side GPTQ factorization
     if device.type == "cpu":
         ram, vram = base_ram + dev_peak + staging, 0
     else:
@@ -499,7 +503,8 @@ def quantize_streaming(
             layer = layers[li]
             _materialize(layer, lprefix, src, device, dtype)
             report.modules.clear()
-            quantize_layer(layer, lprefix, rec, xs, kwargs, device, report, bar, cache_weights=cache_weights)
+            quantize_layer(layer, lprefix, rec, xs, kwargs, device, report, bar, cache_weights=cache_weights,
+                           host_factorization=True)
             ys = None
             if data and li < n_layers - 1:
                 ys = ActivationStore(device, budget, spill_root, f"out{li % 2}")

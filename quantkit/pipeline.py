@@ -166,8 +166,13 @@ def _sub_blocks(layer: nn.Module, targets: dict, x: torch.Tensor, kwargs: dict) 
     return blocks
 
 
+# Hessians at least this large are factorized on the host when the pipeline runs with host_factorization
+HOST_FACTOR_MIN_BYTES = 256 * 2**20
+
+
 def _quantize_linear(name: str, mod: nn.Linear, spec: WeightSpec, recipe: Recipe,
-                     hessian: torch.Tensor | None, hessian_consumable: bool = False, act=None) -> QuantLinear:
+                     hessian: torch.Tensor | None, hessian_consumable: bool = False, act=None,
+                     host_factorization: bool = False) -> QuantLinear:
     _check_finite(name, mod.weight)
     fmt = make_format(spec)
     weight = act.transform_weight(mod.weight) if act is not None else mod.weight
@@ -175,9 +180,10 @@ def _quantize_linear(name: str, mod: nn.Linear, spec: WeightSpec, recipe: Recipe
         fmt = fmt.prepare(weight)
     if recipe.method.name == "gptq" and hessian is not None:
         m = recipe.method
+        host = host_factorization and hessian.is_cuda and hessian.numel() * 4 >= HOST_FACTOR_MIN_BYTES
         codes, params = gptq_quantize(weight, hessian, fmt, damping=m.damping,
                                       block_size=m.block_size, act_order=m.act_order,
-                                      consume_hessian=hessian_consumable)
+                                      consume_hessian=hessian_consumable, factor_device="cpu" if host else None)
     else:
         codes, params = rtn_quantize(weight, fmt)
     q = QuantLinear.from_codes(mod, spec, codes, params, act=act)
@@ -229,7 +235,8 @@ def _calibrate_acts(layer, block: list[str], targets: dict, act_specs: dict, xs,
 
 @torch.no_grad()
 def quantize_layer(layer: nn.Module, lprefix: str, recipe: Recipe, xs, kwargs: dict, device: torch.device,
-                   report: QuantizeReport, bar=None, cache_weights: bool = True) -> None:
+                   report: QuantizeReport, bar=None, cache_weights: bool = True,
+                   host_factorization: bool = False) -> None:
     """Quantize one decoder layer in place (its Linears become QuantLinear): the per-layer step that the
     in-memory driver (`quantize_model`) and the streaming driver (`quantkit.offload`) share.
 
@@ -238,6 +245,8 @@ def quantize_layer(layer: nn.Module, lprefix: str, recipe: Recipe, xs, kwargs: d
     keyword arguments the model passes its layers, on `device`. Scheme entries go to `report.modules`.
     cache_weights: keep each new QuantLinear's dequantized weight for the rest of the layer (faster CPU
     forwards, one more float copy of the layer in memory; the values are the same either way).
+    host_factorization: factorize wide GPTQ Hessians (>= HOST_FACTOR_MIN_BYTES) on the host, not the GPU
+    (the streaming pipeline's VRAM bound; same result up to the devices' float rounding).
     """
     targets = _targets(layer, lprefix, recipe)
     act_specs = {n: recipe.act_scheme_for(f"{lprefix}.{n}") for n in targets}
@@ -264,7 +273,8 @@ def quantize_layer(layer: nn.Module, lprefix: str, recipe: Recipe, xs, kwargs: d
                 mod, spec = targets.pop(n)  # drop the float module as soon as its QuantLinear exists
                 # the block's last module may consume the Hessian (saves K x K copies on big layers)
                 q = _quantize_linear(f"{lprefix}.{n}", mod, spec, recipe, acc.h if acc is not None else None,
-                                     hessian_consumable=j == len(block) - 1, act=acts.get(n))
+                                     hessian_consumable=j == len(block) - 1, act=acts.get(n),
+                                     host_factorization=host_factorization)
                 q.cache_weight = cache_weights  # later sub-blocks and the output pass reuse it
                 _set_module(layer, n, q)
                 report.modules[f"{lprefix}.{n}"] = _scheme_entry(q, recipe)

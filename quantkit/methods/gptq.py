@@ -77,12 +77,16 @@ def gptq_quantize(
     block_size: int = 128,
     act_order: bool = False,
     consume_hessian: bool = False,
+    factor_device: torch.device | str | None = None,
 ) -> tuple[torch.Tensor, Params]:
     """Quantize `weight: [N, K]` with GPTQ under format `fmt`.
 
     Returns codes `[N, K]` (original column order) and parameters stacked per group `{name: [N, groups,
     ...]}`, the same shapes `fmt.quantize_rtn` returns. With `consume_hessian`, `hessian` (fp32, on the
     weight's device) is used as scratch space instead of being copied: the caller must not reuse it.
+    factor_device: where the damped inverse Cholesky factorization runs (default: the weight's device). The
+    streaming pipeline sends wide Hessians to the host: on a GPU the factorization's K x K temporaries and
+    the solver's workspace, not the layer, decide peak VRAM (down_proj, K = 14336: 0.8 GB per matrix).
     """
     w = weight.detach().to(torch.float32).clone()
     n, k = w.shape
@@ -108,8 +112,15 @@ def gptq_quantize(
         perm = torch.arange(k, device=w.device)
     perm_cpu = perm.cpu().tolist()
 
-    u = _inverse_cholesky(h, damping)
-    del h
+    if factor_device is not None and torch.device(factor_device) != h.device:
+        h_dev = h.to(factor_device)
+        del h
+        u = _inverse_cholesky(h_dev, damping)
+        del h_dev
+        u = u.to(w.device)
+    else:
+        u = _inverse_cholesky(h, damping)
+        del h
     # codes are < 2^8 for every format: uint8 during the sweep (1/8 of int64's memory), int64 on return
     codes = torch.zeros(n, k, dtype=torch.uint8, device=w.device)
     with _few_threads(w.device, n * block_size):
