@@ -64,8 +64,12 @@ def test_activation_kernels_match_reference_end_to_end(recipe, key, calib):
         y_kernel = m(x).logits.float()
         saved = KERNELS.pop(key)
         try:
-            y_ref = m(x).logits.float()
+            y_ref = m(x).logits.float()  # the torch reference in bf16 (activations rounded to bf16)
+            y32 = m.float()(x).logits  # the same quantized model's math in fp32
         finally:
             KERNELS[key] = saved
-    rel = float((y_kernel - y_ref).norm() / y_ref.norm())
-    assert rel < 2e-2, rel
+    # "within bf16 rounding": the kernels (fp32 scales, exact integer / FP4 products) are no further from the
+    # fp32 evaluation of the quantized model than the bf16 torch reference is
+    err_kernel = float((y_kernel - y32).norm() / y32.norm())
+    err_ref = float((y_ref - y32).norm() / y32.norm())
+    assert err_kernel < 1.5 * err_ref + 2e-3, (err_kernel, err_ref)
