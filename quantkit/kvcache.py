@@ -15,9 +15,11 @@ Numerics (one definition, used by the cache and by evaluation alike):
   0.281× at group = head_dim = 64 (SmolLM2), 0.266× at 128/128, 0.281× at 128/64, 0.3125× at group 32.
 - Why fp16 and not bf16 for scale/zero: same size, 3 more mantissa bits (zero is exact to 2^-11 of its
   magnitude); K/V magnitudes sit far below fp16's 65504 (values beyond it are clamped there).
-- Group size: `DEFAULT_GROUP = 64` (capped at head_dim), chosen by measurement (docs/KVCACHE.md,
-  `python -m quantkit.eval.kv4_report`): on SmolLM2 (head_dim 64) group 32 gains little perplexity for 11 %
-  more bytes (0.3125× vs 0.281× of bf16).
+- Group size: `DEFAULT_GROUP = 64` (the whole head_dim when it is not a multiple of 64), measured with
+  `python -m quantkit.eval.kv4_report` (docs/KVCACHE.md): 64 is the smallest group that stays within 0.3×
+  of a bf16 cache with fp16 scale and zero (needs group >= 40). On SmolLM2 (PTB, 4 windows) KV4 costs
+  +11.1 % perplexity at group 64, +5.7 % at 32 (0.3125×), +2.9 % at 16 (0.375×): pass `group=32` when
+  quality matters more than the last 11 % of bytes.
 
 Why the cache and the full-window evaluation agree token for token: the scale and zero of a token depend
 only on that token's own channels (per-token groups, never statistics across tokens), so a token's stored
