@@ -19,7 +19,6 @@ launch overhead is out of the small-M rows and L2 reuse out of all rows. Prints 
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import statistics
 import time
@@ -27,6 +26,8 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
+
+from quantkit.eval.report import Column, environment, format_table, write_json
 
 SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096), (4096, 1024)]
 MS = [1, 16, 128, 1024, 4096]
@@ -222,20 +223,17 @@ def summarize(rows: list[dict]) -> list[dict]:
     return out
 
 
-def _fmt(v, spec):
-    return format(v, spec) if v is not None else "-"
+TABLE_COLUMNS = [
+    Column("K", "K", "d"), Column("N", "N", "d"), Column("M", "M", "d"),
+    Column("format", "format", "<11", "<"), Column("best_path", "path", "<8", "<"),
+    Column("us", "us", ".2f"), Column("bf16_us", "bf16", ".2f"), Column("fp8_us", "fp8", ".2f"),
+    Column("tinygemm_us", "tiny", ".2f"), Column("roofline_us", "roof", ".2f"),
+    Column("vs_bf16", "/bf16", ".3f"), Column("vs_tinygemm", "/tiny", ".3f"), Column("vs_roofline", "/roof", ".2f"),
+]
 
 
 def table(summary: list[dict]) -> str:
-    head = (f"{'K':>6} {'N':>6} {'M':>5} {'format':<11} {'path':<8} {'us':>9} {'bf16':>9} {'fp8':>9} "
-            f"{'tiny':>9} {'roof':>8} {'/bf16':>6} {'/tiny':>6} {'/roof':>6}")
-    lines = [head, "-" * len(head)]
-    for s in summary:
-        lines.append(f"{s['K']:>6} {s['N']:>6} {s['M']:>5} {s['format']:<11} {s['best_path']:<8} "
-                     f"{s['us']:9.2f} {_fmt(s['bf16_us'], '9.2f')} {_fmt(s['fp8_us'], '9.2f')} "
-                     f"{_fmt(s['tinygemm_us'], '9.2f')} {s['roofline_us']:8.2f} {_fmt(s['vs_bf16'], '6.3f')} "
-                     f"{_fmt(s['vs_tinygemm'], '6.3f')} {s['vs_roofline']:6.2f}")
-    return "\n".join(lines)
+    return format_table(summary, TABLE_COLUMNS)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -259,19 +257,18 @@ def main(argv: list[str] | None = None) -> dict:
     ms = [1, 16, 4096] if args.quick else MS
     rows = []
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     for k, n in shapes:
         formats = [(*MAIN_FORMAT, ms)]
         if not args.quick and not args.no_others and (k, n) == (4096, 14336):
             formats += [(*f, [1, 16, 4096]) for f in OTHER_FORMATS]
         rows += bench_shape(k, n, ms, formats, l2, bw, dev, lambda s: print(s, flush=True))
-        out.write_text(json.dumps({"partial": True, "rows": rows}, indent=1))
+        write_json(out, {"partial": True, "rows": rows})
     summary = summarize(rows)
     print(table(summary), flush=True)
-    result = {"device": props.name, "sms": props.multi_processor_count, "l2_bytes": l2, "copy_bw_Bps": bw,
-              "torch": torch.__version__, "triton": triton.__version__, "timing": "CUDA-graph replays, "
-              "weights rotated over > 2.5x L2", "rows": rows, "summary": summary}
-    out.write_text(json.dumps(result, indent=1))
+    result = {**environment(), "device": props.name, "sms": props.multi_processor_count, "l2_bytes": l2,
+              "copy_bw_Bps": bw, "timing": "CUDA-graph replays, weights rotated over > 2.5x L2", "rows": rows,
+              "summary": summary}
+    write_json(out, result)
     print(f"wrote {out}")
     return result
 

@@ -154,6 +154,54 @@ def bench_kernels(ctx):
     bench_main(list(ctx.args))
 
 
+@bench.command(name="latency")
+@click.argument("model", required=False)
+@click.option("--shape", default=None,
+              help="Instead of MODEL_OR_DIR: a random-weight Llama of this shape built on the device "
+                   "(llama3-8b, cpu-3g, cpu-4g, tiny).")
+@click.option("--recipe", "-r", default=None,
+              help="Recipe(s) to quantize with on the fly (comma-separated names or YAML paths); not with a "
+                   "quantized checkpoint.")
+@click.option("--batch", default="1,16", show_default=True, help="Batch sizes, comma-separated.")
+@click.option("--prompt", default=512, show_default=True, help="Prompt tokens (prefill).")
+@click.option("--gen", default=128, show_default=True, help="Generated tokens (1 from the prefill + decode steps).")
+@click.option("--repeats", default=5, show_default=True, help="Timed runs per batch (medians reported).")
+@click.option("--warmup", default=2, show_default=True, help="Untimed runs before them.")
+@click.option("--device", default=None, help="cuda (default when a GPU is seen) or cpu.")
+@click.option("--dtype", default=None, help="Baseline/compute dtype (default bfloat16 on cuda, float32 on cpu).")
+@click.option("--no-graphs", is_flag=True, help="Time eager decode steps (no CUDA graphs).")
+@click.option("--compile", "compile_", is_flag=True,
+              help="torch.compile the decode step around the quantized Linears (fuses norms / rotary / "
+                   "attention glue), then capture it as above.")
+@click.option("--no-profile", is_flag=True, help="Skip the torch.profiler breakdown of decode steps.")
+@click.option("--fit-budget", type=float, default=None,
+              help="Seconds of on-the-fly fitting; later layers then reuse the last fitted layer's codes "
+                   "(timing-equivalent; for slow fits such as HLQ ALS at 8B scale).")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--json", "json_path", type=click.Path(path_type=Path), default=None, help="Write results here.")
+@click.option("--plot", "plot_path", type=click.Path(path_type=Path), default=None,
+              help="Write a PNG bar chart here (needs matplotlib).")
+def bench_latency(model, shape, recipe, batch, prompt, gen, repeats, warmup, device, dtype, no_graphs, compile_,
+                  no_profile, fit_budget, seed, json_path, plot_path):
+    """Prefill / decode latency of MODEL_OR_DIR (or --shape) vs its bf16 model: static KV cache, CUDA graphs."""
+    import torch
+
+    from quantkit.eval.bench_latency import LatencyConfig, run_latency
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    _check_device(device)
+    try:
+        batches = tuple(int(b) for b in batch.split(",") if b.strip())
+    except ValueError:
+        raise QuantkitError(f"--batch '{batch}': give comma-separated integers, e.g. 1,16") from None
+    cfg = LatencyConfig(batches=batches, prompt=prompt, gen=gen, repeats=repeats, warmup=warmup,
+                        graphs=not no_graphs, compile=compile_, profile=not no_profile, device=device,
+                        dtype=dtype or ("float32" if device == "cpu" else "bfloat16"), seed=seed,
+                        fit_budget_s=fit_budget)
+    recipes = [r.strip() for r in recipe.split(",") if r.strip()] if recipe else []
+    run_latency(model, shape, recipes, cfg, json_path=json_path, plot_path=plot_path, log=click.echo)
+
+
 @cli.command()
 def recipes():
     """List the shipped recipes."""
