@@ -226,7 +226,7 @@ def _calibration_hash(calib: torch.Tensor | None) -> str | None:
 
 def estimate(src: SourceCheckpoint, config, recipe: Recipe, prefix: str, n_layers: int, nsamples: int,
              seq_len: int, device: torch.device, dtype: torch.dtype, max_act: int,
-             cache_weights: bool = True) -> dict:
+             cache_weights: bool = True, host_factorization: bool = False) -> dict:
     """Peak RAM / VRAM / disk of a streamed run, from the shard headers and the recipe (bytes)."""
     ec = torch.empty((), dtype=dtype).element_size()
     hidden = int(config.hidden_size)
@@ -251,11 +251,11 @@ def estimate(src: SourceCheckpoint, config, recipe: Recipe, prefix: str, n_layer
             nout, k = shape
             out_bytes += sum(_nbytes(s, d) for s, d in _packed_names(spec, k, nout).values())
             if needs_calibration(recipe):
-                # H, its Cholesky factor and the inverse's temporary, W in fp32, codes in uint8; on a GPU,
-                # Hessians >= HOST_FACTOR_MIN_BYTES are factorized on the host (one K x K stays on the GPU)
+                # H (handed over to GPTQ) and its Cholesky factor, plus the solver's workspace, W in fp32,
+                # codes in uint8; with host_factorization, wide Hessians are factorized on the host
                 kk = k * k * 4
-                host = device.type == "cuda" and kk >= HOST_FACTOR_MIN_BYTES
-                gptq_work = max(gptq_work, (1 if host else 3) * kk + nout * k * (4 + 1))
+                host = host_factorization and device.type == "cuda" and kk >= HOST_FACTOR_MIN_BYTES
+                gptq_work = max(gptq_work, (1 if host else 2) * kk + nout * k * (4 + 1))
                 host_factor = max(host_factor, 3 * kk if host else 0)
             else:
                 gptq_work = max(gptq_work, nout * k * (4 + 8))
@@ -357,6 +357,7 @@ def quantize_streaming(
     calibration: torch.Tensor | None = None,
     tokenizer=None,
     cache_weights: bool | None = None,
+    host_factorization: bool = False,
     progress: bool = True,
     log=None,
 ) -> Path | dict:
@@ -367,8 +368,9 @@ def quantize_streaming(
     dtype: compute dtype (default float32 on CPU, the stored dtype on GPUs); unquantized tensors are written
     as stored. cache_weights: keep each quantized Linear's dequantized weight while its layer is processed
     (default: on CPU, where re-dequantizing for every forward costs more time than the float copy costs
-    memory; GPU forwards use the kernels and never read it). Returns `out`, or with `dry_run` the estimate
-    dict (nothing is written).
+    memory; GPU forwards use the kernels and never read it). host_factorization: on a GPU, factorize wide
+    GPTQ Hessians (K x K >= 256 MB) on the host: ~2 K x K less VRAM, ~3 K x K more host RAM. Returns `out`,
+    or with `dry_run` the estimate dict (nothing is written).
     """
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -401,7 +403,8 @@ def quantize_streaming(
         nsamples, seq_len = calibration.shape
     if cache_weights is None:
         cache_weights = device.type == "cpu"
-    est = estimate(src, config, rec, prefix, n_layers, nsamples, seq_len, device, dtype, max_act, cache_weights)
+    est = estimate(src, config, rec, prefix, n_layers, nsamples, seq_len, device, dtype, max_act, cache_weights,
+                   host_factorization)
     log(format_estimate(est))
     if dry_run:
         return est
@@ -458,7 +461,7 @@ def quantize_streaming(
     remove_tree(spill_root)  # chunks left by a killed run are never reused
     budget = ActivationBudget(max_act)
     xs = ActivationStore(device, budget, spill_root, "in")
-    kwargs: dict = {}
+    layer_kwargs: list[dict] = []
     report = QuantizeReport(recipe=rec.name)
     if start < n_layers and data:
         # embeddings (and the final norm, so the prologue modules are real) for layer 0's inputs / kwargs
@@ -476,8 +479,7 @@ def quantize_streaming(
                 _materialize(mod, f"model.{name}", src, device, dtype)
         windows = calib if start == 0 else calib[:1]  # on resume only the kwargs are needed
         sink = xs.append if start == 0 else (lambda x: None)
-        _, kwargs = capture_layer_inputs(skel, windows, device, device, sink=sink)
-        kwargs = _to(kwargs, device)
+        _, layer_kwargs = capture_layer_inputs(skel, windows, device, device, sink=sink)
         for h in hooks:
             h.remove()
         for name, mod in inner.named_children():
@@ -503,8 +505,9 @@ def quantize_streaming(
             layer = layers[li]
             _materialize(layer, lprefix, src, device, dtype)
             report.modules.clear()
+            kwargs = _to(layer_kwargs[li], device) if layer_kwargs else {}
             quantize_layer(layer, lprefix, rec, xs, kwargs, device, report, bar, cache_weights=cache_weights,
-                           host_factorization=True)
+                           host_factorization=host_factorization)
             ys = None
             if data and li < n_layers - 1:
                 ys = ActivationStore(device, budget, spill_root, f"out{li % 2}")

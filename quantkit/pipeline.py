@@ -77,23 +77,54 @@ def _run_layer(layer: nn.Module, x: torch.Tensor, kwargs: dict) -> torch.Tensor:
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
+class _KwargsRecorder(nn.Module):
+    """Stands in for a decoder layer during input capture: records the keyword arguments the model passes
+    that layer (they differ per layer on some models: Gemma-3's sliding-window layers get another RoPE base
+    and mask than its full-attention layers) and passes the hidden states through untouched. Attribute
+    reads the model's loop makes on its layers (e.g. `attention_type`) go to the real layer."""
+
+    def __init__(self, layer: nn.Module, index: int, sink, last: bool):
+        super().__init__()
+        object.__setattr__(self, "_layer", layer)
+        object.__setattr__(self, "_sink", sink)
+        self.index, self.last = index, last
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(object.__getattribute__(self, "_layer"), name)
+
+    def forward(self, hidden_states=None, *args, **kwargs):
+        if hidden_states is None:
+            hidden_states = kwargs.pop("hidden_states")
+        self._sink(self.index, hidden_states, kwargs)
+        if self.last:
+            raise _StopForward
+        return hidden_states
+
+
 @torch.no_grad()
 def capture_layer_inputs(model: nn.Module, windows: torch.Tensor, device: torch.device,
-                         store_device: torch.device, sink=None) -> tuple[list[torch.Tensor], dict]:
-    """Inputs of decoder layer 0 for every window ([1, seq, hidden] each) and the layer's kwargs.
+                         store_device: torch.device, sink=None) -> tuple[list[torch.Tensor], list[dict]]:
+    """Inputs of decoder layer 0 for every window ([1, seq, hidden] each) and each layer's kwargs.
 
-    With `sink`, each input is handed to `sink(x)` (x on `device`) instead of being collected in the list.
+    Returns (inputs, kwargs per layer). The layers are swapped for pass-through recorders while the
+    windows run, so no layer computes (and no layer needs to be materialized: the streaming pipeline
+    captures on a skeleton). With `sink`, each input is handed to `sink(x)` (x on `device`) instead of
+    being collected in the list.
     """
     layers = decoder_layers(model)
-    captured: dict = {}
+    originals = list(layers)
+    captured: dict = {"kwargs": [None] * len(originals)}
 
-    def hook(mod, args, kwargs):
-        hs = args[0] if args else kwargs["hidden_states"]
-        captured["x"] = hs
-        captured["kwargs"] = {k: v for k, v in kwargs.items() if k != "hidden_states"}
-        raise _StopForward
+    def record(i, hs, kwargs):
+        if i == 0:
+            captured["x"] = hs
+        captured["kwargs"][i] = kwargs
 
-    handle = layers[0].register_forward_pre_hook(hook, with_kwargs=True)
+    for i, layer in enumerate(originals):
+        layers[i] = _KwargsRecorder(layer, i, record, last=i == len(originals) - 1)
     # only what runs before layer 0 (embeddings, rotary) needs to be on the compute device
     moved = [m for n, m in model.model.named_children() if n != "layers"]
     for m in moved:
@@ -110,17 +141,21 @@ def capture_layer_inputs(model: nn.Module, windows: torch.Tensor, device: torch.
             else:
                 xs.append(captured.pop("x").to(store_device))
     finally:
-        handle.remove()
+        for i, layer in enumerate(originals):
+            layers[i] = layer
         for m in moved:
             m.to(store_device)
-    kwargs = {}
-    for k, v in captured["kwargs"].items():
-        if k in ("past_key_values", "past_key_value"):
-            v = None
-        if k == "use_cache":
-            v = False
-        kwargs[k] = v
-    return xs, kwargs
+    per_layer = []
+    for kw in captured["kwargs"]:
+        kwargs = {}
+        for k, v in kw.items():
+            if k in ("past_key_values", "past_key_value"):
+                v = None
+            if k == "use_cache":
+                v = False
+            kwargs[k] = v
+        per_layer.append(kwargs)
+    return xs, per_layer
 
 
 def _to(obj, device):
@@ -171,8 +206,8 @@ HOST_FACTOR_MIN_BYTES = 256 * 2**20
 
 
 def _quantize_linear(name: str, mod: nn.Linear, spec: WeightSpec, recipe: Recipe,
-                     hessian: torch.Tensor | None, hessian_consumable: bool = False, act=None,
-                     host_factorization: bool = False) -> QuantLinear:
+                     hessian, act=None, host_factorization: bool = False) -> QuantLinear:
+    """hessian: None (RTN), a tensor (kept), or a one-element list (handed over, see gptq_quantize)."""
     _check_finite(name, mod.weight)
     fmt = make_format(spec)
     weight = act.transform_weight(mod.weight) if act is not None else mod.weight
@@ -180,10 +215,12 @@ def _quantize_linear(name: str, mod: nn.Linear, spec: WeightSpec, recipe: Recipe
         fmt = fmt.prepare(weight)
     if recipe.method.name == "gptq" and hessian is not None:
         m = recipe.method
-        host = host_factorization and hessian.is_cuda and hessian.numel() * 4 >= HOST_FACTOR_MIN_BYTES
+        h0 = hessian[0] if isinstance(hessian, list) else hessian
+        host = host_factorization and h0.is_cuda and h0.numel() * 4 >= HOST_FACTOR_MIN_BYTES
+        del h0
         codes, params = gptq_quantize(weight, hessian, fmt, damping=m.damping,
                                       block_size=m.block_size, act_order=m.act_order,
-                                      consume_hessian=hessian_consumable, factor_device="cpu" if host else None)
+                                      factor_device="cpu" if host else None)
     else:
         codes, params = rtn_quantize(weight, fmt)
     q = QuantLinear.from_codes(mod, spec, codes, params, act=act)
@@ -269,17 +306,22 @@ def quantize_layer(layer: nn.Module, lprefix: str, recipe: Recipe, xs, kwargs: d
                 _run_block_hook(layer, targets[block[-1]][0],
                                 (lambda x, a=acc, f=first: a.add(f.hessian_input(x))) if first is not None else acc.add,
                                 xs, kwargs, device)
+            hess = acc.h if acc is not None else None
+            del acc
             for j, n in enumerate(block):
                 mod, spec = targets.pop(n)  # drop the float module as soon as its QuantLinear exists
-                # the block's last module may consume the Hessian (saves K x K copies on big layers)
-                q = _quantize_linear(f"{lprefix}.{n}", mod, spec, recipe, acc.h if acc is not None else None,
-                                     hessian_consumable=j == len(block) - 1, act=acts.get(n),
+                # the block's last module takes the Hessian over: used as scratch, freed during the factorization
+                # (no K x K copy, and no K x K kept alive for the sweep: that decides a streamed 8B layer's VRAM)
+                arg = hess
+                if hess is not None and j == len(block) - 1:
+                    arg, hess = [hess], None
+                q = _quantize_linear(f"{lprefix}.{n}", mod, spec, recipe, arg, act=acts.get(n),
                                      host_factorization=host_factorization)
+                del arg
                 q.cache_weight = cache_weights  # later sub-blocks and the output pass reuse it
                 _set_module(layer, n, q)
                 report.modules[f"{lprefix}.{n}"] = _scheme_entry(q, recipe)
                 del mod
-            del acc
     else:
         for n, (mod, spec) in list(targets.items()):
             a = act_specs.get(n)
@@ -366,15 +408,15 @@ def quantize_model(
     set_kv_cache(model, recipe.kv_cache)
 
     xs: list[torch.Tensor] = []
-    kwargs: dict = {}
+    layer_kwargs: list[dict] = []
     if needs_data:
         report.nsamples, report.seq_len = calibration.shape
-        xs, kwargs = capture_layer_inputs(model, calibration, device, store)
-        kwargs = _to(kwargs, device)
+        xs, layer_kwargs = capture_layer_inputs(model, calibration, device, store)
 
     bar = tqdm(range(len(layers)), desc=f"quantize [{recipe.name}]", unit="layer", disable=not progress)
     for li in bar:
         layer = layers[li].to(device)
+        kwargs = _to(layer_kwargs[li], device) if needs_data else {}
         quantize_layer(layer, f"{prefix}.{li}", recipe, xs, kwargs, device, report, bar)
         if needs_data:
             outs: list[torch.Tensor] = []

@@ -155,3 +155,30 @@ def test_ignore_and_override_reach_the_checkpoint(calib, tmp_path):
 def test_api_quantize_requires_tokenizer_for_calibration():
     with pytest.raises(QuantkitError, match="needs a tokenizer"):
         qk.quantize(tiny_llama(), "gptq-w4g128", nsamples=2, seq_len=32, progress=False)
+
+
+def test_layer_kwargs_are_captured_per_layer():
+    """Gemma-3 passes sliding-window layers another mask and RoPE base than full-attention layers: replaying
+    the layers with the kwargs captured for each one reproduces the model's own hidden states."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    from quantkit.pipeline import _run_layer, capture_layer_inputs
+
+    cfg = Gemma3TextConfig(vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=4,
+                           num_attention_heads=2, num_key_value_heads=1, head_dim=32, sliding_window=8,
+                           layer_types=["sliding_attention", "full_attention", "sliding_attention",
+                                        "full_attention"], max_position_embeddings=128)
+    torch.manual_seed(0)
+    model = Gemma3ForCausalLM(cfg).eval()
+    ids = torch.randint(0, 256, (1, 40))
+    with torch.no_grad():
+        ref = model(ids, output_hidden_states=True, use_cache=False).hidden_states
+        xs, per_layer = capture_layer_inputs(model, ids, torch.device("cpu"), torch.device("cpu"))
+        assert len(per_layer) == 4 and per_layer[0]["attention_mask"] is not per_layer[1]["attention_mask"]
+        h = xs[0]
+        assert torch.equal(h, ref[0])
+        for i, layer in enumerate(model.model.layers):
+            h = _run_layer(layer, h, per_layer[i])
+            if i < 3:
+                assert torch.allclose(h, ref[i + 1], atol=1e-5), i
+    assert all(type(m).__name__ != "_KwargsRecorder" for m in model.model.layers)

@@ -71,7 +71,7 @@ def _inverse_cholesky(h: torch.Tensor, damping: float) -> torch.Tensor:
 @torch.no_grad()
 def gptq_quantize(
     weight: torch.Tensor,
-    hessian: torch.Tensor,
+    hessian: torch.Tensor | list[torch.Tensor],
     fmt: WeightFormat,
     damping: float = 0.01,
     block_size: int = 128,
@@ -83,16 +83,21 @@ def gptq_quantize(
 
     Returns codes `[N, K]` (original column order) and parameters stacked per group `{name: [N, groups,
     ...]}`, the same shapes `fmt.quantize_rtn` returns. With `consume_hessian`, `hessian` (fp32, on the
-    weight's device) is used as scratch space instead of being copied: the caller must not reuse it.
+    weight's device) is used as scratch space instead of being copied: the caller must not reuse it. A
+    one-element list hands the Hessian over (consumed, and freed as soon as it is no longer needed: the
+    caller must hold no other reference).
     factor_device: where the damped inverse Cholesky factorization runs (default: the weight's device). The
     streaming pipeline sends wide Hessians to the host: on a GPU the factorization's K x K temporaries and
     the solver's workspace, not the layer, decide peak VRAM (down_proj, K = 14336: 0.8 GB per matrix).
     """
     w = weight.detach().to(torch.float32).clone()
     n, k = w.shape
+    if isinstance(hessian, list):  # handed over: the caller kept no reference, so it is freed as we go
+        hessian, consume_hessian = hessian.pop(), True
     h = hessian.to(w.device, torch.float32)
     if not (consume_hessian and h is hessian):
         h = h.clone()
+    del hessian
     dead = torch.diag(h) == 0
     h[dead, dead] = 1.0
     w[:, dead] = 0.0
