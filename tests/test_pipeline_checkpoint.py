@@ -182,3 +182,19 @@ def test_layer_kwargs_are_captured_per_layer():
             if i < 3:
                 assert torch.allclose(h, ref[i + 1], atol=1e-5), i
     assert all(type(m).__name__ != "_KwargsRecorder" for m in model.model.layers)
+
+
+def test_model_dtype_cast_keeps_packed_dtypes(tiny_model):
+    """model.to(torch.bfloat16) casts activations and biases, never the stored scales (fp16, e4m3)."""
+    from quantkit.nn import QuantLinear
+
+    quantize_model(tiny_model, load_recipe({"name": "t", "weights": {"format": "int", "bits": 4,
+                                                                     "group_size": 32}}), progress=False)
+    q = tiny_model.model.layers[0].mlp.down_proj
+    before = {n: t.clone() for n, t in q.packed().items()}
+    w = q.dequantize_weight()
+    tiny_model.to(torch.bfloat16)
+    assert isinstance(q, QuantLinear)
+    for n, t in q.packed().items():
+        assert t.dtype == before[n].dtype and torch.equal(t, before[n]), n
+    assert torch.equal(q.dequantize_weight(torch.float32), w)

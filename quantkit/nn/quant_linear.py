@@ -60,6 +60,19 @@ class QuantLinear(nn.Module):
         bias = linear.bias.detach().clone() if linear.bias is not None else None
         return cls(linear.in_features, linear.out_features, spec, packed, bias, act)
 
+    def _apply(self, fn, recurse=True):
+        """`.to()`, `.cuda()`, `.half()` ... move the packed tensors but never change their storage dtypes
+        (a model-wide `.to(torch.bfloat16)` would otherwise turn fp16 scales into bf16 and e4m3 scales into
+        bf16, silently changing the stored numbers and what the kernels read)."""
+        originals = {n: self._buffers[n] for n in self.packed_names}
+        super()._apply(fn, recurse)
+        for n, t in originals.items():
+            new = self._buffers[n]
+            if new.dtype != t.dtype:
+                self._buffers[n] = t.to(new.device)
+        self._cached = None
+        return self
+
     def packed(self) -> dict[str, torch.Tensor]:
         return {name: getattr(self, name) for name in self.packed_names}
 
