@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from quantkit.formats import UniformInt
@@ -64,3 +65,20 @@ def test_singular_hessian_is_damped_not_nan():
     deq = fmt.dequantize_grouped(codes, params)
     assert torch.isfinite(deq).all()
     assert torch.all(deq[:, 5].abs() <= params["scale"][:, 0] * 0.5 + 1e-6)  # dead column quantizes 0
+
+
+@pytest.mark.parametrize("k", [5, 130, 700])
+def test_lowmem_inverse_cholesky_matches(k):
+    """The two-matrix factorization used for wide Hessians on GPUs gives the same U (H⁻¹ = UᵀU)."""
+    from quantkit.methods.gptq import _inverse_cholesky, _inverse_cholesky_lowmem
+
+    g = torch.Generator().manual_seed(k)
+    x = torch.randn(2 * k, k, generator=g, dtype=torch.float64)
+    h = (x.t() @ x).float()
+    a = _inverse_cholesky(h.clone(), 0.01)
+    b = _inverse_cholesky_lowmem(h.clone(), 0.01, block=64)
+    assert torch.equal(torch.triu(b), b)
+    assert float((a - b).abs().max() / a.abs().max()) < 1e-5
+    dead = torch.zeros(k, k)  # a singular Hessian is damped, never NaN
+    dead[: k // 2, : k // 2] = torch.eye(k // 2)
+    assert torch.isfinite(_inverse_cholesky_lowmem(dead + 0 * h, 0.01, block=64)).all()

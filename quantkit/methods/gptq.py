@@ -68,6 +68,48 @@ def _inverse_cholesky(h: torch.Tensor, damping: float) -> torch.Tensor:
     raise RuntimeError("Hessian could not be made positive definite even with heavy damping")
 
 
+# Hessians at least this large (on a GPU) take the two-matrix factorization below (K >= 8192)
+LOWMEM_MIN_BYTES = 256 * 2**20
+
+
+def _inverse_cholesky_lowmem(h: torch.Tensor, damping: float, block: int = 1024) -> torch.Tensor:
+    """The same U (H⁻¹ = UᵀU, U upper) as `_inverse_cholesky`, never holding more than two K x K matrices
+    and no solver temporaries of that size (the step that decided a streamed 8B layer's peak VRAM).
+
+    With J the exchange matrix and J·H·J = L̃·L̃ᵀ (lower Cholesky): H = R·Rᵀ with R = J·L̃·J upper, so
+    H⁻¹ = R⁻ᵀ·R⁻¹ and U = R⁻¹ = J·L̃⁻¹·J. L̃⁻¹ is built column block by column block with triangular solves
+    and written straight into U, flipped. `h` is consumed (the caller hands it over).
+    """
+    k = h.shape[0]
+    ht = torch.flip(h, (0, 1))
+    del h
+    diag = ht.diagonal()
+    mean_diag = torch.mean(diag).clamp_min(1e-8)
+    orig = diag.clone()
+    lam = damping
+    for _ in range(8):
+        diag.copy_(orig + lam * mean_diag)
+        lt, info = torch.linalg.cholesky_ex(ht)
+        if info == 0:
+            break
+        lt = None  # free the failed factor before the next try
+        lam = max(lam * 10, 1e-4)
+    else:
+        raise RuntimeError("Hessian could not be made positive definite even with heavy damping")
+    del ht, diag
+    u = torch.zeros(k, k, dtype=lt.dtype, device=lt.device)
+    for j1 in range(0, k, block):
+        j2 = min(j1 + block, k)
+        rhs = torch.zeros(k - j1, j2 - j1, dtype=lt.dtype, device=lt.device)
+        rhs[: j2 - j1].fill_diagonal_(1.0)
+        x = torch.linalg.solve_triangular(lt[j1:, j1:], rhs, upper=False)  # L̃⁻¹[j1:, j1:j2]
+        u[: k - j1, k - j2 : k - j1] = torch.flip(x, (0, 1))
+        del rhs, x
+    if not all(torch.isfinite(u[i : i + block]).all() for i in range(0, k, block)):
+        raise RuntimeError("GPTQ: the inverse Hessian factor is not finite; raise method.damping")
+    return u
+
+
 @torch.no_grad()
 def gptq_quantize(
     weight: torch.Tensor,
@@ -123,6 +165,9 @@ def gptq_quantize(
         u = _inverse_cholesky(h_dev, damping)
         del h_dev
         u = u.to(w.device)
+    elif h.is_cuda and h.numel() * 4 >= LOWMEM_MIN_BYTES:
+        u = _inverse_cholesky_lowmem(h, damping)
+        del h
     else:
         u = _inverse_cholesky(h, damping)
         del h
