@@ -240,3 +240,17 @@ def test_hlq_gptq_beats_hlq_rtn_on_output_error(bits, group):
     print(f"\noutput error ||X(W-Wq)^T|| w{bits}g{group}: hlq-rtn {e_rtn:.3f}  hlq-gptq {e_gptq:.3f}  "
           f"int-gptq {e_uni:.3f}")
     assert e_gptq < 0.9 * e_rtn
+
+
+def test_zero_exact_represents_zero():
+    """zero_exact shifts the offset so one representable value is 0 (up to the fp16 rounding of z)."""
+    from quantkit.formats.hlq import HLQ, value_table
+
+    w = torch.randn(64, 128, generator=torch.Generator().manual_seed(3))
+    free, snapped = HLQ(3, 128), HLQ(3, 128, zero_exact=True)
+    pf, ps = free.fit(w), snapped.fit(w)
+    near_free = value_table(pf["scale"], pf["offset"]).abs().amin(-1)
+    near_snap = value_table(ps["scale"], ps["offset"]).abs().amin(-1)
+    ulp = ps["offset"].abs() * 2.0**-10 + 2.0**-24
+    assert (near_snap <= ulp).all() and near_free.median() > 10 * near_snap.median()
+    assert torch.equal(ps["scale"], pf["scale"])
