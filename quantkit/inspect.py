@@ -13,7 +13,8 @@ from quantkit.errors import QuantkitError
 
 def _scheme_str(e: dict) -> str:
     g = e.get("group_size") or "ch"
-    s = f"{e.get('format')}{e.get('bits')} g{g}"
+    fmt = str(e.get("format"))
+    s = f"{fmt if fmt[-1].isdigit() else fmt + str(e.get('bits'))} g{g}"  # int6 / nvfp4 name their width
     if e.get("format") == "int":
         s += " sym" if e.get("symmetric") else " asym"
     s = f"{s} ({e.get('method', '?')})"
