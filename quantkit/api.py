@@ -17,7 +17,7 @@ from quantkit import checkpoint
 from quantkit.data import calibration_windows
 from quantkit.errors import QuantkitError
 from quantkit.models import default_dtype, load_fp_model, resolve_model_path
-from quantkit.pipeline import quantize_model
+from quantkit.pipeline import needs_calibration, quantize_model
 from quantkit.recipe import Recipe, load_recipe
 
 
@@ -57,7 +57,7 @@ def quantize(
                                       dtype=torch.float32 if device == "cpu" else None)
     tokenizer = tokenizer if tokenizer is not None else getattr(model, "quantkit_tokenizer", None)
     calib = None
-    if rec.method.name == "gptq":
+    if needs_calibration(rec):  # GPTQ, or activation schemes calibrated on data (ARCQuant, COMET, FlexQ search)
         if tokenizer is None:
             raise QuantkitError("calibration needs a tokenizer: pass tokenizer=...")
         calib = calibration_windows(tokenizer, dataset, nsamples, seq_len, seed)

@@ -56,13 +56,14 @@ def quantize(model, recipe, out, dataset, nsamples, seq_len, seed, device, overw
     import quantkit as qk
     from quantkit.checkpoint import check_out_dir
     from quantkit.data import load_text
+    from quantkit.pipeline import needs_calibration
 
     _check_device(device)
     rec = qk.load_recipe(recipe)
     if dry_run and not offload:
         raise QuantkitError("--dry-run estimates a streamed run: add --offload")
     if offload:
-        if rec.method.name != "rtn" and not dry_run:
+        if needs_calibration(rec) and not dry_run:
             load_text(dataset, "train")
         t0 = time.perf_counter()
         res = qk.quantize_streaming(model, rec, out, dataset=dataset, nsamples=nsamples, seq_len=seq_len,
@@ -73,7 +74,7 @@ def quantize(model, recipe, out, dataset, nsamples, seq_len, seed, device, overw
             click.echo(f"quantized with '{rec.name}' (offload) in {time.perf_counter() - t0:.1f} s -> {res}")
         return
     check_out_dir(out, overwrite)  # fail before the long part, not after
-    if rec.method.name != "rtn":
+    if needs_calibration(rec):
         load_text(dataset, "train")
     t0 = time.perf_counter()
     m = qk.quantize(model, rec, dataset=dataset, nsamples=nsamples, seq_len=seq_len, device=device, seed=seed)

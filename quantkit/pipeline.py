@@ -402,7 +402,8 @@ def quantize_model(
     prefix = _layer_prefix(model, layers)
     needs_data = needs_calibration(recipe)
     if needs_data and (calibration is None or calibration.numel() == 0):
-        raise QuantkitError(f"method '{recipe.method.name}' needs calibration data; pass a dataset")
+        raise QuantkitError(f"recipe '{recipe.name}' needs calibration data (method '{recipe.method.name}'"
+                            f"{', activation calibration' if recipe.activations is not None else ''}); pass a dataset")
     report = QuantizeReport(recipe=recipe.name)
     t0 = time.perf_counter()
     set_kv_cache(model, recipe.kv_cache)

@@ -83,3 +83,12 @@ def test_arcquant_pipeline_round_trip(recipe, tiny_model, calib, tmp_path):
         assert e["act"]["residual_channels"] == q.act.residual
         assert e["act"]["bits_per_activation"] == pytest.approx(4.5 * q.weight_in_features / 200, abs=1e-4)
     assert torch.equal(load(out)(ids).logits, y)
+
+
+def test_calibrated_activations_need_data_even_with_rtn_weights(tiny_model):
+    from quantkit.pipeline import needs_calibration
+
+    rec = load_recipe("arcquant-nvfp4")
+    assert rec.method.name == "rtn" and needs_calibration(rec) and not needs_calibration(load_recipe("nvfp4-rtn"))
+    with pytest.raises(QuantkitError, match="recipe 'arcquant-nvfp4' needs calibration data"):
+        quantize_model(tiny_model, rec, None, progress=False)
