@@ -44,8 +44,9 @@ _LOG2_LO, _LOG2_HI = -64, 64  # |x| outside [2^-64, 2^64) lands in the end bins
 class ARCCollector:
     """Per-channel max |x|, per-token threshold counts and a log2 histogram of |x| (layer-max rule)."""
 
-    def __init__(self, in_features: int):
+    def __init__(self, in_features: int, rules: tuple[str, ...] = RULES):
         self.k = in_features
+        self.rules = rules  # the histogram (the costly part) is only kept for the layer-max rule
         self.chan_max = torch.zeros(in_features)
         self.tokens = 0
         self.above_token = 0
@@ -58,6 +59,8 @@ class ARCCollector:
         tmax = x.amax(dim=-1, keepdim=True)
         self.above_token += int((x > tmax / 8).sum())
         self.tokens += x.shape[0]
+        if "layer_max" not in self.rules:
+            return
         nz = x[x > 0]
         idx = ((torch.log2(nz) - _LOG2_LO) * _BINS_PER_OCTAVE).floor().clamp(0, self.hist.numel() - 1)
         self.hist += torch.bincount(idx.long().cpu(), minlength=self.hist.numel()).double()
@@ -65,6 +68,8 @@ class ARCCollector:
     def ratio(self, rule: str) -> float:
         """Share of entries above τ = max/8 under `rule`."""
         total = max(self.tokens * self.k, 1)
+        if rule not in self.rules:
+            raise ValueError(f"this collector did not record what the '{rule}' rule needs")
         if rule == "per_token":
             return self.above_token / total
         tau = float(self.chan_max.max()) / 8
@@ -119,7 +124,8 @@ class ARCActQuantizer(ActQuantizer):
 
     @classmethod
     def collector(cls, spec: ActSpec, linear: nn.Module):
-        return ARCCollector(linear.in_features) if _residual_settings(spec)[0] else None
+        use, rule, _, _ = _residual_settings(spec)
+        return ARCCollector(linear.in_features, (rule,)) if use else None
 
     @classmethod
     def from_calibration(cls, spec: ActSpec, linear: nn.Module, collected) -> ActQuantizer:
