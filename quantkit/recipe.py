@@ -181,6 +181,24 @@ def _typed(value, typ, key: str, where: str):
     return typ(value)
 
 
+def _bits_and_group(d: dict, where: str, what: str, default_bits: int, limits: tuple[int, int, int],
+                    whole: str, whole_means: str) -> tuple[int, int | None]:
+    """`bits` and `group_size` of a weights / activations section, checked against a format's limits;
+    group_size None (also -1, `whole`, `per-<whole>`) = one group per row / token."""
+    lo, hi, min_group = limits
+    bits = _typed(d.get("bits", default_bits), int, "bits", where)
+    if not lo <= bits <= hi:
+        raise QuantkitError(f"{where}.bits = {bits} is out of range for {what}: use {lo}..{hi}")
+    gs = d.get("group_size", 128)
+    if gs in (None, -1, whole, f"per-{whole}"):
+        return bits, None
+    gs = _typed(gs, int, "group_size", where)
+    if gs < min_group:
+        raise QuantkitError(f"{where}.group_size = {gs} is out of range for {what}: use >= {min_group}, "
+                            f"or '{whole}' for {whole_means}")
+    return bits, gs
+
+
 def _weights_from_dict(d: dict, where: str = "weights") -> WeightSpec:
     fmt = d.get("format", "int")
     if fmt not in _FORMAT_LIMITS:
@@ -189,19 +207,8 @@ def _weights_from_dict(d: dict, where: str = "weights") -> WeightSpec:
         raise _unknown_key(str(fmt), _FORMAT_LIMITS, f"{where}.format (a weight format)")
     lo, hi, min_group, opts = _FORMAT_LIMITS[fmt]
     _check_keys(d, {"format", "bits", "group_size", "symmetric", *opts}, where)
-    bits = _typed(d.get("bits", 4), int, "bits", where)
-    if not lo <= bits <= hi:
-        raise QuantkitError(f"{where}.bits = {bits} is out of range for format '{fmt}': use {lo}..{hi}")
-    gs = d.get("group_size", 128)
-    if gs in (None, -1, "channel", "per-channel"):
-        gs = None
-    else:
-        gs = _typed(gs, int, "group_size", where)
-        if gs < min_group:
-            raise QuantkitError(
-                f"{where}.group_size = {gs} is out of range for format '{fmt}': use >= {min_group}, "
-                f"or 'channel' for one group per output row"
-            )
+    bits, gs = _bits_and_group(d, where, f"format '{fmt}'", 4, (lo, hi, min_group), "channel",
+                               "one group per output row")
     sym = _typed(d.get("symmetric", False), bool, "symmetric", where)
     options = tuple(sorted((k, d[k]) for k in opts if k in d))
     return WeightSpec(format=fmt, bits=bits, group_size=gs, symmetric=sym, options=options)
@@ -236,18 +243,8 @@ def _acts_from_dict(d: dict, where: str = "activations") -> ActSpec:
         raise _unknown_key(str(fmt), _ACT_FORMAT_LIMITS, f"{where}.format (an activation format)")
     lo, hi, min_group, opts = _ACT_FORMAT_LIMITS[fmt]
     _check_keys(d, {"format", "bits", "group_size", *opts}, where)
-    bits = _typed(d.get("bits", hi), int, "bits", where)
-    if not lo <= bits <= hi:
-        raise QuantkitError(f"{where}.bits = {bits} is out of range for activation format '{fmt}': "
-                            f"use {lo}..{hi}")
-    gs = d.get("group_size", 128)
-    if gs in (None, -1, "token", "per-token"):
-        gs = None
-    else:
-        gs = _typed(gs, int, "group_size", where)
-        if gs < min_group:
-            raise QuantkitError(f"{where}.group_size = {gs} is out of range for activation format '{fmt}': "
-                                f"use >= {min_group}, or 'token' for one group per token")
+    bits, gs = _bits_and_group(d, where, f"activation format '{fmt}'", hi, (lo, hi, min_group), "token",
+                               "one group per token")
     options = tuple(sorted((k, tuple(d[k]) if isinstance(d[k], list) else d[k]) for k in opts if k in d))
     return ActSpec(format=fmt, bits=bits, group_size=gs, options=options)
 
