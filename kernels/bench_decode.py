@@ -36,6 +36,10 @@ GEMV_SWEEP = [  # BLOCK_N, RUNS, num_warps, maxnreg, split
     (512, 1, 4, None, 64), (1024, 1, 4, None, 64), (512, 1, 2, None, 64), (256, 1, 1, None, 64),
     (1024, 1, 8, None, 64), (128, 1, 1, None, 64), (256, 1, 2, None, 64), (512, 1, 4, None, 32),
 ]
+GEMV_H2_SWEEP = [  # BLOCK_N, num_warps, split (wq_gemv._gemv_h2_kernel)
+    (256, 1, 64), (512, 1, 64), (512, 1, 32), (512, 2, 64), (512, 4, 64), (1024, 2, 32), (1024, 4, 32),
+    (256, 1, 32),
+]
 GEMM_SWEEP = [  # BLOCK_N, BLOCK_K, num_warps, num_stages, SWAP, split
     (64, 128, 4, 4, False, 5), (64, 128, 4, 4, False, 8), (32, 128, 4, 4, False, 4), (64, 128, 4, 4, True, 3),
     (64, 128, 4, 3, False, 5), (128, 128, 4, 4, False, 4),
@@ -89,6 +93,7 @@ def main(argv=None):
     ap.add_argument("--formats", default="int4,int2,hlq4,int3,hlq3,hlq2")
     ap.add_argument("--gemv-sweep", default="all", help="'all' or comma list of sweep indices")
     ap.add_argument("--gemm-formats", default="int4,hlq4,int2")
+    ap.add_argument("--kernels", default="h2,f32", help="GEMV kernels to sweep: h2 (wq_gemv), f32 (wq_gemm)")
     ap.add_argument("--profile", action="store_true", help="one launch of each decode kernel (run under ncu)")
     args = ap.parse_args(argv)
     import triton
@@ -137,9 +142,41 @@ def main(argv=None):
         ps = [p0] + [_clone_prepared(p0) for _ in range(_n_copies(_prepared_bytes(p0), l2) - 1)]
         ref = {m: wq_matmul_ref(xs[m], fmt, bits, GS, K, raw["qweight"], raw["scales"], raw.get("zeros"),
                                 raw.get("offsets"), dtype=torch.float64) for m in (1, 16)}
-        del raw
+
+        def _raw_args(_p, raw=raw):
+            return raw["qweight"], raw["scales"], raw.get("zeros"), raw.get("offsets")
         best = None
-        for bn, runs, nw, nreg, split in sweep:
+        for bn, nw, split in (GEMV_H2_SWEEP if "h2" in args.kernels else []):
+            cfg = {"BLOCK_N": bn, "SPLIT_K": split, "num_warps": nw, "num_stages": 1}
+            try:
+                y = dispatch.gemv_h2(ps[0], xs[1], None, cfg)
+                err = ((y.double() - ref[1]).norm() / ref[1].norm()).item()
+                us = time_rotated([lambda p=p, c=cfg: dispatch.gemv_h2(p, xs[1], None, c) for p in ps])
+            except Exception as e:
+                print(f"{name} gemv_h2 {cfg} FAILED {e!r}"[:600], flush=True)
+                continue
+            res["gemv"].append({"format": name, "kernel": "h2", **cfg, "us": us, "err": err})
+            print(f"{name:5} h2   M=1  BN={bn:<4} w={nw} split={split:<3} {us:8.2f} us  err {err:.1e}", flush=True)
+        if "h2" in args.kernels:  # the autotuned choice, and the cost of the split-K epilogue
+            us = time_rotated([lambda p=p: dispatch.gemv_h2(p, xs[1], None) for p in ps])
+            res["gemv"].append({"format": name, "kernel": "h2", "auto": True, "us": us})
+            cfg = {"BLOCK_N": 256, "SPLIT_K": 32, "num_warps": 1, "num_stages": 1}
+            um = time_rotated([lambda p=p, c=cfg: dispatch.gemv_h2(p, xs[1], None, c) for p in ps])
+            up = time_rotated([lambda p=p, c=cfg: dispatch.gemv_h2(p, xs[1], None, dict(c, TIMING_PLAIN_STORE=True))
+                               for p in ps])
+            res["gemv"].append({"format": name, "kernel": "h2", **cfg, "us": um, "us_plain_store": up})
+            print(f"{name} h2 autotuned {us:.2f} us; 256/1/32 {um:.2f} us, with a plain store instead of the "
+                  f"split-K epilogue {up:.2f} us", flush=True)
+            for m in (2, 4, 8, 16):  # the half2 GEMV at a few more rows
+                xm = torch.randn(m, K, device=dev, dtype=torch.bfloat16)
+                rm = wq_matmul_ref(xm, fmt, bits, GS, K, *_raw_args(p0), dtype=torch.float64)
+                cfg = {"BLOCK_N": 512, "SPLIT_K": 16 if m < 8 else 8, "num_warps": 1, "num_stages": 1}
+                y = dispatch.gemv_h2(ps[0], xm, None, cfg)
+                err = ((y.double() - rm).norm() / rm.norm()).item()
+                us = time_rotated([lambda p=p, x=xm, c=cfg: dispatch.gemv_h2(p, x, None, c) for p in ps])
+                res["gemv"].append({"format": name, "kernel": "h2", "M": m, **cfg, "us": us, "err": err})
+                print(f"{name} h2 M={m} {cfg} {us:.2f} us err {err:.1e}", flush=True)
+        for bn, runs, nw, nreg, split in (sweep if "f32" in args.kernels else []):
             cfg = {"BLOCK_N": bn, "RUNS": runs, "SPLIT_K": split, "num_warps": nw, "num_stages": 1}
             if nreg:
                 cfg["maxnreg"] = nreg

@@ -136,6 +136,30 @@ def gemv(p: Prepared, x: torch.Tensor, bias: torch.Tensor | None = None, config:
     return out
 
 
+def gemv_h2(p: Prepared, x: torch.Tensor, bias: torch.Tensor | None = None, config: dict | None = None):
+    """x: [M, K] → [M, N] with the half2 split-K GEMV (`wq_gemv.py`); `config` as for `gemv` (BLOCK_N,
+    SPLIT_K, num_warps). Under TRITON_INTERPRET the same algorithm runs without its PTX."""
+    import triton
+
+    from quantkit.kernels import wq_gemv
+
+    m = x.shape[0]
+    out = torch.empty(m, p.n, dtype=x.dtype, device=x.device)
+    args = _args(p, x, out, bias)
+    use_asm = os.environ.get("TRITON_INTERPRET") != "1"
+    if config is None:
+        _set_sms(x.device)
+        grid = lambda a: (triton.cdiv(p.n, a["BLOCK_N"]), a["SPLIT_K"], m)
+        wq_gemv.gemv_h2_tuned[grid](*args, **_consts(p, bias), USE_ASM=use_asm)
+    else:
+        c = dict(config)
+        c.setdefault("EVEN_K", p.k % 32 == 0)
+        c.setdefault("USE_ASM", use_asm)
+        grid = (triton.cdiv(p.n, c["BLOCK_N"]), c["SPLIT_K"], m)
+        wq_gemv._gemv_h2_kernel[grid](*args, **_consts(p, bias), **c)
+    return out
+
+
 def gemm(p: Prepared, x: torch.Tensor, bias: torch.Tensor | None = None, config: dict | None = None):
     """x: [M, K] → [M, N] with the fused dequant + tl.dot kernel."""
     import triton
@@ -185,11 +209,13 @@ def dequant_matmul(p: Prepared, x: torch.Tensor, bias: torch.Tensor | None = Non
 
 
 def matmul(p: Prepared, x: torch.Tensor, bias: torch.Tensor | None = None, path: str | None = None):
-    """y = x @ Wᵀ + bias for x: [M, K]; `path` in {None (by M), "gemv", "gemm", "dequant"}."""
+    """y = x @ Wᵀ + bias for x: [M, K]; `path` in {None (by M), "gemv" (half2), "gemv_f32", "gemm", "dequant"}."""
     m = x.shape[0]
     if path is None:
         path = "gemv" if m <= GEMV_MAX_M else ("gemm" if m < DEQUANT_MIN_M else "dequant")
     if path == "gemv":
+        return gemv_h2(p, x, bias)
+    if path == "gemv_f32":
         return gemv(p, x, bias)
     if path == "gemm":
         return gemm(p, x, bias)

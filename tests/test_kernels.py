@@ -92,6 +92,8 @@ def test_kernels_match_reference(case):
             runs["gemv"] = dispatch.gemv(prep, x, bias, {"BLOCK_N": 32, "RUNS": bk // 32, "SPLIT_K": 1, "num_warps": 2})
             runs["gemv-splitk"] = dispatch.gemv(prep, x, bias, {"BLOCK_N": 64, "RUNS": 1, "SPLIT_K": 3,
                                                                     "num_warps": 2})
+            runs["gemv-h2"] = dispatch.gemv_h2(prep, x, bias, {"BLOCK_N": 32, "SPLIT_K": 1, "num_warps": 2})
+            runs["gemv-h2-splitk"] = dispatch.gemv_h2(prep, x, bias, {"BLOCK_N": 64, "SPLIT_K": 3, "num_warps": 1})
         for name, y in runs.items():
             assert y.shape == (m, n) and y.dtype == dtype
             err = _rel(y, ref)
@@ -137,8 +139,31 @@ def test_gpu_real_shapes(case):
         y = mod(x)
         bf16 = _rel(ref.to(torch.bfloat16), ref)  # the rounding of the output alone
         assert _rel(y, ref) < 2 * bf16 + 1e-3, (m, _rel(y, ref), bf16)
-        for path in ("gemv", "gemm", "dequant"):
-            if path == "gemv" and m > 16:
+        for path in ("gemv", "gemv_f32", "gemm", "dequant"):
+            if path.startswith("gemv") and m > 16:
                 continue
             yp = dispatch.matmul(dispatch.prepared_for(mod), x, None, path)
             assert _rel(yp, ref) < 2 * bf16 + 5e-3, (path, m, _rel(yp, ref), bf16)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("case", [("int", 4, 128), ("int", 3, 64), ("hlq", 2, 64), ("hlq", 4, 128)], ids=str)
+def test_gpu_gemv_h2_activation_range(case):
+    """The half2 GEMV rescales x per K slice into fp16 range: massive activation channels (2e4, beyond fp16's
+    reach once multiplied by a code), tiny activations (1e-6) and a K that is not a multiple of 32 keep the
+    error at the bf16 rounding of the output."""
+    fmt, bits, gs = case
+    k, n = 4000, 3000
+    p = random_packed(fmt, bits, gs, k, n, device="cuda")
+    prep = dispatch.prepare(fmt, bits, gs, k, n, p)
+    g = torch.Generator(device="cuda").manual_seed(0)
+    base = torch.randn(2, k, device="cuda", generator=g)
+    outl = base.clone()
+    outl[:, 17] = 2e4
+    outl[:, 1000:1004] *= 300
+    for x in (base, outl, base * 1e-6):
+        x = x.to(torch.bfloat16)
+        ref = _ref(p, fmt, bits, gs, k, x, dtype=torch.float64)
+        y = dispatch.matmul(prep, x, None, "gemv")
+        bf16 = _rel(ref.to(torch.bfloat16), ref)
+        assert _rel(y, ref) < 2 * bf16 + 1e-3, (_rel(y, ref), bf16)
