@@ -36,9 +36,10 @@ GEMV_SWEEP = [  # BLOCK_N, RUNS, num_warps, maxnreg, split
     (512, 1, 4, None, 64), (1024, 1, 4, None, 64), (512, 1, 2, None, 64), (256, 1, 1, None, 64),
     (1024, 1, 8, None, 64), (128, 1, 1, None, 64), (256, 1, 2, None, 64), (512, 1, 4, None, 32),
 ]
-GEMV_H2_SWEEP = [  # BLOCK_N, num_warps, split (wq_gemv._gemv_h2_kernel)
-    (256, 1, 64), (512, 1, 64), (512, 1, 32), (512, 2, 64), (512, 4, 64), (1024, 2, 32), (1024, 4, 32),
-    (256, 1, 32),
+GEMV_H2_SWEEP = [  # BLOCK_N, num_warps, split, maxnreg (wq_gemv._gemv_h2_kernel)
+    (256, 1, 32, None), (256, 1, 32, 128), (256, 1, 32, 96), (256, 1, 32, 80), (256, 1, 48, 96),
+    (256, 1, 64, 96), (512, 1, 64, 128), (512, 2, 64, 128), (512, 2, 64, 96), (512, 2, 48, 128),
+    (128, 1, 32, 64), (128, 1, 16, 64), (256, 2, 32, 80), (1024, 4, 32, 128),
 ]
 GEMM_SWEEP = [  # BLOCK_N, BLOCK_K, num_warps, num_stages, SWAP, split
     (64, 128, 4, 4, False, 5), (64, 128, 4, 4, False, 8), (32, 128, 4, 4, False, 4), (64, 128, 4, 4, True, 3),
@@ -146,8 +147,10 @@ def main(argv=None):
         def _raw_args(_p, raw=raw):
             return raw["qweight"], raw["scales"], raw.get("zeros"), raw.get("offsets")
         best = None
-        for bn, nw, split in (GEMV_H2_SWEEP if "h2" in args.kernels else []):
+        for bn, nw, split, nreg in (GEMV_H2_SWEEP if "h2" in args.kernels else []):
             cfg = {"BLOCK_N": bn, "SPLIT_K": split, "num_warps": nw, "num_stages": 1}
+            if nreg:
+                cfg["maxnreg"] = nreg
             try:
                 y = dispatch.gemv_h2(ps[0], xs[1], None, cfg)
                 err = ((y.double() - ref[1]).norm() / ref[1].norm()).item()
@@ -156,7 +159,8 @@ def main(argv=None):
                 print(f"{name} gemv_h2 {cfg} FAILED {e!r}"[:600], flush=True)
                 continue
             res["gemv"].append({"format": name, "kernel": "h2", **cfg, "us": us, "err": err})
-            print(f"{name:5} h2   M=1  BN={bn:<4} w={nw} split={split:<3} {us:8.2f} us  err {err:.1e}", flush=True)
+            print(f"{name:5} h2   M=1  BN={bn:<4} w={nw} split={split:<3} nreg={nreg} {us:8.2f} us  err {err:.1e}",
+                  flush=True)
         if "h2" in args.kernels:  # the autotuned choice, and the cost of the split-K epilogue
             us = time_rotated([lambda p=p: dispatch.gemv_h2(p, xs[1], None) for p in ps])
             res["gemv"].append({"format": name, "kernel": "h2", "auto": True, "us": us})

@@ -5,9 +5,11 @@ that imports quantkit never loads triton.
 
 Paths, chosen per M by measurement (eval/bench_kernels.py and kernels/bench_decode.py on an H200, torch 2.11 /
 triton 3.6, weights rotated over > 2.5x L2, CUDA-graph replays; JSON in docs/bench/kernels_h200.json):
-- M <= GEMV_MAX_M (1):           `_gemv_kernel`, split-K GEMV on CUDA cores (int4 g128, 4096x14336: 14.9 us vs
-                                 26.8 us for the tl.dot kernel). Its cost grows ~linearly with M (M = 2: ~30 us)
-                                 while the tl.dot kernel is flat in M up to 16 (~26 us), so M >= 2 goes to the GEMM.
+- M <= GEMV_MAX_M (2):           `wq_gemv._gemv_h2_kernel`, split-K GEMV in packed half2 arithmetic (int4 g128,
+                                 4096x14336: 11.8 us vs 14.9 us for the fp32 `_gemv_kernel`, still reachable as
+                                 path "gemv_f32", and 26.8 us for the tl.dot kernel). Its cost grows ~linearly
+                                 with M (M = 2: 18.5-23.5 us, M = 4: 26-41 us by format) while the tl.dot kernel is
+                                 flat in M up to 16 (~26-48 us), so M >= 3 goes to the GEMM.
 - GEMV_MAX_M < M < DEQUANT_MIN_M (128): `_gemm_kernel` (dequant in registers + tl.dot, split-K); M = 16: 5.9-26.8 us.
 - M >= DEQUANT_MIN_M:            `_dequant_kernel` into a bf16/fp16 workspace, then cuBLAS. It won at M = 128 on
                                  3 of 4 shapes (lost 4096x14336: 76.7 vs 63.7 us, first benchmark) and at
@@ -24,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-GEMV_MAX_M = 1
+GEMV_MAX_M = 2
 DEQUANT_MIN_M = 128
 
 _FMT_CODE = {"int": 0, "hlq": 1}

@@ -263,32 +263,34 @@ def _gemv_h2_kernel(x_ptr, q0_ptr, q1_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, ws_p
                HAS_BIAS, SPLIT_K)
 
 
-def _c(num_warps, **kw):
-    return triton.Config(kw, num_warps=num_warps, num_stages=1)
+def _c(num_warps, maxnreg=None, **kw):
+    return triton.Config(kw, num_warps=num_warps, num_stages=1, maxnreg=maxnreg)
 
 
 # Few warps with many columns per thread amortize the x side (per x value, shared by a thread's columns).
-# kernels/bench_decode.py on an H200 (K = 4096, N = 14336, g128, rotated weights, CUDA graphs): best int4
-# 1024 cols / 4 warps / split 32 (13.6 us) or 256 / 1 / 32 (13.7); int2, hlq2 512 / 2 / 64; int3, hlq3, hlq4
-# 256 / 1 / 64. Split = PPS · SMs / column tiles (capped at 64).
+# kernels/bench_decode.py on an H200 (K = 4096, N = 14336, g128, rotated weights, CUDA graphs;
+# docs/bench/decode_h2_h200.json): 256 columns / 1 warp won for every format but hlq3 (512 / 2); capping the
+# registers (maxnreg) raised occupancy and took 1-1.7 us off (int4 13.5 -> 11.8 us); split = PPS · SMs /
+# column tiles (capped at 64): int4 32, int2 48, the rest 64.
 GEMV_H2_CONFIGS = [
-    _c(1, BLOCK_N=256, PPS=28),
-    _c(2, BLOCK_N=512, PPS=14),
-    _c(4, BLOCK_N=1024, PPS=4),
-    _c(1, BLOCK_N=256, PPS=14),
-    _c(1, BLOCK_N=512, PPS=14),
+    _c(1, 128, BLOCK_N=256, PPS=14),
+    _c(1, 96, BLOCK_N=256, PPS=20),
+    _c(1, 96, BLOCK_N=256, PPS=28),
+    _c(2, 96, BLOCK_N=512, PPS=28),
+    _c(4, 128, BLOCK_N=1024, PPS=8),
 ]
+_SWEEP_WINNER = {(0, 4): (256, 14), (0, 2): (256, 20), (0, 3): (256, 28), (1, 2): (256, 28), (1, 4): (256, 28),
+                 (1, 3): (512, 28)}
 
 
 def _prune(configs, named_args, **kwargs):
     """Wide GEMVs: the autotuner (single launches, weights in L2) and the rotated CUDA-graph sweep disagree,
-    so take the sweep's winner per format (see above)."""
+    so take the sweep's winner per format."""
     a = {**named_args, **kwargs}
-    if a.get("N", 0) < 8192:
+    want = _SWEEP_WINNER.get((a.get("FMT"), a.get("BITS")))
+    if a.get("N", 0) < 8192 or want is None:
         return configs
-    bits, fmt = a.get("BITS"), a.get("FMT")
-    want = (256, 1, 14) if bits == 4 and fmt == 0 else ((512, 2, 14) if bits == 2 else (256, 1, 28))
-    return [c for c in configs if (c.kwargs["BLOCK_N"], c.num_warps, c.kwargs["PPS"]) == want] or configs
+    return [c for c in configs if (c.kwargs["BLOCK_N"], c.kwargs["PPS"]) == want] or configs
 
 
 def _h2_split(a):
