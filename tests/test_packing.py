@@ -32,3 +32,16 @@ def test_layout_3bit_straddles_words():
 def test_out_of_range_codes_rejected():
     with pytest.raises(ValueError, match="out of range"):
         pack_codes(torch.tensor([[4]]), 2)
+
+
+def test_pack_codes_in_row_blocks_matches_one_block(monkeypatch):
+    """Large weights are packed in row blocks (bounded int64 temporaries): same words as packing at once."""
+    import quantkit.formats.packing as packing
+
+    g = torch.Generator().manual_seed(0)
+    for bits in (2, 3, 4, 6):
+        codes = torch.randint(0, 1 << bits, (37, 200), generator=g)
+        whole = packing.pack_codes(codes, bits)
+        monkeypatch.setattr(packing, "_BLOCK_CODES", 3 * 224)  # 3 rows per block, K padded to 224
+        assert torch.equal(packing.pack_codes(codes, bits), whole)
+        monkeypatch.undo()

@@ -28,16 +28,30 @@ def packed_rows(k: int, bits: int) -> int:
     return -(-k // _WORD) * bits
 
 
+# int64 temporaries per row block: ~8M codes (64 MiB each). Packing a whole 14336 x 4096 weight at once kept
+# ~2.2 GiB of them alive, the largest item of a streamed layer's peak VRAM (eval/offload_vram_profile.py).
+_BLOCK_CODES = 1 << 23
+
+
 def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """Pack `codes: [N, K]` integers in [0, 2**bits) into `int32 [ceil(K/32)·bits, N]`."""
     if not 1 <= bits <= 8:
         raise ValueError(f"bits must be in 1..8, got {bits}")
     n, k = codes.shape
+    if n and k and (codes.min() < 0 or codes.max() >= (1 << bits)):
+        raise ValueError(f"codes out of range for {bits}-bit packing")
     runs = -(-k // _WORD)
+    out = torch.empty(runs * bits, n, dtype=torch.int32, device=codes.device)
+    step = max(1, _BLOCK_CODES // max(1, runs * _WORD))
+    for i in range(0, n, step):
+        out[:, i:i + step] = _pack_rows(codes[i:i + step], bits, runs)
+    return out
+
+
+def _pack_rows(codes: torch.Tensor, bits: int, runs: int) -> torch.Tensor:
+    n, k = codes.shape
     c = torch.zeros(n, runs * _WORD, dtype=torch.int64, device=codes.device)
     c[:, :k] = codes.to(torch.int64)
-    if c.min() < 0 or c.max() >= (1 << bits):
-        raise ValueError(f"codes out of range for {bits}-bit packing")
     c = c.view(n, runs, _WORD)
     word, shift = (t.to(codes.device) for t in _positions(bits))
     words = torch.zeros(n, runs, bits + 1, dtype=torch.int64, device=codes.device)
@@ -48,7 +62,7 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     words.index_add_(2, word + 1, high)
     words = words[:, :, :bits].reshape(n, runs * bits)
     words = torch.where(words >= 2**31, words - 2**32, words)
-    return words.to(torch.int32).t().contiguous()
+    return words.to(torch.int32).t()
 
 
 def unpack_codes(packed: torch.Tensor, bits: int, k: int) -> torch.Tensor:
