@@ -380,7 +380,7 @@ class _Timer:
 
 def _category(name: str) -> str:
     n = name.lower()
-    if "_gemv_kernel" in n:
+    if "_gemv_kernel" in n or "_gemv_h2_kernel" in n:
         return "quant GEMV (Triton)"
     if "_gemm_kernel" in n:
         return "quant GEMM (Triton)"
