@@ -21,9 +21,12 @@ def _scheme_str(e: dict) -> str:
     a = e.get("act")
     if a:
         ga = a.get("group_size") or "tok"
-        s += f" | act {a.get('format')}{a.get('bits')} g{ga}"
+        af = str(a.get("format"))
+        s += f" | act {af if af[-1].isdigit() else af + str(a.get('bits'))} g{ga}"
         if a.get("residual_channels"):
             s += f" +{a['residual_channels']}ch"
+        if a.get("bits_per_activation") is not None:
+            s += f" {a['bits_per_activation']:.2f}b/act"
         if a.get("int8_blocks") is not None:
             s += f" int8 blocks {a['int8_blocks']}/{a['blocks']}"
         if a.get("sensitivity") is not None:
