@@ -1,6 +1,8 @@
 """GPU kernels (imported as `quantkit.kernels`), each next to a torch reference of the same math.
 
-- `wq_gemm`    Triton weight-only GEMM/GEMV for uniform-int and HLQ weights (2/3/4 bits); imports triton.
+- `wq_gemv`    the decode GEMV (M ≤ 2) for uniform-int and HLQ weights in packed half2 arithmetic.
+- `wq_gemm`    Triton weight-only GEMM (fused dequant + tl.dot, dequant-to-workspace) and the earlier fp32
+               GEMV (path "gemv_f32") for uniform-int and HLQ weights (2/3/4 bits); imports triton.
 - `reference`  the torch reference those kernels are tested against (pure torch, any device).
 - `dispatch`   QuantLinear hook: repack/caching and the per-M choice of path (imports triton lazily).
 - `int8_gemm`, `nvfp4_gemm` (+ `*_reference`): activation-quantized GEMMs (FlexQ/COMET, ARCQuant);

@@ -2,7 +2,8 @@
 
 Torch reference of the same math: `reference.py`. Three kernels share one dequantization scheme:
 
-- `_gemv_kernel`   decode path (small M): one program = BLOCK_N outputs of one row × a K slice (split-K),
+- `_gemv_kernel`   fp32 GEMV (path "gemv_f32"; the decode path is now `wq_gemv._gemv_h2_kernel`, ~2x fewer
+                   instructions): one program = BLOCK_N outputs of one row × a K slice (split-K),
                    CUDA-core FMAs, no tensor cores; dequant work is done once per row.
 - `_gemm_kernel`   tensor-core path: tiles of [BLOCK_M, BLOCK_N], the weight tile dequantized in registers,
                    then `tl.dot`; optional split-K for small M (M = 16 decode batches).
