@@ -77,6 +77,7 @@ class LatencyConfig:
     dtype: str = "bfloat16"
     seed: int = 0
     fit_budget_s: float | None = None  # on-the-fly fitting: past this, later layers reuse fitted codes
+    lm_head_bits: int | None = None  # also measure each on-the-fly variant with an int (g128) lm_head
 
 
 def _dtype(name: str) -> torch.dtype:
@@ -227,6 +228,25 @@ def quantize_on_the_fly(model: nn.Module, recipe, fit_budget_s: float | None = N
 
 
 @torch.no_grad()
+def quantize_lm_head(model: nn.Module, bits: int) -> str:
+    """Replace an untied lm_head by a uniform-int (asymmetric, group 128) RTN QuantLinear; the same kernels as
+    the decoder Linears serve it. A tied lm_head is left alone (it is the embedding table): said in the result."""
+    from quantkit.formats import make_format
+    from quantkit.methods import rtn_quantize
+    from quantkit.nn import QuantLinear
+    from quantkit.recipe import WeightSpec
+
+    head, emb = model.get_output_embeddings(), model.get_input_embeddings()
+    if head is None or not isinstance(head, nn.Linear) or head.weight is emb.weight:
+        return "left in full precision (tied to the embedding table)"
+    spec = WeightSpec(format="int", bits=bits, group_size=128, symmetric=False)
+    codes, params = rtn_quantize(head.weight, make_format(spec))
+    q = QuantLinear.from_codes(head, spec, codes, params).to(head.weight.device)
+    model.set_output_embeddings(q)
+    return f"int{bits} g128 asym (RTN)"
+
+
+@torch.no_grad()
 def dequantized_twin(model: nn.Module, dtype: torch.dtype) -> int:
     """Replace every QuantLinear by a plain Linear with its dequantized weight (random N(0, 0.02) where an
     activation scheme changed the weight's input space); returns how many got random weights."""
@@ -278,10 +298,11 @@ def model_bytes(model: nn.Module) -> dict:
     emb = model.get_input_embeddings()
     embed = nbytes([emb.weight])
     head = model.get_output_embeddings()
-    lm_head = nbytes([head.weight]) if head is not None else 0
+    lm_head = nbytes(list(head.parameters(recurse=False)) + list(head.buffers(recurse=False))) \
+        if head is not None else 0
     rest = nbytes(list(model.parameters()) + list(model.buffers()))
     return {"total": linear + embed + lm_head + rest, "linear": linear, "embedding": embed, "lm_head": lm_head,
-            "other": rest, "tied_lm_head": head is not None and head.weight is emb.weight,
+            "other": rest, "tied_lm_head": head is not None and getattr(head, "weight", None) is emb.weight,
             "linear_bits_per_weight": 8 * linear / max(linear_weights, 1), "linear_weights": linear_weights}
 
 
@@ -652,6 +673,13 @@ def _variants(source: str | None, shape: str | None, recipes: list[str], dev: to
             return m, info
 
         out.append(_Variant(rec.name, make_q, recipe=rec.name))
+        if cfg.lm_head_bits:
+            def make_qh(rec=rec, bits=cfg.lm_head_bits):
+                m, info = make_q(rec)
+                info = dict(info, lm_head=quantize_lm_head(m, bits))
+                return m, info
+
+            out.append(_Variant(f"{rec.name}+head{cfg.lm_head_bits}", make_qh, recipe=rec.name))
     return out, desc
 
 

@@ -178,12 +178,15 @@ def bench_kernels(ctx):
 @click.option("--fit-budget", type=float, default=None,
               help="Seconds of on-the-fly fitting; later layers then reuse the last fitted layer's codes "
                    "(timing-equivalent; for slow fits such as HLQ ALS at 8B scale).")
+@click.option("--lm-head-bits", type=click.Choice(["2", "3", "4"]), default=None,
+              help="Also quantize an untied lm_head of the on-the-fly variants (uniform int, group 128, RTN); "
+                   "each recipe is then measured with and without it.")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--json", "json_path", type=click.Path(path_type=Path), default=None, help="Write results here.")
 @click.option("--plot", "plot_path", type=click.Path(path_type=Path), default=None,
               help="Write a PNG bar chart here (needs matplotlib).")
 def bench_latency(model, shape, recipe, batch, prompt, gen, repeats, warmup, device, dtype, no_graphs, compile_,
-                  no_profile, fit_budget, seed, json_path, plot_path):
+                  no_profile, fit_budget, lm_head_bits, seed, json_path, plot_path):
     """Prefill / decode latency of MODEL_OR_DIR (or --shape) vs its bf16 model: static KV cache, CUDA graphs."""
     import torch
 
@@ -198,7 +201,7 @@ def bench_latency(model, shape, recipe, batch, prompt, gen, repeats, warmup, dev
     cfg = LatencyConfig(batches=batches, prompt=prompt, gen=gen, repeats=repeats, warmup=warmup,
                         graphs=not no_graphs, compile=compile_, profile=not no_profile, device=device,
                         dtype=dtype or ("float32" if device == "cpu" else "bfloat16"), seed=seed,
-                        fit_budget_s=fit_budget)
+                        fit_budget_s=fit_budget, lm_head_bits=int(lm_head_bits) if lm_head_bits else None)
     recipes = [r.strip() for r in recipe.split(",") if r.strip()] if recipe else []
     run_latency(model, shape, recipes, cfg, json_path=json_path, plot_path=plot_path, log=click.echo)
 

@@ -131,3 +131,32 @@ def test_report_table_and_json(tmp_path):
     back = json.loads(p.read_text())
     assert back["v"] == 2.5 and back["p"] == str(tmp_path) and back["rows"][1]["x"] == 0.5
     assert not list((tmp_path / "sub").glob("*.tmp"))
+
+
+def test_quantize_lm_head_untied_and_tied():
+    """--lm-head-bits: an untied lm_head becomes an int4 g128 QuantLinear (fewer bytes, logits close to the
+    dequantized reference); a tied one is left alone and the result says so."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from quantkit.eval.bench_latency import model_bytes, quantize_lm_head
+    from quantkit.nn import QuantLinear
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=1, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=300, tie_word_embeddings=False)
+    m = LlamaForCausalLM(cfg).eval()
+    ids = torch.randint(0, 300, (1, 12))
+    before = model_bytes(m)["lm_head"]
+    w = m.lm_head.weight.detach().clone()
+    assert quantize_lm_head(m, 4) == "int4 g128 asym (RTN)"
+    assert isinstance(m.get_output_embeddings(), QuantLinear)
+    after = model_bytes(m)["lm_head"]
+    assert after < before / 6  # 4.25 bits/weight (+ params) instead of 32
+    hidden = m.model(ids).last_hidden_state
+    out = m(ids).logits
+    rel_q = ((hidden @ w.t() - out).norm() / (hidden @ w.t()).norm()).item()
+    assert 0 < rel_q < 0.15, rel_q  # the quantized head serves the logits: 4-bit RTN error, not 0
+    tied = LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                        num_attention_heads=2, vocab_size=100, tie_word_embeddings=True))
+    assert "tied" in quantize_lm_head(tied, 4)
+    assert isinstance(tied.get_output_embeddings(), torch.nn.Linear)
