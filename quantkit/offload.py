@@ -63,6 +63,7 @@ from quantkit.checkpoint import (
     write_shard,
 )
 from quantkit.errors import QuantkitError
+from quantkit.methods.gptq import LOWMEM_MIN_BYTES
 from quantkit.models import decoder_layers
 from quantkit.pipeline import (
     HOST_FACTOR_MIN_BYTES,
@@ -251,11 +252,14 @@ def estimate(src: SourceCheckpoint, config, recipe: Recipe, prefix: str, n_layer
             nout, k = shape
             out_bytes += sum(_nbytes(s, d) for s, d in _packed_names(spec, k, nout).values())
             if needs_calibration(recipe):
-                # H (handed over to GPTQ) and its Cholesky factor, plus the solver's workspace, W in fp32,
-                # codes in uint8; with host_factorization, wide Hessians are factorized on the host
+                # H (handed over to GPTQ) and its Cholesky factor (wide Hessians on a GPU: factorized in
+                # place, plus K x block panels), W in fp32, codes in uint8; with host_factorization, wide
+                # Hessians are factorized on the host
                 kk = k * k * 4
                 host = host_factorization and device.type == "cuda" and kk >= HOST_FACTOR_MIN_BYTES
-                gptq_work = max(gptq_work, (1 if host else 2) * kk + nout * k * (4 + 1))
+                inplace = device.type == "cuda" and kk >= LOWMEM_MIN_BYTES and not host
+                factor = kk if host else kk + 2 * k * 1024 * 4 if inplace else 2 * kk
+                gptq_work = max(gptq_work, factor + nout * k * (4 + 1))
                 host_factor = max(host_factor, 3 * kk if host else 0)
             else:
                 gptq_work = max(gptq_work, nout * k * (4 + 8))
@@ -277,7 +281,8 @@ def estimate(src: SourceCheckpoint, config, recipe: Recipe, prefix: str, n_layer
     if device.type == "cpu":
         ram, vram = base_ram + dev_peak + staging, 0
     else:
-        ram, vram = base_ram + staging + sample, dev_peak + 300 * 1024**2  # + CUDA context / allocator slack
+        # + the CUDA runtime's host memory (measured ~1 GiB RSS on an H100 with torch 2.11); VRAM + context
+        ram, vram = base_ram + 1024**3 + staging + sample, dev_peak + 300 * 1024**2
     disk = out_bytes + (nsamples * sample if data else 0) + spill
     return {"source_bytes": sum(src.nbytes(n) for n in src.meta), "layer_source_bytes": layer_src,
             "activation_bytes": acts, "activation_on_device_bytes": acts_dev, "activation_spill_bytes": spill,

@@ -68,17 +68,38 @@ def test_singular_hessian_is_damped_not_nan():
 
 
 @pytest.mark.parametrize("k", [5, 130, 700])
-def test_lowmem_inverse_cholesky_matches(k):
-    """The two-matrix factorization used for wide Hessians on GPUs gives the same U (H⁻¹ = UᵀU)."""
-    from quantkit.methods.gptq import _inverse_cholesky, _inverse_cholesky_lowmem
+def test_inplace_inverse_cholesky_matches(k):
+    """The in-place factorization used for wide Hessians on GPUs gives the same U (H⁻¹ = UᵀU)."""
+    from quantkit.methods.gptq import _inverse_cholesky, _inverse_cholesky_inplace
 
     g = torch.Generator().manual_seed(k)
     x = torch.randn(2 * k, k, generator=g, dtype=torch.float64)
     h = (x.t() @ x).float()
     a = _inverse_cholesky(h.clone(), 0.01)
-    b = _inverse_cholesky_lowmem(h.clone(), 0.01, block=64)
+    b = _inverse_cholesky_inplace(h.clone(), 0.01, block=64)
     assert torch.equal(torch.triu(b), b)
     assert float((a - b).abs().max() / a.abs().max()) < 1e-5
     dead = torch.zeros(k, k)  # a singular Hessian is damped, never NaN
     dead[: k // 2, : k // 2] = torch.eye(k // 2)
-    assert torch.isfinite(_inverse_cholesky_lowmem(dead + 0 * h, 0.01, block=64)).all()
+    assert torch.isfinite(_inverse_cholesky_inplace(dead + 0 * h, 0.01, block=64)).all()
+
+
+def test_inplace_inverse_cholesky_retries_with_more_damping():
+    """An indefinite H fails the first Cholesky; the in-place path restores H from its upper triangle and
+    lands on the same damping (and so the same U) as the reference path."""
+    from quantkit.methods.gptq import _inverse_cholesky, _inverse_cholesky_inplace
+
+    k = 300
+    g = torch.Generator().manual_seed(1)
+    q, _ = torch.linalg.qr(torch.randn(k, k, generator=g, dtype=torch.float64))
+    ev = torch.linspace(1.0, 2.0, k, dtype=torch.float64)
+    ev[7] = -0.05  # needs λ·mean(diag) > 0.05: 0.01 fails, 0.1 succeeds
+    h = (q * ev) @ q.t()
+    h = ((h + h.t()) / 2).float()
+    a = _inverse_cholesky(h.clone(), 0.01)
+    b = _inverse_cholesky_inplace(h.clone(), 0.01, block=64)
+    assert torch.equal(torch.triu(b), b)
+    assert float((a - b).abs().max() / a.abs().max()) < 1e-4
+    u = b.double()
+    hd = h.double() + torch.eye(k, dtype=torch.float64) * 0.1 * h.double().diagonal().mean()
+    assert float((u.t() @ u @ hd - torch.eye(k, dtype=torch.float64)).abs().max()) < 1e-3

@@ -68,46 +68,96 @@ def _inverse_cholesky(h: torch.Tensor, damping: float) -> torch.Tensor:
     raise RuntimeError("Hessian could not be made positive definite even with heavy damping")
 
 
-# Hessians at least this large (on a GPU) take the two-matrix factorization below (K >= 8192)
+# Hessians at least this large (on a GPU) are factorized in place (K >= 8192)
 LOWMEM_MIN_BYTES = 256 * 2**20
 
 
-def _inverse_cholesky_lowmem(h: torch.Tensor, damping: float, block: int = 1024) -> torch.Tensor:
-    """The same U (H⁻¹ = UᵀU, U upper) as `_inverse_cholesky`, never holding more than two K x K matrices
-    and no solver temporaries of that size (the step that decided a streamed 8B layer's peak VRAM).
+def _flip_inplace(a: torch.Tensor, chunk: int = 1 << 22) -> None:
+    """a := J·a·J (both axes reversed) without a second matrix: on a contiguous square matrix that is the
+    reversal of the flattened storage, done by swapping mirrored chunks."""
+    flat = a.view(-1)
+    n = flat.numel()
+    for lo in range(0, n // 2, chunk):
+        hi = min(lo + chunk, n // 2)
+        head = flat[lo:hi].clone()
+        flat[lo:hi] = flat[n - hi : n - lo].flip(0)
+        flat[n - hi : n - lo] = head.flip(0)
+
+
+def _cholesky_lower_inplace(a: torch.Tensor, bounds: list[tuple[int, int]]) -> bool:
+    """Blocked right-looking Cholesky: a's lower triangle := L (A = L·Lᵀ). Writes only the diagonal blocks
+    and what lies below them, so the strict upper triangle off the diagonal blocks keeps A. False if A is
+    not positive definite (a is then partly overwritten)."""
+    k = a.shape[0]
+    for idx, (j, j2) in enumerate(bounds):
+        l11, info = torch.linalg.cholesky_ex(a[j:j2, j:j2])
+        if int(info) != 0:
+            return False
+        a[j:j2, j:j2] = l11
+        if j2 < k:
+            l21 = torch.linalg.solve_triangular(l11.t(), a[j2:, j:j2], upper=True, left=False)  # L21·L11ᵀ = A21
+            a[j2:, j:j2] = l21
+            for c, c2 in bounds[idx + 1 :]:  # trailing update, lower block columns only
+                a[c:, c:c2].addmm_(l21[c - j2 :], l21[c - j2 : c2 - j2].t(), alpha=-1.0)
+    return True
+
+
+def _tril_inverse_inplace(a: torch.Tensor, bounds: list[tuple[int, int]]) -> None:
+    """a's lower triangle (L, diagonal blocks already lower triangular) := L⁻¹, block column by block column
+    from the right: X[j2:, j] = −X[j2:, j2:]·L[j2:, j]·X_jj reads only columns already inverted."""
+    k = a.shape[0]
+    for idx in range(len(bounds) - 1, -1, -1):
+        j, j2 = bounds[idx]
+        eye = torch.eye(j2 - j, dtype=a.dtype, device=a.device)
+        x_jj = torch.linalg.solve_triangular(torch.tril(a[j:j2, j:j2]), eye, upper=False)
+        if j2 < k:
+            t = torch.empty(k - j2, j2 - j, dtype=a.dtype, device=a.device)
+            for i, i2 in bounds[idx + 1 :]:
+                acc = a[i:i2, i:i2] @ a[i:i2, j:j2]  # X_ii (upper part zero) · L_ij
+                if i > j2:
+                    acc.addmm_(a[i:i2, j2:i], a[j2:i, j:j2])
+                t[i - j2 : i2 - j2] = acc
+            a[j2:, j:j2] = -(t @ x_jj)
+            del t
+        a[j:j2, j:j2] = x_jj
+
+
+def _inverse_cholesky_inplace(h: torch.Tensor, damping: float, block: int = 1024) -> torch.Tensor:
+    """The same U (H⁻¹ = UᵀU, U upper) as `_inverse_cholesky`, computed inside `h` itself (returned): one
+    K x K plus K x block temporaries. On a streamed 8B layer the factorization's K x K matrices (0.8 GB each
+    for down_proj) decided peak VRAM.
 
     With J the exchange matrix and J·H·J = L̃·L̃ᵀ (lower Cholesky): H = R·Rᵀ with R = J·L̃·J upper, so
-    H⁻¹ = R⁻ᵀ·R⁻¹ and U = R⁻¹ = J·L̃⁻¹·J. L̃⁻¹ is built column block by column block with triangular solves
-    and written straight into U, flipped. `h` is consumed (the caller hands it over).
+    H⁻¹ = R⁻ᵀ·R⁻¹ and U = R⁻¹ = J·L̃⁻¹·J. The flips reverse the storage in place, the Cholesky and the
+    triangular inverse are blocked and in place. A failed Cholesky is undone from the untouched upper
+    triangle (H is symmetric) and the saved diagonal blocks, then retried with more damping.
     """
     k = h.shape[0]
-    ht = torch.flip(h, (0, 1))
-    del h
-    diag = ht.diagonal()
+    _flip_inplace(h)
+    bounds = [(j, min(j + block, k)) for j in range(0, k, block)]
+    diag_blocks = [h[j:j2, j:j2].clone() for j, j2 in bounds]
+    diag = h.diagonal()
     mean_diag = torch.mean(diag).clamp_min(1e-8)
     orig = diag.clone()
     lam = damping
     for _ in range(8):
-        diag.copy_(orig + lam * mean_diag)
-        lt, info = torch.linalg.cholesky_ex(ht)
-        if info == 0:
+        diag.copy_(orig + lam * mean_diag)  # = h + λ·mean(diag)·I, as `_inverse_cholesky` does it
+        if _cholesky_lower_inplace(h, bounds):
             break
-        lt = None  # free the failed factor before the next try
+        for (j, j2), d in zip(bounds, diag_blocks, strict=True):
+            h[j:j2, j:j2] = d
+            h[j2:, j:j2] = h[j:j2, j2:].t()
         lam = max(lam * 10, 1e-4)
     else:
         raise RuntimeError("Hessian could not be made positive definite even with heavy damping")
-    del ht, diag
-    u = torch.zeros(k, k, dtype=lt.dtype, device=lt.device)
-    for j1 in range(0, k, block):
-        j2 = min(j1 + block, k)
-        rhs = torch.zeros(k - j1, j2 - j1, dtype=lt.dtype, device=lt.device)
-        rhs[: j2 - j1].fill_diagonal_(1.0)
-        x = torch.linalg.solve_triangular(lt[j1:, j1:], rhs, upper=False)  # L̃⁻¹[j1:, j1:j2]
-        u[: k - j1, k - j2 : k - j1] = torch.flip(x, (0, 1))
-        del rhs, x
-    if not all(torch.isfinite(u[i : i + block]).all() for i in range(0, k, block)):
+    del diag_blocks, diag, orig
+    _tril_inverse_inplace(h, bounds)
+    for j, j2 in bounds:
+        h[j:j2, j2:] = 0.0
+    _flip_inplace(h)
+    if not all(torch.isfinite(h[i : i + block]).all() for i in range(0, k, block)):
         raise RuntimeError("GPTQ: the inverse Hessian factor is not finite; raise method.damping")
-    return u
+    return h
 
 
 @torch.no_grad()
@@ -166,7 +216,7 @@ def gptq_quantize(
         del h_dev
         u = u.to(w.device)
     elif h.is_cuda and h.numel() * 4 >= LOWMEM_MIN_BYTES:
-        u = _inverse_cholesky_lowmem(h, damping)
+        u = _inverse_cholesky_inplace(h, damping)  # u is h, factorized in place
         del h
     else:
         u = _inverse_cholesky(h, damping)
