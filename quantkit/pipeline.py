@@ -218,9 +218,12 @@ def _quantize_linear(name: str, mod: nn.Linear, spec: WeightSpec, recipe: Recipe
         h0 = hessian[0] if isinstance(hessian, list) else hessian
         host = host_factorization and h0.is_cuda and h0.numel() * 4 >= HOST_FACTOR_MIN_BYTES
         del h0
-        codes, params = gptq_quantize(weight, hessian, fmt, damping=m.damping,
+        solve = act.gptq_weight(mod.weight) if act is not None else weight
+        codes, params = gptq_quantize(solve, hessian, fmt, damping=m.damping,
                                       block_size=m.block_size, act_order=m.act_order,
                                       factor_device="cpu" if host else None)
+        if act is not None:
+            codes, params = act.complete_gptq(codes, params, fmt)
     else:
         codes, params = rtn_quantize(weight, fmt)
     q = QuantLinear.from_codes(mod, spec, codes, params, act=act)
@@ -301,7 +304,7 @@ def quantize_layer(layer: nn.Module, lprefix: str, recipe: Recipe, xs, kwargs: d
                 # every module of a sub-block reads the same tensor: one Hessian serves them all (modules
                 # of a block share their activation transform: same format, same calibration input)
                 first = acts.get(block[0])
-                k = first.weight_in_features if first is not None else targets[block[0]][0].in_features
+                k = first.gptq_in_features if first is not None else targets[block[0]][0].in_features
                 acc = HessianAccumulator(k, device)
                 _run_block_hook(layer, targets[block[-1]][0],
                                 (lambda x, a=acc, f=first: a.add(f.hessian_input(x))) if first is not None else acc.add,

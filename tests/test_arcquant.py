@@ -9,6 +9,7 @@ from quantkit.arc_numerics import arc_fake_quant_activation, arc_weight
 from quantkit.checkpoint import load, save
 from quantkit.errors import QuantkitError
 from quantkit.formats.nvfp4 import nvfp4_dequantize
+from quantkit.methods import HessianAccumulator, gptq_quantize
 from quantkit.methods.arcquant import ARCActQuantizer, ARCCollector
 from quantkit.nn import QuantLinear
 from quantkit.pipeline import quantize_model
@@ -65,7 +66,7 @@ def test_bad_settings():
                                                   options=(("residual_rule", "tok"),)), torch.nn.Linear(4, 4))
 
 
-@pytest.mark.parametrize("recipe", ["arcquant-nvfp4", "nvfp4-rtn", "nvfp4-w4a16"])
+@pytest.mark.parametrize("recipe", ["arcquant-nvfp4", "arcquant-nvfp4-gptq", "nvfp4-rtn", "nvfp4-w4a16"])
 def test_arcquant_pipeline_round_trip(recipe, tiny_model, calib, tmp_path):
     ids = torch.randint(0, 512, (1, 40))
     ref = tiny_model(ids).logits
@@ -74,7 +75,7 @@ def test_arcquant_pipeline_round_trip(recipe, tiny_model, calib, tmp_path):
     assert torch.isfinite(y).all() and (y - ref).square().mean() < 0.1 * ref.square().mean()
     q = tiny_model.model.layers[0].mlp.down_proj
     assert isinstance(q, QuantLinear)
-    if recipe == "arcquant-nvfp4":
+    if recipe.startswith("arcquant"):
         assert q.act.residual > 0 and q.weight_in_features == 208 + q.act.residual
     out = save(tiny_model, tmp_path / "ck")
     entries = json.loads((out / "config.json").read_text())["quantization_config"]["modules"]
@@ -92,3 +93,40 @@ def test_calibrated_activations_need_data_even_with_rtn_weights(tiny_model):
     assert rec.method.name == "rtn" and needs_calibration(rec) and not needs_calibration(load_recipe("nvfp4-rtn"))
     with pytest.raises(QuantkitError, match="recipe 'arcquant-nvfp4' needs calibration data"):
         quantize_model(tiny_model, rec, None, progress=False)
+
+
+@pytest.mark.parametrize("k,s", [(64, 16), (40, 16)])
+def test_gptq_solves_main_columns_and_copies_outliers(k, s):
+    """GPTQ's Hessian input is X̃ = Q1 + Q2 on the outlier channels (Kp wide), and the completed weight's
+    appended columns carry the quantized outlier columns (exact copies when they are whole blocks)."""
+    from quantkit.formats.nvfp4 import NVFP4Format
+
+    g = torch.Generator().manual_seed(k)
+    x = torch.randn(3, 5, k, generator=g)
+    x[..., :4] *= 30
+    q = ARCActQuantizer(SPEC, k, torch.argsort(x.abs().amax((0, 1))), s)
+    xt = q.transform_input(x)
+    full = q.quantize_input(xt)
+    h = q.hessian_input(x)
+    assert h.shape[-1] == q.gptq_in_features == q.kp
+    expect = full[..., : q.kp].clone()
+    expect[..., k - s : k] += full[..., q.kp :]
+    assert torch.equal(h, expect)
+
+    w = torch.randn(24, k, generator=g)
+    solve = q.gptq_weight(w)
+    assert torch.equal(solve, q.transform_weight(w)[:, : q.kp])
+    fmt = NVFP4Format(4, 16).prepare(q.transform_weight(w))
+    acc = HessianAccumulator(q.kp, "cpu")
+    acc.add(h)
+    codes, params = gptq_quantize(solve, acc.h, fmt, block_size=16)
+    c2, p2 = q.complete_gptq(codes, params, fmt)
+    assert c2.shape == (24, q.weight_in_features) and p2["block_scale"].shape[1] == q.weight_in_features // 16
+    deq = fmt.dequantize_grouped(c2, p2)
+    main = fmt.dequantize_grouped(codes, params)
+    assert torch.equal(deq[:, : q.kp], main)
+    if (k - s) % 16 == 0:
+        assert torch.equal(deq[:, q.kp :], main[:, k - s : k])
+    else:  # re-blocked: on the NVFP4 grid of its own block scales, within half a step of the copy
+        step = (p2["block_scale"] * p2["tensor_scale"])[:, q.kp // 16 :].repeat_interleave(16, 1)[:, :s]
+        assert ((deq[:, q.kp :] - main[:, k - s : k]).abs() <= step + 1e-7).all()

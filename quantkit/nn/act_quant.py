@@ -52,9 +52,25 @@ class ActQuantizer(nn.Module):
     def transform_weight(self, w: torch.Tensor) -> torch.Tensor:
         return w
 
+    # ---- GPTQ: which weight columns it solves for, and over which input ----
+    @property
+    def gptq_in_features(self) -> int:
+        """Columns GPTQ solves for (its Hessian's size): all stored columns unless `complete_gptq` derives
+        some of them from the others."""
+        return self.weight_in_features
+
+    def gptq_weight(self, w: torch.Tensor) -> torch.Tensor:
+        """The [N, gptq_in_features] weight GPTQ quantizes."""
+        return self.transform_weight(w)
+
     def hessian_input(self, x: torch.Tensor) -> torch.Tensor:
-        """What GPTQ's Hessian is accumulated over (the un-quantized transformed input by default)."""
+        """What GPTQ's Hessian is accumulated over, [..., gptq_in_features] (the un-quantized transformed
+        input by default)."""
         return self.transform_input(x)
+
+    def complete_gptq(self, codes: torch.Tensor, params: dict, fmt) -> tuple[torch.Tensor, dict]:
+        """GPTQ's codes/params over `gptq_in_features` columns → the stored [N, weight_in_features] ones."""
+        return codes, params
 
     # ---- numerics ----
     def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
