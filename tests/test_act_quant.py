@@ -126,7 +126,6 @@ def test_activation_variants_share_weights(calib):
     """Recipes differing only in activations quantize identical weights, so eval/act_variants may quantize
     once: applying a variant's activations to the base model equals quantizing with the variant."""
     from conftest import tiny_llama
-
     from quantkit.eval.act_variants import apply_variant
 
     def rec(**ov):
