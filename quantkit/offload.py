@@ -71,6 +71,7 @@ from quantkit.pipeline import (
     _layer_prefix,
     _to,
     capture_layer_inputs,
+    kv_cache_entry,
     layer_outputs,
     needs_calibration,
     quantize_layer,
@@ -665,8 +666,12 @@ def _finalize(partial: Path, out: Path, manifest: dict, config, src_path: Path, 
     select_high_precision_entries(modules)  # activation-precision search (FlexQ): needs every layer's score
     _write_json(partial / INDEX_NAME, make_index(weight_map, total))
     cfg = config.to_dict()
+    recipe = manifest["settings"]["recipe"]
     cfg["quantization_config"] = {"quant_method": "quantkit", "format_version": FORMAT_VERSION,
-                                  "modules": modules, "recipe": manifest["settings"]["recipe"]}
+                                  "modules": modules, "recipe": recipe}
+    kv = kv_cache_entry(config, load_recipe(recipe).kv_cache)
+    if kv is not None:
+        cfg["quantization_config"]["kv_cache"] = kv
     _write_json(partial / "config.json", cfg)
 
     def copy_extras():

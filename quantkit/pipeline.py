@@ -350,14 +350,19 @@ def needs_calibration(recipe: Recipe) -> bool:
         s is not None and _act_class(s).wants_calibration(s) for s in specs)
 
 
+def kv_cache_entry(config, kv: dict | None) -> dict | None:
+    """The recipe's KV-cache scheme as the checkpoint records it (group size resolved for this model)."""
+    if kv is None:
+        return None
+    from quantkit.kvcache import check_group, default_group, head_dim_of
+
+    hd = head_dim_of(config)
+    return {**kv, "group_size": check_group(hd, kv.get("group_size") or default_group(hd))}
+
+
 def set_kv_cache(model: nn.Module, kv: dict | None) -> None:
     """Record the recipe's KV-cache scheme on the model (saved in the checkpoint, applied by evaluation)."""
-    if kv is not None:
-        from quantkit.kvcache import check_group, default_group, head_dim_of
-
-        hd = head_dim_of(model.config)
-        kv = {**kv, "group_size": check_group(hd, kv.get("group_size") or default_group(hd))}
-    model.quantkit_kv_cache = kv
+    model.quantkit_kv_cache = kv_cache_entry(model.config, kv)
 
 
 def kv_cache_context(model: nn.Module):

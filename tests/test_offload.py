@@ -20,7 +20,7 @@ from quantkit.errors import QuantkitError
 from quantkit.pipeline import quantize_model
 from quantkit.recipe import load_recipe
 
-RECIPES = ["rtn-w4g128", "gptq-w4g128", "hlq-w3g128"]
+RECIPES = ["rtn-w4g128", "gptq-w4g128", "hlq-w3g128", "arcquant-nvfp4-gptq", "flexq-w6a6", "comet-w4a4kv4"]
 
 
 def word_tokenizer(folder, vocab_words=300):
@@ -78,6 +78,8 @@ def test_streaming_equals_in_memory_pipeline(recipe, calib, tmp_path):
         assert torch.equal(ref(calib).logits, q(calib).logits)
     qc = json.loads((out / "config.json").read_text())["quantization_config"]
     assert qc["modules"] == ref.quantkit_report.modules and qc["recipe"]["name"] == recipe
+    assert qc.get("kv_cache") == ref.quantkit_kv_cache and q.quantkit_kv_cache == ref.quantkit_kv_cache
+    assert (qc.get("kv_cache") is not None) == recipe.endswith("kv4")
     assert len(list(out.glob("model-*-of-00004.safetensors"))) == 4  # embeddings, 2 layers, head
     assert not (tmp_path / "q.partial").exists() and not list((tmp_path / "spill").glob("*"))
 
