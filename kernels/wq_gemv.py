@@ -128,6 +128,15 @@ def _word(w, k0, xrow, K, S, a0, a1, a2, a3, xs, WB: tl.constexpr, NF: tl.conste
 
 
 @triton.jit
+def _bit_stream_sum(cv, k0, xrow, K, S, like, xs, FMT: tl.constexpr, EVEN_K: tl.constexpr, USE_ASM: tl.constexpr):
+    """Σ x·bit over one run of 3-bit weights' 1-bit stream (word `cv`: bit 0 of each code), folded to fp32
+    (int3: the code's bit of worth 4; hlq3: plane 2)."""
+    e = tl.zeros_like(like)
+    e, _e1, _e2, _e3, _xs = _word(cv, k0, xrow, K, S, e, e, e, e, xs, 1, 1, FMT, 0, False, EVEN_K, USE_ASM)
+    return _hsum(e, USE_ASM)
+
+
+@triton.jit
 def _load_word(q_ptr, row, lim, offs_n, N):
     """Word row `row` of every column (zero at or past row `lim`: a prefetch past the slice loads nothing)."""
     n_ok = tl.where(row < lim, N, 0)  # (a scalar & tensor mask trips the CPU interpreter)
@@ -224,14 +233,7 @@ def _gemv_h2_kernel(x_ptr, q0_ptr, q1_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, ws_p
                 z = tl.full(s.shape, 1 << (BITS - 1), tl.float32)
             t = _hsum(h0, USE_ASM)
             if BITS == 3:
-                e0 = tl.zeros_like(h0)
-                e1 = e0
-                e2 = e0
-                e3 = e0
-                dummy = xs
-                e0, e1, e2, e3, dummy = _word(cv, k0, xrow, K, S, e0, e1, e2, e3, dummy, 1, 1, 0, 0, False, EVEN_K,
-                                              USE_ASM)
-                t += 4.0 * _hsum(e0, USE_ASM)
+                t += 4.0 * _bit_stream_sum(cv, k0, xrow, K, S, h0, xs, 0, EVEN_K, USE_ASM)
             acc += s * (t * inv) - (s * z) * xs
         else:
             sp = s_ptr + g * (BITS * N) + offs_n
@@ -245,14 +247,7 @@ def _gemv_h2_kernel(x_ptr, q0_ptr, q1_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, ws_p
                 tot += (0.25 * s2) * _hsum(h2, USE_ASM) + (0.125 * s3) * _hsum(h3, USE_ASM)
             if BITS == 3:  # plane 2 from the 1-bit stream (the bit at position 0 of its code: worth 1)
                 s2 = tl.load(sp + 2 * N, mask=nm, other=0).to(tl.float32)
-                e0 = tl.zeros_like(h0)
-                e1 = e0
-                e2 = e0
-                e3 = e0
-                dummy = xs
-                e0, e1, e2, e3, dummy = _word(cv, k0, xrow, K, S, e0, e1, e2, e3, dummy, 1, 1, 1, 0, False, EVEN_K,
-                                              USE_ASM)
-                tot += s2 * _hsum(e0, USE_ASM)
+                tot += s2 * _bit_stream_sum(cv, k0, xrow, K, S, h0, xs, 1, EVEN_K, USE_ASM)
             acc += tot * inv + off * xs
     offs_m = m + tl.arange(0, 1)
     tile_id = m * tl.num_programs(0) + pid_n
