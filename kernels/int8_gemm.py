@@ -37,6 +37,7 @@ import triton
 import triton.language as tl
 
 from quantkit.kernels.int8_reference import ACT_GROUP, LowbitWeight
+from quantkit.kernels.wq_gemm import _grouped_tile, _split_range
 
 MAGIC = tl.constexpr(0x4B400000)  # bits of 1.5·2^23
 MAGIC_F = tl.constexpr(12582912.0)
@@ -130,13 +131,7 @@ def _gemm_kernel(qa_ptr, as_ptr, qs_ptr, w_ptr, ws_ptr, wz_ptr, bias_ptr, out_pt
     MB (bucketed M) is only an autotuning key."""
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
-    num_m = tl.cdiv(M, BLOCK_M)
-    num_n = tl.cdiv(N, BLOCK_N)
-    width = GROUP_M * num_n
-    first_m = (pid // width) * GROUP_M
-    gsize = tl.minimum(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % width) % gsize
-    pid_n = (pid % width) // gsize
+    pid_m, pid_n = _grouped_tile(pid, M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -148,9 +143,7 @@ def _gemm_kernel(qa_ptr, as_ptr, qs_ptr, w_ptr, ws_ptr, wz_ptr, bias_ptr, out_pt
     ROWS: tl.constexpr = 16 * WBITS  # bytes per 128-block and row
     ZC: tl.constexpr = 1 << (WBITS - 1)
 
-    per = tl.cdiv(KB, SPLIT_K)
-    b0 = pid_k * per
-    b1 = tl.minimum(b0 + per, KB)
+    b0, b1 = _split_range(pid_k, KB, SPLIT_K)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for b in range(b0, b1):
         a = tl.load(a_ptrs + b * 128, mask=mmask[:, None], other=0)  # [BLOCK_M, 128]

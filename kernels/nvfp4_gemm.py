@@ -49,7 +49,7 @@ import torch
 import triton
 import triton.language as tl
 
-from quantkit.kernels.wq_gemm import NUM_SMS, _split_k, _store_out
+from quantkit.kernels.wq_gemm import NUM_SMS, _grouped_tile, _split_k, _split_range, _store_out
 
 AMAX_PARTS = 256  # programs of the amax pre-pass (and the size every activation program reduces)
 FUSED_AMAX_MAX = 1 << 15  # M·K up to which the activation kernel reduces x itself (no pre-pass)
@@ -251,20 +251,10 @@ def _nvfp4_mm_kernel(xq_ptr, xs_ptr, wq_ptr, ws_ptr, sx_ptr, sw, bias_ptr, out_p
     DOT_F32: the product on fp32 copies of the same (bf16-exact) operands (Triton's CPU interpreter)."""
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
-    num_m = tl.cdiv(M, BLOCK_M)
-    num_n = tl.cdiv(N, BLOCK_N)
-    width = GROUP_M * num_n
-    group_id = pid // width
-    first_m = group_id * GROUP_M
-    size_m = tl.minimum(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % width) % size_m
-    pid_n = (pid % width) // size_m
+    pid_m, pid_n = _grouped_tile(pid, M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    k_tiles = tl.cdiv(KQ, BLOCK_K)
-    per_split = tl.cdiv(k_tiles, SPLIT_K)
-    t0 = pid_k * per_split
-    t1 = tl.minimum(t0 + per_split, k_tiles)
+    t0, t1 = _split_range(pid_k, tl.cdiv(KQ, BLOCK_K), SPLIT_K)
     if SWAP:
         acc = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
     else:
@@ -321,10 +311,7 @@ def _nvfp4_gemv_kernel(xq_ptr, xs_ptr, wq_ptr, ws_ptr, sx_ptr, sw, bias_ptr, out
     pid_k = tl.program_id(1)
     m = tl.program_id(2)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    k_tiles = tl.cdiv(KQ // 16, NBK)
-    per_split = tl.cdiv(k_tiles, SPLIT_K)
-    t0 = pid_k * per_split
-    t1 = tl.minimum(t0 + per_split, k_tiles)
+    t0, t1 = _split_range(pid_k, tl.cdiv(KQ // 16, NBK), SPLIT_K)
     acc = tl.zeros((BLOCK_N, NBK), tl.float32)
     rows_m = m + tl.arange(0, 1)
     for t in range(t0, t1):

@@ -206,6 +206,25 @@ def _dequant_tile(q0_ptr, q1_ptr, s_ptr, z_ptr, k0, offs_n, N, R0, R1, GS: tl.co
 
 
 @triton.jit
+def _grouped_tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """(pid_m, pid_n) of program `pid` in grouped order: GROUP_M row blocks in a row share weight tiles in L2."""
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    width = GROUP_M * num_n
+    first_m = (pid // width) * GROUP_M
+    size_m = tl.minimum(num_m - first_m, GROUP_M)
+    return first_m + (pid % width) % size_m, (pid % width) // size_m
+
+
+@triton.jit
+def _split_range(pid_k, n_steps, SPLIT_K: tl.constexpr):
+    """[t0, t1): the K steps of split `pid_k` when `n_steps` are cut into SPLIT_K contiguous slices."""
+    per_split = tl.cdiv(n_steps, SPLIT_K)
+    t0 = pid_k * per_split
+    return t0, tl.minimum(t0 + per_split, n_steps)
+
+
+@triton.jit
 def _store_out(acc, out_ptr, ws_ptr, cnt_ptr, bias_ptr, offs_m, offs_n, M, N, stride_om, tile_id,
                HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr):
     """acc: float32 [BLOCK_M, BLOCK_N] partial (or full, SPLIT_K == 1) sum of one output tile."""
@@ -262,10 +281,7 @@ def _gemv_kernel(x_ptr, q0_ptr, q1_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, ws_ptr,
     m = tl.program_id(2)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_runs = tl.cdiv(K, 32)
-    k_tiles = tl.cdiv(n_runs, RUNS)
-    per_split = tl.cdiv(k_tiles, SPLIT_K)
-    t_lo = pid_k * per_split
-    t_hi = tl.minimum(t_lo + per_split, k_tiles)
+    t_lo, t_hi = _split_range(pid_k, tl.cdiv(n_runs, RUNS), SPLIT_K)
     run_hi = t_hi * RUNS
     WB: tl.constexpr = 2 if BITS == 3 else BITS  # code width of stream 0 = its words per run
     PER: tl.constexpr = 32 // WB  # codes per word
@@ -388,20 +404,10 @@ def _gemm_kernel(x_ptr, q0_ptr, q1_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, ws_ptr,
     same bf16/fp16 operands (Triton's CPU interpreter computes bf16 tl.dot wrongly; GPU never sets it)."""
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
-    num_m = tl.cdiv(M, BLOCK_M)
-    num_n = tl.cdiv(N, BLOCK_N)
-    width = GROUP_M * num_n  # grouped ordering: GROUP_M row blocks share weight tiles in L2
-    group_id = pid // width
-    first_m = group_id * GROUP_M
-    size_m = tl.minimum(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % width) % size_m
-    pid_n = (pid % width) // size_m
+    pid_m, pid_n = _grouped_tile(pid, M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    k_tiles = tl.cdiv(K, BLOCK_K)
-    per_split = tl.cdiv(k_tiles, SPLIT_K)
-    t0 = pid_k * per_split
-    t1 = tl.minimum(t0 + per_split, k_tiles)
+    t0, t1 = _split_range(pid_k, tl.cdiv(K, BLOCK_K), SPLIT_K)
     if SWAP:
         acc = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
     else:

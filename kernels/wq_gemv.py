@@ -32,7 +32,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from quantkit.kernels.wq_gemm import _CACHE_KW, _KEY, NUM_SMS, _split_k, _store_out
+from quantkit.kernels.wq_gemm import _CACHE_KW, _KEY, NUM_SMS, _split_k, _split_range, _store_out
 
 # $0 = acc out; $1 word (or shifted word); $2 mask; $3 x pair (f16x2); $4 acc in
 _PAIR_ASM: tl.constexpr = tl.constexpr("{ .reg .b32 q; and.b32 q, $1, $2; fma.rn.f16x2 $0, q, $3, $4; }")
@@ -158,10 +158,7 @@ def _gemv_h2_kernel(x_ptr, q0_ptr, q1_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, ws_p
     m = tl.program_id(2)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     nm = offs_n < N
-    n_runs = tl.cdiv(K, 32)
-    per_split = tl.cdiv(n_runs, SPLIT_K)
-    r_lo = pid_k * per_split
-    r_hi = tl.minimum(r_lo + per_split, n_runs)
+    r_lo, r_hi = _split_range(pid_k, tl.cdiv(K, 32), SPLIT_K)
     WB: tl.constexpr = 2 if BITS == 3 else BITS  # code width of stream 0 = its words per run
     NF: tl.constexpr = 1 if FMT == 0 else (4 if BITS == 4 else 2)  # field accumulators of stream 0
     acc = tl.zeros((BLOCK_N,), tl.float32)
