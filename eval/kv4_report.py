@@ -26,18 +26,18 @@ from pathlib import Path
 import torch
 
 
-def _greedy_recompute(model, prompt: torch.Tensor, new_tokens: int, group: int) -> torch.Tensor:
+def _greedy_recompute(model, prompt: torch.Tensor, new_tokens: int, group: int, rotate: bool = False) -> torch.Tensor:
     from quantkit.kvcache import kv4_enabled
 
     seq = prompt
-    with torch.no_grad(), kv4_enabled(model, group=group):
+    with torch.no_grad(), kv4_enabled(model, group=group, rotate=rotate):
         for _ in range(new_tokens):
             nxt = model(seq, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)
             seq = torch.cat([seq, nxt], dim=1)
     return seq
 
 
-def generation_agreement(model, prompts: torch.Tensor, new_tokens: int, group: int) -> dict:
+def generation_agreement(model, prompts: torch.Tensor, new_tokens: int, group: int, rotate: bool = False) -> dict:
     """Tokens of generate(KV4Cache) vs the full-recompute eval path, per prompt (prompts: [P, L] ids)."""
     from transformers import DynamicCache
 
@@ -47,13 +47,13 @@ def generation_agreement(model, prompts: torch.Tensor, new_tokens: int, group: i
     for p in prompts:
         x = p.unsqueeze(0)
         mask = torch.ones_like(x)
-        cache = KV4Cache(model.config, group=group)
+        cache = KV4Cache(model.config, group=group, rotate=rotate)
         t0 = time.perf_counter()
         gen = model.generate(x, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False,
                              min_new_tokens=new_tokens, past_key_values=cache)
         t_gen = time.perf_counter() - t0
         t0 = time.perf_counter()
-        ref = _greedy_recompute(model, x, new_tokens, group)
+        ref = _greedy_recompute(model, x, new_tokens, group, rotate)
         t_ref = time.perf_counter() - t0
         dyn = DynamicCache(config=model.config)
         fp = model.generate(x, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False,
@@ -61,7 +61,7 @@ def generation_agreement(model, prompts: torch.Tensor, new_tokens: int, group: i
         a, b, f = gen[0, x.shape[1]:], ref[0, x.shape[1]:], fp[0, x.shape[1]:]
         diff = (a != b).nonzero()
         # stored codes: the cache after generate vs one eval-path forward over the same tokens
-        fresh = KV4Cache(model.config, group=group)
+        fresh = KV4Cache(model.config, group=group, rotate=rotate)
         with torch.no_grad():
             model(gen[:, :-1], past_key_values=fresh)
         same = total = 0
@@ -86,7 +86,7 @@ def generation_agreement(model, prompts: torch.Tensor, new_tokens: int, group: i
                      "generate_seconds": round(t_gen, 2),
                      "recompute_seconds": round(t_ref, 2), "memory": cache.memory_report()})
     agree, tokens = sum(r["agree"] for r in rows), sum(r["tokens"] for r in rows)
-    return {"group": group, "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+    return {"group": group, "rotate": rotate, "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
             "agree": agree, "tokens": tokens, "agreement_pct": 100.0 * agree / tokens,
             "agree_with_fp_pct": 100.0 * sum(r["agree_with_fp_generate"] for r in rows) / tokens,
             "code_agreement_pct": 100.0 * sum(r["code_agreement"] for r in rows) / len(rows),
@@ -110,6 +110,8 @@ def main(argv=None) -> None:
     ap.add_argument("--prompt-len", type=int, default=32)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--no-ppl", action="store_true")
+    ap.add_argument("--rotate", choices=("off", "on", "both"), default="off",
+                    help="Hadamard rotation of K/V before quantizing (kv_cache.rotate); both: ppl rows for each")
     ap.add_argument("--gen-float64", action="store_true",
                     help="repeat (b) in float64 (matmul rounding no longer depends on how tokens are chunked)")
     ap.add_argument("--json", type=Path, default=Path("out/kv4_report.json"))
@@ -131,7 +133,7 @@ def main(argv=None) -> None:
     window = ids[: min(a.seq_len, ids.numel())].unsqueeze(0)
     out["bytes"] = []
     for g in groups:
-        cache = KV4Cache(cfg, group=g)
+        cache = KV4Cache(cfg, group=g, rotate=a.rotate == "on")
         with torch.no_grad():
             model(window, past_key_values=cache)
         rep = cache.memory_report()
@@ -144,7 +146,8 @@ def main(argv=None) -> None:
     gen_group = a.gen_group or KV4Cache(cfg).group
     stride = max(ids.numel() // a.prompts, a.prompt_len)
     prompts = torch.stack([ids[i * stride : i * stride + a.prompt_len] for i in range(a.prompts)])
-    out["generation"] = [generation_agreement(model, prompts, a.new_tokens, gen_group)]
+    gen_rotate = a.rotate == "on"
+    out["generation"] = [generation_agreement(model, prompts, a.new_tokens, gen_group, gen_rotate)]
     dump()
 
     # (c) perplexity, KV4 only
@@ -153,15 +156,16 @@ def main(argv=None) -> None:
         r = perplexity(model, tok, dataset=a.dataset, seq_len=a.seq_len, max_windows=a.max_windows)
         out["ppl"].append({"kv": "fp", "group": None, **r})
         dump()
-        for g in groups:
-            with kv4_enabled(model, group=g):
-                r = perplexity(model, tok, dataset=a.dataset, seq_len=a.seq_len, max_windows=a.max_windows)
-            out["ppl"].append({"kv": "kv4", "group": g, **r})
-            dump()
+        for rot in {"off": [False], "on": [True], "both": [False, True]}[a.rotate]:
+            for g in groups:
+                with kv4_enabled(model, group=g, rotate=rot):
+                    r = perplexity(model, tok, dataset=a.dataset, seq_len=a.seq_len, max_windows=a.max_windows)
+                out["ppl"].append({"kv": "kv4+rot" if rot else "kv4", "group": g, **r})
+                dump()
 
     if a.gen_float64:
         model.double()
-        out["generation"].append(generation_agreement(model, prompts, a.new_tokens, gen_group))
+        out["generation"].append(generation_agreement(model, prompts, a.new_tokens, gen_group, gen_rotate))
         model.float()
         dump()
 
@@ -184,11 +188,11 @@ def main(argv=None) -> None:
         w = out["ppl"][0]
         print(f"(c) {a.dataset} test ppl, seq_len {a.seq_len}, {w['windows']} windows ({w['predicted_tokens']} "
               f"tokens predicted), weights/activations FP")
-        print(f"{'KV':>6} {'group':>6} {'ppl':>9} {'x FP':>7} {'KV bytes vs bf16':>17}")
+        print(f"{'KV':>7} {'group':>6} {'ppl':>9} {'x FP':>7} {'KV bytes vs bf16':>17}")
         ratio = {r["group"]: r["ratio"] for r in out["bytes"]}
         for r in out["ppl"]:
             rr = f"{ratio[r['group']]:.4f}" if r["group"] else "1"
-            print(f"{r['kv']:>6} {r['group'] or '-':>6} {r['ppl']:>9.3f} {r['ppl'] / fp:>7.4f} {rr:>17}")
+            print(f"{r['kv']:>7} {r['group'] or '-':>6} {r['ppl']:>9.3f} {r['ppl'] / fp:>7.4f} {rr:>17}")
     print(f"JSON: {a.json}")
 
 

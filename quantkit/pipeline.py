@@ -374,7 +374,7 @@ def kv_cache_context(model: nn.Module):
         return contextlib.nullcontext()
     from quantkit.kvcache import kv4_enabled
 
-    return kv4_enabled(model, kv["group_size"])
+    return kv4_enabled(model, kv["group_size"], bool(kv.get("rotate", False)))
 
 
 def finalize_activations(model: nn.Module, report: QuantizeReport | None = None) -> list[str]:

@@ -100,7 +100,7 @@ class Recipe:
     targets: tuple[str, ...] = ("*",)
     ignore: tuple[str, ...] = ()
     overrides: tuple[Override, ...] = ()
-    kv_cache: dict[str, Any] | None = None  # {format: int4, group_size: G}: quantized KV cache (quantkit.kvcache)
+    kv_cache: dict[str, Any] | None = None  # {format: int4, group_size: G, rotate: bool}: quantized KV cache (quantkit.kvcache)
 
     def scheme_for(self, module_name: str) -> WeightSpec | None:
         """The weight spec of a decoder Linear, or None when it stays in full precision."""
@@ -252,7 +252,7 @@ def _acts_from_dict(d: dict, where: str = "activations") -> ActSpec:
 def _kv_from_dict(d) -> dict[str, Any] | None:
     if d is None:
         return None
-    _check_keys(d, {"format", "group_size"}, "kv_cache")
+    _check_keys(d, {"format", "group_size", "rotate"}, "kv_cache")
     if d.get("format", "int4") != "int4":
         raise QuantkitError(f"kv_cache.format = '{d.get('format')}' is not supported: use int4")
     gs = d.get("group_size")
@@ -260,7 +260,11 @@ def _kv_from_dict(d) -> dict[str, Any] | None:
         gs = _typed(gs, int, "group_size", "kv_cache")
         if gs < 2 or gs % 2:
             raise QuantkitError(f"kv_cache.group_size = {gs} must be an even number that divides head_dim")
-    return {"format": "int4", "group_size": gs}
+    rotate = d.get("rotate", False)
+    if not isinstance(rotate, bool):
+        raise QuantkitError(f"kv_cache.rotate = {rotate!r} must be true or false")
+    # rotate (Hadamard along head_dim before quantizing) is recorded only when on: older entries stay valid
+    return {"format": "int4", "group_size": gs, **({"rotate": True} if rotate else {})}
 
 
 def _method_from_dict(d: dict) -> MethodSpec:
