@@ -10,7 +10,7 @@ and hence one shared reorder and residual count):
     `layer_max` (the paper's text): every entry against the layer-wide max |x| over all calibration tokens.
   The layer variant needs the global max before counting, so entries are binned into a log2 histogram
   (64 bins per octave) and counted above τ at bin resolution (≤ 1.1% off in the threshold).
-  `residual_rule` picks the variant; docs/ARCQUANT.md has the measurement that chose the default.
+  `residual_rule` picks the variant (default per_token, the authors' code; docs/ARCQUANT.md).
 - `max_residual` (fraction of K, default 1) caps s.
 
 Runtime (fake-quant reference; kernels in quantkit.kernels.nvfp4_gemm):
