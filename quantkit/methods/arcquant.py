@@ -169,9 +169,9 @@ class ARCActQuantizer(ActQuantizer):
 
     # GPTQ (beyond the paper) solves for the Kp main columns only; the appended ones are copies of the
     # quantized outlier columns. Then y = Q1·Ŵᵀ + Q2·Ŵ[:, out]ᵀ = X̃·Ŵᵀ with X̃ = Q1 + Q2 scattered back onto
-    # the outlier channels, so X̃ is the input GPTQ's Hessian is taken over. (Solving for all Kp + s columns
-    # with the Hessian of [Q1 | Q2] let GPTQ push error into the appended columns, which only meet the
-    # small residuals: PTB 73.0 vs 65.3 for RTN weights on the demo model.)
+    # the outlier channels, so X̃ is the input GPTQ's Hessian is taken over. (Measured on the demo model:
+    # 74.7 PTB, vs 73.0 solving for all Kp + s columns and 65.3 with RTN weights: GPTQ still hurts here,
+    # see docs/ARCQUANT.md.)
     @property
     def gptq_in_features(self) -> int:
         return self.kp
