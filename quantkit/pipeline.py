@@ -218,7 +218,7 @@ def _quantize_linear(name: str, mod: nn.Linear, spec: WeightSpec, recipe: Recipe
         h0 = hessian[0] if isinstance(hessian, list) else hessian
         host = host_factorization and h0.is_cuda and h0.numel() * 4 >= HOST_FACTOR_MIN_BYTES
         del h0
-        solve = act.gptq_weight(mod.weight) if act is not None else weight
+        solve = act.gptq_weight(weight) if act is not None else weight
         codes, params = gptq_quantize(solve, hessian, fmt, damping=m.damping,
                                       block_size=m.block_size, act_order=m.act_order,
                                       factor_device="cpu" if host else None)

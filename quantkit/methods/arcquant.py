@@ -177,7 +177,7 @@ class ARCActQuantizer(ActQuantizer):
         return self.kp
 
     def gptq_weight(self, w: torch.Tensor) -> torch.Tensor:
-        return self.transform_weight(w)[:, : self.kp]
+        return w[:, : self.kp]
 
     def hessian_input(self, x: torch.Tensor) -> torch.Tensor:
         q = self.quantize_input(self.transform_input(x))

@@ -60,8 +60,9 @@ class ActQuantizer(nn.Module):
         return self.weight_in_features
 
     def gptq_weight(self, w: torch.Tensor) -> torch.Tensor:
-        """The [N, gptq_in_features] weight GPTQ quantizes."""
-        return self.transform_weight(w)
+        """The [N, gptq_in_features] weight GPTQ quantizes, from the transformed weight `w`
+        ([N, weight_in_features], `transform_weight`'s output)."""
+        return w
 
     def hessian_input(self, x: torch.Tensor) -> torch.Tensor:
         """What GPTQ's Hessian is accumulated over, [..., gptq_in_features] (the un-quantized transformed
