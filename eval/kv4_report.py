@@ -131,9 +131,10 @@ def main(argv=None) -> None:
     # (a) bytes per token: measured on a cache filled by one window of the test split
     ids = tokenize(tok, load_text(a.dataset, "test"))
     window = ids[: min(a.seq_len, ids.numel())].unsqueeze(0)
+    gen_rotate = a.rotate == "on"  # (a) and (b) measure one setting; (c) can measure both
     out["bytes"] = []
     for g in groups:
-        cache = KV4Cache(cfg, group=g, rotate=a.rotate == "on")
+        cache = KV4Cache(cfg, group=g, rotate=gen_rotate)
         with torch.no_grad():
             model(window, past_key_values=cache)
         rep = cache.memory_report()
@@ -146,7 +147,6 @@ def main(argv=None) -> None:
     gen_group = a.gen_group or KV4Cache(cfg).group
     stride = max(ids.numel() // a.prompts, a.prompt_len)
     prompts = torch.stack([ids[i * stride : i * stride + a.prompt_len] for i in range(a.prompts)])
-    gen_rotate = a.rotate == "on"
     out["generation"] = [generation_agreement(model, prompts, a.new_tokens, gen_group, gen_rotate)]
     dump()
 

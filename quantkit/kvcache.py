@@ -52,6 +52,7 @@ Public API:
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 from collections.abc import Iterator
 
@@ -112,8 +113,10 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     return torch.stack((packed & 0xF, packed >> 4), dim=-1).flatten(-2)
 
 
+@functools.cache
 def hadamard(d: int, device=None) -> torch.Tensor:
-    """The normalized Sylvester Hadamard matrix [d, d] (float32; symmetric and orthogonal: H·H = I)."""
+    """The normalized Sylvester Hadamard matrix [d, d] (float32; symmetric and orthogonal: H·H = I). Cached
+    per (d, device): every cache update of every layer uses it; callers must not modify it."""
     if d < 1 or d & (d - 1):
         raise KV4Error(f"KV4 rotation needs a power-of-two head_dim, got {d}; set kv_cache.rotate: false")
     h = torch.ones(1, 1, device=device)
