@@ -74,12 +74,14 @@ def check(k: int, n: int, s: int, ms: list[int], dev, log) -> list[dict]:
         yref = nvfp4_mm_ref(q, bs, sx, wq.packed, wq.block_scales, wq.tensor_scale)
         y32 = kg.nvfp4_mm(q, bs, sx, wp, out_dtype=torch.float32)
         err_gemm = ((y32.double() - yref).norm() / yref.norm()).item()
+        y32 = kg.nvfp4_mm(q, bs, sx, wp, out_dtype=torch.float32, path="mm")
+        err_mm = ((y32.double() - yref).norm() / yref.norm()).item()
         errs = {}
         for path in ("fused", "dequant"):
             y = kg.arc_linear(x, ridx, wp, path=path)
             errs[path] = ((y.double() - yref).norm() / yref.norm()).item()
         row = {"K": k, "N": n, "s": s, "M": m, "act_bit_exact": exact, "deq_bf16_exact": deq_exact,
-               "gemm_fp32_rel_err": err_gemm, "fused_bf16_rel_err": errs["fused"],
+               "gemm_fp32_rel_err": err_gemm, "mm_fp32_rel_err": err_mm, "fused_bf16_rel_err": errs["fused"],
                "dequant_bf16_rel_err": errs["dequant"]}
         log(f"  check {row}")
         out.append(row)
@@ -114,6 +116,9 @@ def bench_shape(k: int, n: int, s: int, ms: list[int], l2: int, dev, log, bf16_c
         q, bs, sx = kg.arc_quantize_activation_triton(x, ridx, s)
         add(m, "act", time_rotated([lambda x=x: kg.arc_quantize_activation_triton(x, ridx, s)] * 4), 1)
         add(m, "gemm", time_rotated([lambda w=w, q=q, bs=bs, sx=sx: kg.nvfp4_mm(q, bs, sx, w) for w in ws]), len(ws))
+        if m <= kg.GEMV_MAX_M:  # the tensor-core kernel where the GEMV serves by default
+            add(m, "gemm_mm", time_rotated([lambda w=w, q=q, bs=bs, sx=sx: kg.nvfp4_mm(q, bs, sx, w, path="mm")
+                                            for w in ws]), len(ws))
         add(m, "arc_fused", time_rotated([lambda w=w, x=x: kg.arc_linear(x, ridx, w, path="fused") for w in ws]),
             len(ws))
         if m >= 128:
@@ -133,7 +138,7 @@ def summarize(rows: list[dict]) -> list[dict]:
         bf = c.get("bf16")
         full = {p: c[p] for p in ("arc_fused", "arc_dequant") if p in c}
         best = min(full, key=full.get) if full else None
-        out.append({"K": k, "N": n, "s": s, "M": m, "bf16_us": bf, "act_us": c.get("act"), "gemm_us": c.get("gemm"),
+        out.append({"K": k, "N": n, "s": s, "M": m, "bf16_us": bf, "act_us": c.get("act"), "gemm_us": c.get("gemm"), "gemm_mm_us": c.get("gemm_mm"),
                     "arc_fused_us": c.get("arc_fused"), "arc_dequant_us": c.get("arc_dequant"),
                     "best_path": best, "arc_us": full.get(best),
                     "arc_vs_bf16": full[best] / bf if best and bf else None,

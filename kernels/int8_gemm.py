@@ -114,6 +114,48 @@ def quantize_act(x: torch.Tensor, bits: int | torch.Tensor, perm: torch.Tensor |
 # GEMM
 
 
+# Weight unpack on packed bytes: every op below is bytewise-correct on a 32-bit word (the masks drop what a
+# shift carries over from the neighbouring byte), so one instruction handles four codes and the bytes stay
+# packed from the 128-bit load to the shared-memory store of the dot operand. In plain Triton each uint8 lane
+# is unpacked to a register, shifted and re-packed (~4 instructions per weight instead of ~0.5).
+_LO6_ASM: tl.constexpr = tl.constexpr("and.b32 $0, $1, 0x3F3F3F3F;")
+_HI6_ASM: tl.constexpr = tl.constexpr(
+    "{ .reg .b32 a, b, c; shr.b32 a, $1, 6; and.b32 a, a, 0x03030303; shr.b32 b, $2, 4; and.b32 b, b, 0x0C0C0C0C;"
+    " shr.b32 c, $3, 2; and.b32 c, c, 0x30303030; or.b32 a, a, b; or.b32 $0, a, c; }")
+_LO4_ASM: tl.constexpr = tl.constexpr("and.b32 $0, $1, 0x0F0F0F0F;")
+_HI4_ASM: tl.constexpr = tl.constexpr("{ .reg .b32 a; shr.b32 a, $1, 4; and.b32 $0, a, 0x0F0F0F0F; }")
+
+
+@triton.jit
+def _bytes_op(src, ASM: tl.constexpr):
+    return tl.inline_asm_elementwise(ASM, "=r,r", [src], dtype=tl.int8, is_pure=True, pack=4)
+
+
+@triton.jit
+def _int6_planes(x0, x1, x2, USE_ASM: tl.constexpr):
+    """Three [BLOCK_N, 32] uint8 tiles of the int6 layout → four int8 code tiles (k 0-31, 32-63, 64-95, 96-127)."""
+    if USE_ASM:
+        c0 = _bytes_op(x0, _LO6_ASM)
+        c1 = _bytes_op(x1, _LO6_ASM)
+        c2 = _bytes_op(x2, _LO6_ASM)
+        c3 = tl.inline_asm_elementwise(_HI6_ASM, "=r,r,r,r", [x0, x1, x2], dtype=tl.int8, is_pure=True, pack=4)
+    else:
+        c0 = (x0 & 63).to(tl.int8)
+        c1 = (x1 & 63).to(tl.int8)
+        c2 = (x2 & 63).to(tl.int8)
+        c3 = ((x0 >> 6) | ((x1 >> 4) & 12) | ((x2 >> 2) & 48)).to(tl.int8)
+    return c0, c1, c2, c3
+
+
+@triton.jit
+def _int4_planes(x0, x1, USE_ASM: tl.constexpr):
+    """Two [BLOCK_N, 32] uint8 tiles of the nibble-plane layout → four int8 code tiles."""
+    if USE_ASM:
+        return _bytes_op(x0, _LO4_ASM), _bytes_op(x1, _LO4_ASM), _bytes_op(x0, _HI4_ASM), _bytes_op(x1, _HI4_ASM)
+    else:
+        return (x0 & 15).to(tl.int8), (x1 & 15).to(tl.int8), (x0 >> 4).to(tl.int8), (x1 >> 4).to(tl.int8)
+
+
 @triton.jit
 def _stack4(c0, c1, c2, c3, BLOCK_N: tl.constexpr):
     """Four [BLOCK_N, 32] tiles → [BLOCK_N, 128], c0 first along K (join + permute + reshape: register moves;
@@ -126,7 +168,8 @@ def _stack4(c0, c1, c2, c3, BLOCK_N: tl.constexpr):
 def _gemm_kernel(qa_ptr, as_ptr, qs_ptr, w_ptr, ws_ptr, wz_ptr, bias_ptr, out_ptr, part_ptr, cnt_ptr,
                  M, N, KB, stride_qa, stride_as, stride_out, stride_w, MB,
                  WBITS: tl.constexpr, WGB: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr, GROUP_M: tl.constexpr):
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr, GROUP_M: tl.constexpr,
+                 USE_ASM: tl.constexpr):
     """WBITS 6 (int6 layout) or 4 (nibble planes); WGB = weight group size in 128-blocks, 0 = per-channel.
     MB (bucketed M) is only an autotuning key."""
     pid = tl.program_id(0)
@@ -152,17 +195,11 @@ def _gemm_kernel(qa_ptr, as_ptr, qs_ptr, w_ptr, ws_ptr, wz_ptr, bias_ptr, out_pt
             x0 = tl.load(wb, mask=nmask[:, None], other=0)  # [BLOCK_N, 32] uint8, K contiguous
             x1 = tl.load(wb + 32, mask=nmask[:, None], other=0)
             x2 = tl.load(wb + 64, mask=nmask[:, None], other=0)
-            c0 = (x0 & 63).to(tl.int8)
-            c1 = (x1 & 63).to(tl.int8)
-            c2 = (x2 & 63).to(tl.int8)
-            c3 = ((x0 >> 6) | ((x1 >> 4) & 12) | ((x2 >> 2) & 48)).to(tl.int8)
+            c0, c1, c2, c3 = _int6_planes(x0, x1, x2, USE_ASM)
         else:
             x0 = tl.load(wb, mask=nmask[:, None], other=0)
             x1 = tl.load(wb + 32, mask=nmask[:, None], other=0)
-            c0 = (x0 & 15).to(tl.int8)
-            c1 = (x1 & 15).to(tl.int8)
-            c2 = (x0 >> 4).to(tl.int8)
-            c3 = (x1 >> 4).to(tl.int8)
+            c0, c1, c2, c3 = _int4_planes(x0, x1, USE_ASM)
         c = tl.trans(_stack4(c0, c1, c2, c3, BLOCK_N))  # [128, BLOCK_N], K in natural order
         d = tl.dot(a, c, out_dtype=tl.int32)
         sa = tl.load(as_ptr + offs_m * stride_as + b, mask=mmask, other=0)
@@ -273,7 +310,8 @@ def lowbit_gemm(qa: torch.Tensor, a_scale: torch.Tensor, a_sum: torch.Tensor, w:
     args = (qa, a_scale, a_sum, w.qweight, w.scales, w.zeros if w.zeros is not None else w.scales,
             bias if bias is not None else out, out, part, cnt, m, w.n, kb, qa.stride(0), a_scale.stride(0),
             out.stride(0), w.qweight.stride(0), _bucket(m))
-    consts = {"WBITS": w.bits, "WGB": wgb, "HAS_ZERO": w.zeros is not None, "HAS_BIAS": bias is not None}
+    consts = {"WBITS": w.bits, "WGB": wgb, "HAS_ZERO": w.zeros is not None, "HAS_BIAS": bias is not None,
+              "USE_ASM": not _INTERPRET}
 
     def grid(a):
         return (triton.cdiv(m, a["BLOCK_M"]) * triton.cdiv(w.n, a["BLOCK_N"]), a["SPLIT_K"])
