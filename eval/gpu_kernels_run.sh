@@ -11,7 +11,7 @@ STEPS=${STEPS:-tests int8 arc wq}
 for step in $STEPS; do
   t0=$(date +%s)
   case $step in
-    tests) timeout 240 python3 -m pytest -q -x tests/test_kernels_int8.py tests/test_kernels_nvfp4.py \
+    tests) timeout ${TEST_TIMEOUT:-400} python3 -m pytest -q -x tests/test_kernels_int8.py tests/test_kernels_nvfp4.py \
              tests/test_kernels.py tests/test_cuda.py 2>&1 | tail -25 ;;
     int8)  timeout 200 python3 -m quantkit.eval.bench_int8_gemm --shapes 4096x14336 \
              --json "$OUT/int8_gemm.json" 2>&1 | tail -40 ;;

@@ -43,6 +43,7 @@ MAGIC = tl.constexpr(0x4B400000)  # bits of 1.5·2^23
 MAGIC_F = tl.constexpr(12582912.0)
 SMALL_M = 16  # M <= SMALL_M: the decode configurations (BLOCK_M = 16, split-K)
 SPLIT_MAX = 8
+SPLIT_GEMV_MAX = 16
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
@@ -244,6 +245,111 @@ def _gemm_kernel(qa_ptr, as_ptr, qs_ptr, w_ptr, ws_ptr, wz_ptr, bias_ptr, out_pt
             tl.atomic_xchg(cnt_ptr + pid, 0)
 
 
+# ----------------------------------------------------------------------------------------------------------
+# decode GEMV (M <= GEMV_MAX_M): CUDA cores, dp4a
+#
+# At M = 1..4 an int8 tensor-core tile is mostly padding and its weight tile makes two trips through shared
+# memory. Here a thread holds 32-bit words of codes: `word & 0x3F3F3F3F` (int6) or `& 0x0F0F0F0F` (int4
+# planes) is four unsigned codes as bytes, and one `dp4a.u32.s32` multiplies them with four int8 activations
+# and accumulates in int32 — exact, like the tensor-core path, ~0.75 instructions per weight.
+
+_DP4A_ASM: tl.constexpr = tl.constexpr("dp4a.u32.s32 $0, $1, $2, $3;")
+
+
+@triton.jit
+def _dp4a(w, a, acc, USE_ASM: tl.constexpr):
+    """acc + Σ_bytes u8(w) · s8(a), elementwise on int32 words."""
+    if USE_ASM:
+        return tl.inline_asm_elementwise(_DP4A_ASM, "=r,r,r,r", [w, a, acc], dtype=tl.int32, is_pure=True, pack=1)
+    else:
+        for j in tl.static_range(4):
+            acc += ((w >> (8 * j)) & 255) * ((a << (24 - 8 * j)) >> 24)
+        return acc
+
+
+@triton.jit
+def _gemv_kernel(qa_ptr, as_ptr, qs_ptr, w_ptr, ws_ptr, wz_ptr, bias_ptr, out_ptr, part_ptr, cnt_ptr,
+                 M, N, KB, stride_qa, stride_as, stride_out, stride_w, MB,
+                 WBITS: tl.constexpr, WGB: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr,
+                 BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr, USE_ASM: tl.constexpr):
+    """Grid (cdiv(N, BLOCK_N), SPLIT_K, M): one row of the output per program. qa_ptr / w_ptr are int32
+    views (stride_qa, stride_w in words). Everything is 1-D over the program's BLOCK_N columns: a thread owns
+    whole rows of W, loads their words one word index at a time (a 32-byte sector per row and plane) and
+    gets the activation words as uniform scalar loads, so no value crosses threads (no shuffles, no
+    shared-memory layout changes) until the split-K epilogue. Same outputs as `_gemm_kernel`."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    m = tl.program_id(2)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    nmask = offs_n < N
+    a_row = qa_ptr + m.to(tl.int64) * stride_qa
+    w_rows = w_ptr + offs_n.to(tl.int64) * stride_w
+    WORDS: tl.constexpr = 4 * WBITS  # 32-bit words per 128-block and row
+    ZC: tl.constexpr = 1 << (WBITS - 1)
+    b0, b1 = _split_range(pid_k, KB, SPLIT_K)
+    acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for b in range(b0, b1):
+        wb = w_rows + b * WORDS
+        ab = a_row + b * 32
+        d = tl.zeros([BLOCK_N], dtype=tl.int32)
+        for i in tl.static_range(8):
+            x0 = tl.load(wb + i, mask=nmask, other=0)
+            x1 = tl.load(wb + 8 + i, mask=nmask, other=0)
+            if WBITS == 6:
+                x2 = tl.load(wb + 16 + i, mask=nmask, other=0)
+                c0 = x0 & 0x3F3F3F3F
+                c1 = x1 & 0x3F3F3F3F
+                c2 = x2 & 0x3F3F3F3F
+                c3 = ((x0 >> 6) & 0x03030303) | ((x1 >> 4) & 0x0C0C0C0C) | ((x2 >> 2) & 0x30303030)
+            else:
+                c0 = x0 & 0x0F0F0F0F
+                c1 = x1 & 0x0F0F0F0F
+                c2 = (x0 >> 4) & 0x0F0F0F0F
+                c3 = (x1 >> 4) & 0x0F0F0F0F
+            d = _dp4a(c0, tl.load(ab + i), d, USE_ASM)
+            d = _dp4a(c1, tl.load(ab + 8 + i), d, USE_ASM)
+            d = _dp4a(c2, tl.load(ab + 16 + i), d, USE_ASM)
+            d = _dp4a(c3, tl.load(ab + 24 + i), d, USE_ASM)
+        sa = tl.load(as_ptr + m * stride_as + b)
+        asum = tl.load(qs_ptr + m * stride_as + b)
+        if WGB == 0:
+            g = 0
+        else:
+            g = b // WGB
+        if HAS_ZERO:
+            z = tl.load(wz_ptr + g * N + offs_n, mask=nmask, other=0).to(tl.int32)
+            d = (d - asum * z) + MAGIC
+        else:
+            d = d + (asum * (-ZC) + MAGIC)
+        f = d.to(tl.float32, bitcast=True) - MAGIC_F
+        if WGB == 0:
+            acc += f * sa
+        else:
+            sw = tl.load(ws_ptr + g * N + offs_n, mask=nmask, other=0).to(tl.float32)
+            acc += f * (sa * sw)
+    if WGB == 0:
+        acc = acc * tl.load(ws_ptr + offs_n, mask=nmask, other=0).to(tl.float32)
+
+    o_ptrs = out_ptr + m.to(tl.int64) * stride_out + offs_n
+    if SPLIT_K == 1:
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + offs_n, mask=nmask, other=0).to(tl.float32)
+        tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=nmask)
+    else:
+        tile = m * N + offs_n
+        tl.store(part_ptr + pid_k * M * N + tile, acc, mask=nmask)
+        tl.debug_barrier()
+        cnt = cnt_ptr + m * tl.num_programs(0) + pid_n
+        old = tl.atomic_add(cnt, 1, sem="acq_rel")
+        if old == SPLIT_K - 1:
+            tot = tl.zeros([BLOCK_N], dtype=tl.float32)
+            for s in range(SPLIT_K):
+                tot += tl.load(part_ptr + s * M * N + tile, mask=nmask, other=0, cache_modifier=".cg")
+            if HAS_BIAS:
+                tot += tl.load(bias_ptr + offs_n, mask=nmask, other=0).to(tl.float32)
+            tl.store(o_ptrs, tot.to(out_ptr.dtype.element_ty), mask=nmask)
+            tl.atomic_xchg(cnt, 0)
+
 def _small_configs():
     out = []
     for bn, sk, warps, stages in ((64, 4, 4, 4), (64, 8, 4, 3), (128, 4, 4, 3), (32, 8, 4, 4), (128, 2, 4, 4),
@@ -269,9 +375,17 @@ def _bench(fn, quantiles=None):
     return triton.testing.do_bench(fn, warmup=5, rep=20, quantiles=quantiles)
 
 
+def _gemv_configs():
+    return [triton.Config({"BLOCK_N": bn, "SPLIT_K": sk}, num_warps=w, num_stages=st)
+            for bn, sk, w, st in ((64, 8, 1, 1), (128, 8, 2, 1), (256, 8, 2, 1), (128, 16, 2, 1), (256, 16, 4, 1),
+                                  (128, 4, 1, 1), (256, 4, 2, 1), (64, 16, 1, 1))]
+
+
 _KEY = ["MB", "N", "KB", "WBITS", "WGB", "HAS_ZERO"]
 gemm_small_tuned = triton.autotune(_small_configs(), key=_KEY, do_bench=_bench)(_gemm_kernel)
 gemm_large_tuned = triton.autotune(_large_configs(), key=_KEY, do_bench=_bench)(_gemm_kernel)
+gemv_tuned = triton.autotune(_gemv_configs(), key=_KEY, do_bench=_bench)(_gemv_kernel)
+GEMV_MAX_M = 2  # M up to this: the dp4a GEMV (CUDA cores, one program per row); above: int8 tensor cores
 
 # split-K tile counters (kept all-zero between calls), per device
 _COUNTERS: dict[torch.device, torch.Tensor] = {}
@@ -291,11 +405,12 @@ def _bucket(m: int) -> int:
 
 def lowbit_gemm(qa: torch.Tensor, a_scale: torch.Tensor, a_sum: torch.Tensor, w: LowbitWeight,
                 bias: torch.Tensor | None = None, out_dtype: torch.dtype = torch.bfloat16,
-                config: dict | None = None) -> torch.Tensor:
+                config: dict | None = None, path: str | None = None) -> torch.Tensor:
     """(qa int8 [M, Kp], a_scale fp32 [M, G], a_sum int32 [M, G]) × LowbitWeight [N, K] → y [M, N] `out_dtype`.
 
-    `config`: explicit meta-parameters (BLOCK_M, BLOCK_N, SPLIT_K, GROUP_M, num_warps, num_stages) instead
-    of the autotuned choice (tests, the interpreter)."""
+    `config`: explicit meta-parameters (BLOCK_M, BLOCK_N, SPLIT_K, GROUP_M, num_warps, num_stages; the GEMV:
+    BLOCK_N, SPLIT_K) instead of the autotuned choice (tests, the interpreter).
+    `path`: "gemv" (dp4a on CUDA cores, M <= 16) or "mma" (int8 tensor cores); None: GEMV up to GEMV_MAX_M."""
     m = qa.shape[0]
     kb = w.blocks
     if qa.shape[1] != kb * ACT_GROUP or a_scale.shape != (m, kb) or a_sum.shape != (m, kb):
@@ -304,7 +419,10 @@ def lowbit_gemm(qa: torch.Tensor, a_scale: torch.Tensor, a_sum: torch.Tensor, w:
     if m == 0:
         return out
     small = m <= SMALL_M
-    part = torch.empty(SPLIT_MAX if small else 1, m, w.n, dtype=torch.float32, device=qa.device)
+    if path is None:  # an explicit tile config (BLOCK_M) means the tensor-core kernel
+        path = "gemv" if m <= GEMV_MAX_M and (config is None or "BLOCK_M" not in config) else "mma"
+    part = torch.empty(SPLIT_GEMV_MAX if path == "gemv" else SPLIT_MAX if small else 1, m, w.n,
+                       dtype=torch.float32, device=qa.device)
     cnt = _counters(qa.device, triton.cdiv(m, 16) * triton.cdiv(w.n, 16))
     wgb = (w.group_size // ACT_GROUP) if w.group_size else 0
     args = (qa, a_scale, a_sum, w.qweight, w.scales, w.zeros if w.zeros is not None else w.scales,
@@ -312,6 +430,26 @@ def lowbit_gemm(qa: torch.Tensor, a_scale: torch.Tensor, a_sum: torch.Tensor, w:
             out.stride(0), w.qweight.stride(0), _bucket(m))
     consts = {"WBITS": w.bits, "WGB": wgb, "HAS_ZERO": w.zeros is not None, "HAS_BIAS": bias is not None,
               "USE_ASM": not _INTERPRET}
+
+    if path == "gemv":
+        if m > 16:
+            raise ValueError(f"the GEMV path serves M <= 16, got M = {m}")
+        gargs = (qa.view(torch.int32), *args[1:3], w.qweight.view(torch.int32), *args[4:13],
+                 qa.stride(0) // 4, *args[14:16], w.qweight.stride(0) // 4, args[17])
+        gconsts = consts
+
+        def ggrid(a):
+            return (triton.cdiv(w.n, a["BLOCK_N"]), a["SPLIT_K"], m)
+
+        if config is None:
+            gemv_tuned[ggrid](*gargs, **gconsts)
+        else:
+            c = {"num_warps": 2, "num_stages": 1, **config}
+            if c["SPLIT_K"] > part.shape[0]:
+                part = torch.empty(c["SPLIT_K"], m, w.n, dtype=torch.float32, device=qa.device)
+                gargs = (*gargs[:8], part, *gargs[9:])
+            _gemv_kernel[ggrid(c)](*gargs, **gconsts, **c)
+        return out
 
     def grid(a):
         return (triton.cdiv(m, a["BLOCK_M"]) * triton.cdiv(w.n, a["BLOCK_N"]), a["SPLIT_K"])

@@ -108,6 +108,10 @@ CONFIGS = {
     "m16-splitk3": {"BLOCK_M": 16, "BLOCK_N": 32, "SPLIT_K": 3},
     "m32-grouped": {"BLOCK_M": 32, "BLOCK_N": 32, "SPLIT_K": 1, "GROUP_M": 2},
 }
+GEMV_CONFIGS = {  # the dp4a decode kernel (path="gemv", M <= 16)
+    "gemv": {"BLOCK_N": 32, "SPLIT_K": 1},
+    "gemv-splitk3": {"BLOCK_N": 64, "SPLIT_K": 3},
+}
 
 
 def _wid(c):
@@ -134,6 +138,11 @@ def test_gemm_integer_part_exact(wcase):
                 continue
             y = kg.lowbit_gemm(qa, a_s, a_sum, w, out_dtype=torch.float32, config=cfg)
             assert torch.equal(y.double(), y_ref), (name, m, (y.double() - y_ref).abs().max().item())
+        for name, cfg in GEMV_CONFIGS.items():
+            if m > 16:
+                continue
+            y = kg.lowbit_gemm(qa, a_s, a_sum, w, out_dtype=torch.float32, config=cfg, path="gemv")
+            assert torch.equal(y.double(), y_ref), (name, m, (y.double() - y_ref).abs().max().item())
 
 
 @pytest.mark.parametrize("wcase", WCASES, ids=_wid)
@@ -155,6 +164,10 @@ def test_linear_matches_reference(wcase):
         assert y.dtype == dtype and y.shape == (m, n)
         err = ((y.double() - y_ref).norm() / y_ref.norm()).item()
         assert err < 1e-2, (m, err)  # bf16/fp16 output rounding
+        if m <= 16:  # the dp4a GEMV: same integer sums and epilogue
+            yg = kg.lowbit_gemm(qa, s, qs, w, bias, out_dtype=dtype, config=GEMV_CONFIGS["gemv-splitk3"],
+                                path="gemv")
+            assert ((yg.double() - y_ref).norm() / y_ref.norm()).item() < 1e-2, m
         # the fake-quant float path (act_int dequantize @ dequantized weight) agrees too
         xq = ref.quantize_act_ref(x, abits, p)
         xf = (xq[0].view(m, groups, 128).double() * xq[1].double().unsqueeze(-1)).view(m, -1)[:, :k]
@@ -171,6 +184,12 @@ def test_split_k_is_deterministic_and_resets_counters():
     y2 = kg.lowbit_gemm(qa, s, qs, w, out_dtype=torch.float32, config=cfg)
     assert torch.equal(y1, y2)
     assert not kg._COUNTERS[qa.device].any()
+    g1 = kg.lowbit_gemm(qa, s, qs, w, out_dtype=torch.float32, config=GEMV_CONFIGS["gemv-splitk3"], path="gemv")
+    g2 = kg.lowbit_gemm(qa, s, qs, w, out_dtype=torch.float32, config=GEMV_CONFIGS["gemv-splitk3"], path="gemv")
+    assert torch.equal(g1, g2) and torch.equal(g1, y1)  # exact integer sums, same epilogue order per split
+    assert not kg._COUNTERS[qa.device].any()
+    with pytest.raises(ValueError, match="M <= 16"):
+        kg.lowbit_gemm(*kg.quantize_act(_x(17, 384, torch.bfloat16), 6), w, path="gemv")
 
 
 def test_prepare_and_supports():
@@ -202,7 +221,7 @@ def test_gpu_real_shapes(case):
         abits = torch.full((k // 128,), 4, dtype=torch.int32, device="cuda")
         abits[::5] = 8
         perm = torch.randperm(k, device="cuda").to(torch.int32)
-    for m in (1, 16, 1024):
+    for m in (1, 4, 16, 1024):
         x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
         y = kg.lowbit_linear(x, w, abits, perm)
         y_ref = ref.lowbit_linear_ref(x, w, abits, perm, dtype=torch.float64)
