@@ -151,7 +151,7 @@ def tuned_configs() -> dict:
     from quantkit.kernels import int8_gemm as kg
 
     out = {}
-    for name, fn in (("small", kg.gemm_small_tuned), ("large", kg.gemm_large_tuned)):
+    for name, fn in (("gemv", kg.gemv_tuned), ("small", kg.gemm_small_tuned), ("large", kg.gemm_large_tuned)):
         out[name] = {str(key): str(cfg) for key, cfg in fn.cache.items()}
     return out
 

@@ -379,7 +379,8 @@ def _bench(fn, quantiles=None):
 def _gemv_configs():
     return [triton.Config({"BLOCK_N": bn, "SPLIT_K": sk}, num_warps=w, num_stages=st)
             for bn, sk, w, st in ((64, 8, 1, 1), (128, 8, 2, 1), (256, 8, 2, 1), (128, 16, 2, 1), (256, 16, 4, 1),
-                                  (128, 4, 1, 1), (256, 4, 2, 1), (64, 16, 1, 1))]
+                                  (128, 4, 1, 1), (256, 4, 2, 1), (64, 16, 1, 1), (128, 8, 2, 3), (64, 8, 1, 3),
+                                  (128, 16, 2, 2), (256, 8, 4, 3))]
 
 
 _KEY = ["MB", "N", "KB", "WBITS", "WGB", "HAS_ZERO"]
