@@ -20,10 +20,15 @@ Torch reference of the same math, and the weight preparation: `int8_reference.py
   output and resets the counter (one launch, no memset). Large M uses big tiles, SPLIT_K = 1, a grouped tile
   order and pipelined loads (num_stages). (Triton's interpreter truncates fp32 → bf16 instead of rounding
   to nearest even, so interpreted bf16 outputs carry ~2x the rounding error of compiled ones.)
+  Compiled, the code planes are unpacked by inline asm on packed 32-bit registers (four codes per
+  instruction); the interpreter runs the same masks per uint8 element.
+- `_gemv_kernel`  M <= GEMV_MAX_M (decode): CUDA cores, one program per output row and N tile; a word of
+  codes masked to four unsigned bytes, one `dp4a.u32.s32` with four int8 activations (exact int32), the same
+  per-block epilogue and split-K reduction as `_gemm_kernel` (bit-identical results).
 
 Public entry points (what QuantLinear calls; shapes in the docstrings):
     quantize_act(x, bits, perm=None)                  -> (qa, a_scale, a_sum)
-    lowbit_gemm(qa, a_scale, a_sum, w, bias=None, out_dtype=torch.bfloat16)   -> y [M, N]
+    lowbit_gemm(qa, a_scale, a_sum, w, bias=None, out_dtype=torch.bfloat16, path=None)   -> y [M, N]
     lowbit_linear(x, w, act_bits, perm=None, bias=None)                      -> y [..., N] (x's dtype)
 with `w` a `LowbitWeight` from `int8_reference.prepare_int6` / `prepare_int4` (cache it on the module).
 """
