@@ -171,6 +171,50 @@ def _stack4(c0, c1, c2, c3, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
+def _accumulate_block(acc, d, sa, asum, g, wz_ptr, ws_ptr, N, cols, cmask,
+                      HAS_ZERO: tl.constexpr, WGB: tl.constexpr, ZC: tl.constexpr):
+    """acc += (d − z·asum)·sa·sw for one 128-block: d int32 dots of raw codes, sa / asum the activations'
+    block scale and sum, broadcastable to d (per row); cols / cmask the weight columns, shaped like d's
+    column axis. Exact int → float: bitcast(I + 1.5·2^23) − 1.5·2^23 (an IADD + FADD, no slow I2F).
+    WGB == 0 (per-channel weight scale): the caller multiplies by it once at the end."""
+    if HAS_ZERO:
+        z = tl.load(wz_ptr + g * N + cols, mask=cmask, other=0).to(tl.int32)
+        d = (d - asum * z) + MAGIC
+    else:
+        d = d + (asum * (-ZC) + MAGIC)
+    f = d.to(tl.float32, bitcast=True) - MAGIC_F
+    if WGB == 0:
+        return acc + f * sa
+    else:
+        sw = tl.load(ws_ptr + g * N + cols, mask=cmask, other=0).to(tl.float32)
+        return acc + f * (sa * sw)
+
+
+@triton.jit
+def _finish_tile(acc, o_ptrs, omask, tile, bias_ptrs, bmask, part_ptr, MN, pid_k, cnt,
+                 HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr):
+    """Write one output tile (+ bias). Split-K: each slice stores its fp32 partial at part[pid_k, tile]; the
+    slice that moves the tile's counter last adds the partials in slice order (deterministic), writes the
+    output and resets the counter (one launch, no memset). bias_ptrs / bmask broadcast to acc."""
+    if SPLIT_K == 1:
+        if HAS_BIAS:
+            acc += tl.load(bias_ptrs, mask=bmask, other=0).to(tl.float32)
+        tl.store(o_ptrs, acc.to(o_ptrs.dtype.element_ty), mask=omask)
+    else:
+        tl.store(part_ptr + pid_k * MN + tile, acc, mask=omask)
+        tl.debug_barrier()  # every thread's partial is written before the counter moves
+        old = tl.atomic_add(cnt, 1, sem="acq_rel")
+        if old == SPLIT_K - 1:  # the last slice of this tile: sum the partials in slice order
+            tot = tl.zeros_like(acc)
+            for s in range(SPLIT_K):
+                tot += tl.load(part_ptr + s * MN + tile, mask=omask, other=0, cache_modifier=".cg")
+            if HAS_BIAS:
+                tot += tl.load(bias_ptrs, mask=bmask, other=0).to(tl.float32)
+            tl.store(o_ptrs, tot.to(o_ptrs.dtype.element_ty), mask=omask)
+            tl.atomic_xchg(cnt, 0)
+
+
+@triton.jit
 def _gemm_kernel(qa_ptr, as_ptr, qs_ptr, w_ptr, ws_ptr, wz_ptr, bias_ptr, out_ptr, part_ptr, cnt_ptr,
                  M, N, KB, stride_qa, stride_as, stride_out, stride_w, MB,
                  WBITS: tl.constexpr, WGB: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr,
@@ -210,44 +254,16 @@ def _gemm_kernel(qa_ptr, as_ptr, qs_ptr, w_ptr, ws_ptr, wz_ptr, bias_ptr, out_pt
         d = tl.dot(a, c, out_dtype=tl.int32)
         sa = tl.load(as_ptr + offs_m * stride_as + b, mask=mmask, other=0)
         asum = tl.load(qs_ptr + offs_m * stride_as + b, mask=mmask, other=0)
-        if WGB == 0:
-            g = 0
-        else:
-            g = b // WGB
-        if HAS_ZERO:
-            z = tl.load(wz_ptr + g * N + offs_n, mask=nmask, other=0).to(tl.int32)
-            d = (d - asum[:, None] * z[None, :]) + MAGIC
-        else:
-            d = d + (asum * (-ZC) + MAGIC)[:, None]
-        f = d.to(tl.float32, bitcast=True) - MAGIC_F
-        if WGB == 0:  # per-channel weight scale: applied once at the end
-            acc += f * sa[:, None]
-        else:
-            sw = tl.load(ws_ptr + g * N + offs_n, mask=nmask, other=0).to(tl.float32)
-            acc += f * (sa[:, None] * sw[None, :])
+        g = 0 if WGB == 0 else b // WGB
+        acc = _accumulate_block(acc, d, sa[:, None], asum[:, None], g, wz_ptr, ws_ptr, N, offs_n[None, :],
+                                nmask[None, :], HAS_ZERO, WGB, ZC)
     if WGB == 0:
         sw = tl.load(ws_ptr + offs_n, mask=nmask, other=0).to(tl.float32)
         acc = acc * sw[None, :]
 
-    omask = mmask[:, None] & nmask[None, :]
-    o_ptrs = out_ptr + offs_m.to(tl.int64)[:, None] * stride_out + offs_n[None, :]
-    if SPLIT_K == 1:
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + offs_n, mask=nmask, other=0).to(tl.float32)[None, :]
-        tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=omask)
-    else:
-        tile = offs_m[:, None] * N + offs_n[None, :]
-        tl.store(part_ptr + pid_k * M * N + tile, acc, mask=omask)
-        tl.debug_barrier()  # every thread's partial is written before the counter moves
-        old = tl.atomic_add(cnt_ptr + pid, 1, sem="acq_rel")
-        if old == SPLIT_K - 1:  # the last slice of this tile: sum the partials in slice order
-            tot = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-            for s in range(SPLIT_K):
-                tot += tl.load(part_ptr + s * M * N + tile, mask=omask, other=0, cache_modifier=".cg")
-            if HAS_BIAS:
-                tot += tl.load(bias_ptr + offs_n, mask=nmask, other=0).to(tl.float32)[None, :]
-            tl.store(o_ptrs, tot.to(out_ptr.dtype.element_ty), mask=omask)
-            tl.atomic_xchg(cnt_ptr + pid, 0)
+    _finish_tile(acc, out_ptr + offs_m.to(tl.int64)[:, None] * stride_out + offs_n[None, :],
+                 mmask[:, None] & nmask[None, :], offs_m[:, None] * N + offs_n[None, :], bias_ptr + offs_n[None, :],
+                 nmask[None, :], part_ptr, M * N, pid_k, cnt_ptr + pid, HAS_BIAS, SPLIT_K)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -318,43 +334,13 @@ def _gemv_kernel(qa_ptr, as_ptr, qs_ptr, w_ptr, ws_ptr, wz_ptr, bias_ptr, out_pt
         d = tl.sum(t, axis=1, keep_dims=True)  # [BN, 1]
         sa = tl.load(as_ptr + m * stride_as + b)
         asum = tl.load(qs_ptr + m * stride_as + b)
-        if WGB == 0:
-            g = 0
-        else:
-            g = b // WGB
-        if HAS_ZERO:
-            z = tl.load(wz_ptr + g * N + offs_n, mask=nmask, other=0).to(tl.int32)
-            d = (d - asum * z) + MAGIC
-        else:
-            d = d + (asum * (-ZC) + MAGIC)
-        f = d.to(tl.float32, bitcast=True) - MAGIC_F
-        if WGB == 0:
-            acc += f * sa
-        else:
-            sw = tl.load(ws_ptr + g * N + offs_n, mask=nmask, other=0).to(tl.float32)
-            acc += f * (sa * sw)
+        g = 0 if WGB == 0 else b // WGB
+        acc = _accumulate_block(acc, d, sa, asum, g, wz_ptr, ws_ptr, N, offs_n, nmask, HAS_ZERO, WGB, ZC)
     if WGB == 0:
         acc = acc * tl.load(ws_ptr + offs_n, mask=nmask, other=0).to(tl.float32)
 
-    o_ptrs = out_ptr + m.to(tl.int64) * stride_out + offs_n
-    if SPLIT_K == 1:
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + offs_n, mask=nmask, other=0).to(tl.float32)
-        tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=nmask)
-    else:
-        tile = m * N + offs_n
-        tl.store(part_ptr + pid_k * M * N + tile, acc, mask=nmask)
-        tl.debug_barrier()
-        cnt = cnt_ptr + m * tl.num_programs(0) + pid_n
-        old = tl.atomic_add(cnt, 1, sem="acq_rel")
-        if old == SPLIT_K - 1:
-            tot = tl.zeros([BLOCK_N, 1], dtype=tl.float32)
-            for s in range(SPLIT_K):
-                tot += tl.load(part_ptr + s * M * N + tile, mask=nmask, other=0, cache_modifier=".cg")
-            if HAS_BIAS:
-                tot += tl.load(bias_ptr + offs_n, mask=nmask, other=0).to(tl.float32)
-            tl.store(o_ptrs, tot.to(out_ptr.dtype.element_ty), mask=nmask)
-            tl.atomic_xchg(cnt, 0)
+    _finish_tile(acc, out_ptr + m.to(tl.int64) * stride_out + offs_n, nmask, m * N + offs_n, bias_ptr + offs_n,
+                 nmask, part_ptr, M * N, pid_k, cnt_ptr + m * tl.num_programs(0) + pid_n, HAS_BIAS, SPLIT_K)
 
 def _small_configs():
     out = []
@@ -428,50 +414,41 @@ def lowbit_gemm(qa: torch.Tensor, a_scale: torch.Tensor, a_sum: torch.Tensor, w:
     small = m <= SMALL_M
     if path is None:  # an explicit tile config (BLOCK_M) means the tensor-core kernel
         path = "gemv" if m <= GEMV_MAX_M and (config is None or "BLOCK_M" not in config) else "mma"
-    part = torch.empty(SPLIT_GEMV_MAX if path == "gemv" else SPLIT_MAX if small else 1, m, w.n,
-                       dtype=torch.float32, device=qa.device)
+    gemv = path == "gemv"
+    if gemv and m > 16:
+        raise ValueError(f"the GEMV path serves M <= 16, got M = {m}")
+    c = None
+    if config is not None:
+        c = {**({"num_warps": 2, "num_stages": 1} if gemv else {"GROUP_M": 1, "num_warps": 4, "num_stages": 2}),
+             **config}
+    splits = max(SPLIT_GEMV_MAX if gemv else SPLIT_MAX if small else 1, c["SPLIT_K"] if c else 1)
+    part = torch.empty(splits, m, w.n, dtype=torch.float32, device=qa.device)
     cnt = _counters(qa.device, triton.cdiv(m, 16) * triton.cdiv(w.n, 16))
     wgb = (w.group_size // ACT_GROUP) if w.group_size else 0
-    args = (qa, a_scale, a_sum, w.qweight, w.scales, w.zeros if w.zeros is not None else w.scales,
-            bias if bias is not None else out, out, part, cnt, m, w.n, kb, qa.stride(0), a_scale.stride(0),
-            out.stride(0), w.qweight.stride(0), _bucket(m))
+    # the GEMV reads activations and codes as 32-bit words (strides in words)
+    qa_k, qw_k = (qa.view(torch.int32), w.qweight.view(torch.int32)) if gemv else (qa, w.qweight)
+    args = (qa_k, a_scale, a_sum, qw_k, w.scales, w.zeros if w.zeros is not None else w.scales,
+            bias if bias is not None else out, out, part, cnt, m, w.n, kb, qa_k.stride(0), a_scale.stride(0),
+            out.stride(0), qw_k.stride(0), _bucket(m))
     consts = {"WBITS": w.bits, "WGB": wgb, "HAS_ZERO": w.zeros is not None, "HAS_BIAS": bias is not None,
               "USE_ASM": not _INTERPRET}
 
-    if path == "gemv":
-        if m > 16:
-            raise ValueError(f"the GEMV path serves M <= 16, got M = {m}")
-        gargs = (qa.view(torch.int32), *args[1:3], w.qweight.view(torch.int32), *args[4:13],
-                 qa.stride(0) // 4, *args[14:16], w.qweight.stride(0) // 4, args[17])
-        gconsts = consts
+    if gemv:
+        kernel, tuned = _gemv_kernel, gemv_tuned
 
-        def ggrid(a):
+        def grid(a):
             return (triton.cdiv(w.n, a["BLOCK_N"]), a["SPLIT_K"], m)
-
-        if config is None:
-            gemv_tuned[ggrid](*gargs, **gconsts)
-        else:
-            c = {"num_warps": 2, "num_stages": 1, **config}
-            if c["SPLIT_K"] > part.shape[0]:
-                part = torch.empty(c["SPLIT_K"], m, w.n, dtype=torch.float32, device=qa.device)
-                gargs = (*gargs[:8], part, *gargs[9:])
-            _gemv_kernel[ggrid(c)](*gargs, **gconsts, **c)
-        return out
-
-    def grid(a):
-        return (triton.cdiv(m, a["BLOCK_M"]) * triton.cdiv(w.n, a["BLOCK_N"]), a["SPLIT_K"])
-
-    if config is None:
-        fn = gemm_small_tuned if small else gemm_large_tuned
-        fn[grid](*args, **consts)
     else:
-        c = {"GROUP_M": 1, "num_warps": 4, "num_stages": 2, **config}
-        if c["SPLIT_K"] > 1 and c["SPLIT_K"] > part.shape[0]:
-            part = torch.empty(c["SPLIT_K"], m, w.n, dtype=torch.float32, device=qa.device)
-            args = (*args[:8], part, *args[9:])
-        _gemm_kernel[grid(c)](*args, **consts, **c)
-    return out
+        kernel, tuned = _gemm_kernel, (gemm_small_tuned if small else gemm_large_tuned)
 
+        def grid(a):
+            return (triton.cdiv(m, a["BLOCK_M"]) * triton.cdiv(w.n, a["BLOCK_N"]), a["SPLIT_K"])
+
+    if c is None:
+        tuned[grid](*args, **consts)
+    else:
+        kernel[grid(c)](*args, **consts, **c)
+    return out
 
 def lowbit_linear(x: torch.Tensor, w: LowbitWeight, act_bits: int | torch.Tensor,
                   perm: torch.Tensor | None = None, bias: torch.Tensor | None = None) -> torch.Tensor:
