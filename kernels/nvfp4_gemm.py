@@ -241,6 +241,19 @@ def _decode_tile(q_ptr, s_ptr, rows, R, kb0, KQ, BLOCK_R: tl.constexpr, BLOCK_KB
     return _e2m1_f32(b, 0) * sc, _e2m1_f32(b, 4) * sc
 
 
+@triton.jit
+def _load_blocks(q_ptr, s_ptr, rows, R, blk0, KQ, NB: tl.constexpr):
+    """Rows `rows` × NVFP4 blocks [blk0, blk0 + NB) of a packed matrix (q uint8 [R, KQ/2], s e4m3 bits
+    [R, KQ/16]) → (code bytes uint8 [BLOCK_R, NB, 8], block scale · 2^14 float32 [BLOCK_R, NB]); zeros past
+    the edges."""
+    r64 = rows[:, None].to(tl.int64)
+    bk = blk0 + tl.arange(0, NB)[None, :]
+    ok2 = (rows[:, None] < R) & (bk < KQ // 16)
+    sc = _scale_f32(tl.load(s_ptr + r64 * (KQ // 16) + bk, mask=ok2, other=0).to(tl.int32))
+    pc = bk[:, :, None] * 8 + tl.arange(0, 8)[None, None, :]
+    return tl.load(q_ptr + r64[:, :, None] * (KQ // 2) + pc, mask=ok2[:, :, None], other=0), sc
+
+
 # e2m1 pairs → fp16 in packed registers (one asm instance = 4 bytes = 4 even + 4 odd elements, all of one
 # NVFP4 block): PRMT moves byte i to the high byte of a 16-bit lane, so an odd (high) nibble already has its
 # sign on fp16 bit 15 and its exponent/mantissa bits shift down 3 onto bits 11..9; an even nibble shifts up 1
@@ -266,12 +279,8 @@ def _decode_tile_h(q_ptr, s_ptr, rows, R, blk0, KQ, BLOCK_R: tl.constexpr, NB: t
     """Rows `rows` [BLOCK_R] × NVFP4 blocks [blk0, blk0 + NB) of a packed matrix → (even, odd) [BLOCK_R, NB·8]
     of e2m1·e4m3·2^-7 (columns 2j and 2j+1; no tensor scale): fp16 from packed-register asm (USE_ASM), or the
     same values in float32 (Triton's interpreter, which runs no PTX)."""
-    r64 = rows[:, None].to(tl.int64)
-    bk = blk0 + tl.arange(0, NB)[None, :]
-    ok2 = (rows[:, None] < R) & (bk < KQ // 16)
-    sc = _scale_f32(tl.load(s_ptr + r64 * (KQ // 16) + bk, mask=ok2, other=0).to(tl.int32)) * 0.0078125
-    pc = bk[:, :, None] * 8 + tl.arange(0, 8)[None, None, :]
-    b = tl.load(q_ptr + r64[:, :, None] * (KQ // 2) + pc, mask=ok2[:, :, None], other=0)  # [R, NB, 8] uint8
+    b, sc = _load_blocks(q_ptr, s_ptr, rows, R, blk0, KQ, NB)
+    sc = sc * 0.0078125  # scale · 2^7
     if USE_ASM:
         s3 = tl.broadcast_to(sc.to(tl.float16)[:, :, None], (BLOCK_R, NB, 8))
         ev, od = tl.inline_asm_elementwise(_E2M1X4_ASM, "=r,=r,=r,=r,r,r,r", [b, s3],
@@ -332,12 +341,8 @@ def _decode_tile3(q_ptr, s_ptr, rows, R, blk0, KQ, BLOCK_R: tl.constexpr, NBK: t
     """Like `_decode_tile`, for NVFP4 blocks [blk0, blk0 + NBK) as 3-D tiles [BLOCK_R, NBK, 8] (byte-in-block
     last): the scales load once per block ([BLOCK_R, NBK]) and broadcast along the last axis. Returns
     (even, odd e2m1 values · 2^-14 as float32 [BLOCK_R, NBK, 8], block scale · 2^14 float32 [BLOCK_R, NBK])."""
-    r64 = rows[:, None].to(tl.int64)
-    bk = blk0 + tl.arange(0, NBK)[None, :]
-    ok2 = (rows[:, None] < R) & (bk < KQ // 16)
-    sc = _scale_f32(tl.load(s_ptr + r64 * (KQ // 16) + bk, mask=ok2, other=0).to(tl.int32))
-    pc = bk[:, :, None] * 8 + tl.arange(0, 8)[None, None, :]
-    b = tl.load(q_ptr + r64[:, :, None] * (KQ // 2) + pc, mask=ok2[:, :, None], other=0).to(tl.int32)
+    b, sc = _load_blocks(q_ptr, s_ptr, rows, R, blk0, KQ, NBK)
+    b = b.to(tl.int32)
     return _e2m1_f32(b, 0), _e2m1_f32(b, 4), sc
 
 
