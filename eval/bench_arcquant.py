@@ -146,6 +146,14 @@ def summarize(rows: list[dict]) -> list[dict]:
     return out
 
 
+def tuned_configs() -> dict:
+    """The autotuner's choice per key (M bucket, N, KQ), for the record."""
+    from quantkit.kernels import nvfp4_gemm as kg
+
+    return {name: {str(key): str(cfg) for key, cfg in fn.cache.items()}
+            for name, fn in (("gemv", kg.gemv_tuned), ("mm_small", kg.mm_small_tuned), ("mm_large", kg.mm_large_tuned))}
+
+
 def _f(v, spec):
     return format(v, spec) if v is not None else "-"
 
@@ -202,7 +210,12 @@ def main(argv: list[str] | None = None) -> dict:
             result["summary"] = summarize(result["rows"])
             out.write_text(json.dumps(result, indent=1))
             log(f"  [{time.time() - t0:.0f} s]")
+    result["tuned"] = tuned_configs()
+    out.write_text(json.dumps(result, indent=1))
     log(table(result["summary"]))
+    for name, cfgs in result["tuned"].items():
+        for key, cfg in cfgs.items():
+            log(f"  tuned {name} {key}: {cfg}")
     log(f"wrote {out}")
     return result
 

@@ -17,14 +17,16 @@ Torch reference of the same math: `quantkit/arc_numerics.py` (activation quantiz
                      integer arithmetic, and the kernel is compiled with `enable_fp_fusion=False` (an FMA in
                      x − deq would change the residual's last bit).
 - `_nvfp4_mm_kernel` Y[M, N] = Sx·Sw · Σ_k X'[m, k]·W'[n, k]. Hopper has no FP4 MMA: both operands are
-                     decoded in registers to bf16 (e2m1 × e4m3 is exact in bf16: ≤ 6 significant bits,
-                     magnitudes in [2^-10, 2688], all normal in bf16), `tl.dot` in bf16 with fp32
-                     accumulation, S scales in the epilogue. Small M: the product is computed transposed
+                     decoded in registers to fp16 as e2m1·e4m3·2^-7 (≤ 6 significant bits, multiples of
+                     2^-17 below 21: exact as fp16 normals or subnormals; _E2M1X4_ASM), `tl.dot` in fp16
+                     with fp32 accumulation, S and 2^14 in the epilogue. Small M: the product is computed transposed
                      (SWAP: acc^T = W'·X'^T, BLOCK_M = 16) with split-K (one launch: wq_gemm's workspace +
                      last-program epilogue). Large M: plain tiles with grouped ordering.
-- `_nvfp4_gemv_kernel` decode path (M ≤ GEMV_MAX_M): CUDA cores, W' read as [BLOCK_N, blocks, 8-byte] tiles,
-                     even/odd nibbles FMA'd with the decoded X' row, block scales applied once per block
-                     (the 16 products of a block sum exactly in fp32), split-K as above.
+- `_nvfp4_gemv_kernel` decode path (M ≤ GEMV_MAX_M): CUDA cores, W' read as int64 NVFP4 blocks in
+                     [BLOCK_N, NB] tiles (vector loads); each block's 16 products summed exactly on packed
+                     registers — by default PRMT table lookups to int8 (e2m1 ×2 is an integer ≤ 12) and
+                     dp4a, or HFMA2 on fp16 pairs (DOT="f16"; the autotuner tries both) — then scaled once by
+                     the two block scales in fp32; split-K with ordered partials (int8_gemm._finish_tile).
 - `_nvfp4_decode_kernel` W' → bf16 [N, K'] (e2m1·e4m3, no S) for the "decode + cuBLAS" path:
                      y = addmm(X'_bf16, W'_bf16ᵀ, alpha = Sw) (Sw is a static host float).
 
@@ -49,6 +51,7 @@ import torch
 import triton
 import triton.language as tl
 
+from quantkit.kernels.int8_gemm import _finish_tile
 from quantkit.kernels.wq_gemm import NUM_SMS, _grouped_tile, _split_k, _split_range, _store_out
 
 AMAX_PARTS = 256  # programs of the amax pre-pass (and the size every activation program reduces)
@@ -336,41 +339,158 @@ def _nvfp4_mm_kernel(xq_ptr, xs_ptr, wq_ptr, ws_ptr, sx_ptr, sw, bias_ptr, out_p
                SPLIT_K)
 
 
-@triton.jit
-def _decode_tile3(q_ptr, s_ptr, rows, R, blk0, KQ, BLOCK_R: tl.constexpr, NBK: tl.constexpr):
-    """Like `_decode_tile`, for NVFP4 blocks [blk0, blk0 + NBK) as 3-D tiles [BLOCK_R, NBK, 8] (byte-in-block
-    last): the scales load once per block ([BLOCK_R, NBK]) and broadcast along the last axis. Returns
-    (even, odd e2m1 values · 2^-14 as float32 [BLOCK_R, NBK, 8], block scale · 2^14 float32 [BLOCK_R, NBK])."""
-    b, sc = _load_blocks(q_ptr, s_ptr, rows, R, blk0, KQ, NBK)
-    b = b.to(tl.int32)
-    return _e2m1_f32(b, 0), _e2m1_f32(b, 4), sc
+# The decode GEMV's inner product, on packed registers: one NVFP4 block (16 e2m1 codes, 8 bytes, even element
+# in the low nibble) of W' against the same block of X', summed exactly; the two block scales then multiply
+# the block sum once, in fp32. Two variants (DOT):
+#
+# "i8" (default): e2m1 values ×2 are the integers {0,1,2,3,4,6,8,12}. PRMT looks bytes up in an 8-byte pool,
+#   four per instruction, with a selector of four nibbles: a word's codes masked to their magnitudes (& 0x7777,
+#   the low and the high 16 bits) index a pool of the positive and one of the negated values, and a third PRMT
+#   in sign-replicate mode turns the four sign bits into 0x00/0xFF byte masks that pick (LOP3) between them —
+#   four int8 in element order. One `dp4a.s32.s32` multiplies them with four int8 activations (decoded the
+#   same way, once per thread); 16 products of ≤ 144 sum exactly in int32 (= 4·Σ w·x). ~14 integer
+#   instructions per 8 elements.
+# "f16": PRMT puts (b0, b1), (b2, b3) in the high bytes of 16-bit lanes; shifts and masks make the fp16 pairs
+#   (value·2^-14, unscaled) (e0, e2), (e1, e3), (e4, e6), (e5, e7) (as in _E2M1X4_ASM), multiplied with the
+#   activation pairs (true values) by HFMA2: a half-lane adds 8 products |w·x|·2^-14 ≤ 36·2^-14 on the grid
+#   2^-16, below 2^-5 where the fp16 quantum is 2^-16 — exact (fp16 subnormals are kept: no .ftz). ~20
+#   instructions per 8 elements plus two conversions per block.
+_I8_LUT = (" mov.b32 lp0, 0x03020100; mov.b32 lp1, 0x0C080604; mov.b32 ln0, 0xFDFEFF00; mov.b32 ln1, 0xF4F8FAFC;")
+
+
+def _i8_word(src: str, o0: str, o1: str) -> str:
+    """PTX: the 8 codes of word `src` → int8×4 words o0 (elements 0-3) and o1 (4-7), values ×2."""
+    return (f" shl.b32 w4, {src}, 4;"
+            f" and.b32 s, {src}, 0x7777; prmt.b32 p, lp0, lp1, s; prmt.b32 n, ln0, ln1, s;"
+            f" prmt.b32 m, w4, {src}, 0xD9C8; lop3.b32 {o0}, p, n, m, 0xD8;"
+            f" shr.b32 s, {src}, 16; and.b32 s, s, 0x7777; prmt.b32 p, lp0, lp1, s; prmt.b32 n, ln0, ln1, s;"
+            f" prmt.b32 m, w4, {src}, 0xFBEA; lop3.b32 {o1}, p, n, m, 0xD8;")
+
+
+_I8_REGS = "{ .reg .b32 lp0, lp1, ln0, ln1, w4, s, p, n, m, lo, hi;"
+_X_I8_ASM: tl.constexpr = tl.constexpr(  # activation block → 4 int8×4 words
+    _I8_REGS + _I8_LUT + " mov.b64 {lo, hi}, $4;" + _i8_word("lo", "$0", "$1") + _i8_word("hi", "$2", "$3") + " }")
+_W_I8_ASM: tl.constexpr = tl.constexpr(  # weight block · activation words → int32 (4·Σ w·x)
+    _I8_REGS + " .reg .b32 v0, v1, v2, v3, acc;" + _I8_LUT + " mov.b64 {lo, hi}, $1;"
+    + _i8_word("lo", "v0", "v1") + _i8_word("hi", "v2", "v3")
+    + " dp4a.s32.s32 acc, v0, $2, 0; dp4a.s32.s32 acc, v1, $3, acc; dp4a.s32.s32 acc, v2, $4, acc;"
+    " dp4a.s32.s32 $0, v3, $5, acc; }")
+
+
+def _f16_word(src: str, o: tuple[str, str, str, str]) -> str:
+    """PTX: the 8 codes of word `src` → fp16 pairs (value·2^-14) (e0,e2) (e1,e3) (e4,e6) (e5,e7) in `o`."""
+    return (f" prmt.b32 t0, {src}, z, 0x1404; prmt.b32 t1, {src}, z, 0x3424;"
+            f" shl.b32 a, t0, 1; and.b32 a, a, 0x0E000E00; shl.b32 b, t0, 4; and.b32 b, b, 0x80008000;"
+            f" or.b32 {o[0]}, a, b; shr.b32 a, t0, 3; and.b32 a, a, 0x0E000E00; and.b32 b, t0, 0x80008000;"
+            f" or.b32 {o[1]}, a, b; shl.b32 a, t1, 1; and.b32 a, a, 0x0E000E00; shl.b32 b, t1, 4;"
+            f" and.b32 b, b, 0x80008000; or.b32 {o[2]}, a, b; shr.b32 a, t1, 3; and.b32 a, a, 0x0E000E00;"
+            f" and.b32 b, t1, 0x80008000; or.b32 {o[3]}, a, b;")
+
+
+_F16_REGS = "{ .reg .b32 z, t0, t1, a, b, lo, hi, p0, p1, p2, p3, q0, q1, q2, q3; mov.b32 z, 0;"
+_X_F16_ASM: tl.constexpr = tl.constexpr(  # activation block → 8 fp16 pairs in true units (×2^14: exact)
+    _F16_REGS + " .reg .b32 k; mov.b32 k, 0x74007400; mov.b64 {lo, hi}, $8;"
+    + _f16_word("lo", ("p0", "p1", "p2", "p3")) + _f16_word("hi", ("q0", "q1", "q2", "q3"))
+    + "".join(f" mul.rn.f16x2 ${i}, {r}, k;" for i, r in enumerate(("p0", "p1", "p2", "p3", "q0", "q1", "q2", "q3")))
+    + " }")
+_W_F16_ASM: tl.constexpr = tl.constexpr(  # weight block · activation pairs → fp32 (Σ w·x · 2^-14)
+    _F16_REGS + " .reg .b32 acc; .reg .f16 h0, h1; .reg .f32 f0, f1; mov.b64 {lo, hi}, $1;"
+    + _f16_word("lo", ("p0", "p1", "p2", "p3")) + _f16_word("hi", ("q0", "q1", "q2", "q3"))
+    + " mul.rn.f16x2 acc, p0, $2;"
+    + "".join(f" fma.rn.f16x2 acc, {r}, ${i + 3}, acc;" for i, r in enumerate(("p1", "p2", "p3", "q0", "q1", "q2", "q3")))
+    + " mov.b32 {h0, h1}, acc; cvt.f32.f16 f0, h0; cvt.f32.f16 f1, h1; add.f32 f0, f0, f1; mov.b32 $0, f0; }")
+# what a block sum carries, per variant (undone once per output)
+_I8_UNIT: tl.constexpr = tl.constexpr(4.0)
+_F16_UNIT: tl.constexpr = tl.constexpr(2.0**-14)
 
 
 @triton.jit
-def _nvfp4_gemv_kernel(xq_ptr, xs_ptr, wq_ptr, ws_ptr, sx_ptr, sw, bias_ptr, out_ptr, acc_ptr, cnt_ptr,
-                       M, N, KQ, stride_om, M_BUCKET,
-                       HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, NBK: tl.constexpr,
-                       SPLIT_K: tl.constexpr, PPS: tl.constexpr = 8):
-    """Decode path (small M), CUDA cores, no tensor cores. Grid (cdiv(N, BLOCK_N), SPLIT_K, M): one program =
-    BLOCK_N outputs of row m over a K slice; per step NBK NVFP4 blocks of BLOCK_N rows of W' are decoded as
-    [BLOCK_N, NBK, 8] byte tiles (even and odd halves) and FMA'd with the row's decoded X'; the two block
-    scales multiply once per block, Sx·Sw once per output."""
+def _scale_f32_lo(u):
+    """e4m3 bits (int32) → float32 value · 2^-8 (the fp16 pattern (u & 0x7F) << 7: exact)."""
+    return ((u & 0x7F) << 7).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+
+
+@triton.jit
+def _block_dot(w, x, DOT: tl.constexpr, USE_ASM: tl.constexpr):
+    """Elementwise on int64 NVFP4 blocks (16 codes): Σ_i w_i·x_i as float32 (exact), in the unit of DOT."""
+    if USE_ASM:
+        if DOT == "i8":
+            x0, x1, x2, x3 = tl.inline_asm_elementwise(_X_I8_ASM, "=r,=r,=r,=r,l", [x], dtype=(tl.int32,) * 4,
+                                                       is_pure=True, pack=1)
+            # the activation words broadcast along N implicitly (decoded once per block a thread holds)
+            d = tl.inline_asm_elementwise(_W_I8_ASM, "=r,l,r,r,r,r", [w, x0, x1, x2, x3], dtype=tl.int32,
+                                          is_pure=True, pack=1)
+            return d.to(tl.float32)
+        else:
+            x0, x1, x2, x3, x4, x5, x6, x7 = tl.inline_asm_elementwise(
+                _X_F16_ASM, "=r,=r,=r,=r,=r,=r,=r,=r,l", [x], dtype=(tl.int32,) * 8, is_pure=True, pack=1)
+            d = tl.inline_asm_elementwise(_W_F16_ASM, "=r,l,r,r,r,r,r,r,r,r", [w, x0, x1, x2, x3, x4, x5, x6, x7],
+                                          dtype=tl.int32, is_pure=True, pack=1)
+            return d.to(tl.float32, bitcast=True)
+    else:  # Triton's interpreter runs no PTX: the same exact sum in fp32
+        d = tl.zeros(w.shape, tl.float32)
+        for i in tl.static_range(16):
+            d += _e2m1_f32(((w >> (4 * i)) & 15).to(tl.int32), 0) * _e2m1_f32(((x >> (4 * i)) & 15).to(tl.int32), 0)
+        if DOT == "i8":
+            return d * (4.0 * 16384.0 * 16384.0)
+        else:
+            return d * 16384.0
+
+
+@triton.jit
+def _gemv_step(acc, x_row, xs_row, w_rows, s_rows, nmask, t, j, KB, NB: tl.constexpr, MASK_K: tl.constexpr,
+               DOT: tl.constexpr, USE_ASM: tl.constexpr):
+    if MASK_K:
+        ok = (t * NB + j) < KB
+        xb = tl.load(x_row + t * NB, mask=ok, other=0)
+        xs = tl.load(xs_row + t * NB, mask=ok, other=0)
+        wb = tl.load(w_rows + t * NB, mask=nmask & ok, other=0)
+        ws = tl.load(s_rows + t * NB, mask=nmask & ok, other=0)
+    else:
+        xb = tl.load(x_row + t * NB)
+        xs = tl.load(xs_row + t * NB)
+        wb = tl.load(w_rows + t * NB, mask=nmask, other=0)
+        ws = tl.load(s_rows + t * NB, mask=nmask, other=0)
+    sc = _scale_f32_lo(ws.to(tl.int32)) * _scale_f32_lo(xs.to(tl.int32))
+    return acc + _block_dot(wb, xb, DOT, USE_ASM) * sc
+
+
+@triton.jit
+def _nvfp4_gemv_kernel(xq_ptr, xs_ptr, wq_ptr, ws_ptr, sx_ptr, sw, bias_ptr, out_ptr, part_ptr, cnt_ptr,
+                       M, N, KQ, stride_xb, stride_wb, stride_om, M_BUCKET,
+                       HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, NB: tl.constexpr,
+                       SPLIT_K: tl.constexpr, PPS: tl.constexpr = 8, DOT: tl.constexpr = "i8",
+                       USE_ASM: tl.constexpr = False):
+    """Decode path (small M), CUDA cores. Grid (cdiv(N, BLOCK_N), SPLIT_K, M): one program = BLOCK_N outputs
+    of row m over a K slice. xq / wq are int64 views (one NVFP4 block per element; strides in blocks); per
+    step NB blocks of every row: the [BLOCK_N, NB] block tile is loaded with vector loads, each block dotted
+    with the row's activation block by `_block_dot` and scaled by the product of the two block scales (the
+    scale tiles have the same shape: one byte per block). Every tile is 2-D in one layout (the activation
+    broadcast along N), the row sum a shuffle among the row's threads; split-K partials reduced in slice order
+    (int8_gemm._finish_tile)."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     m = tl.program_id(2)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    t0, t1 = _split_range(pid_k, tl.cdiv(KQ // 16, NBK), SPLIT_K)
-    acc = tl.zeros((BLOCK_N, NBK), tl.float32)
-    rows_m = m + tl.arange(0, 1)
-    for t in range(t0, t1):
-        xe, xo, xsc = _decode_tile3(xq_ptr, xs_ptr, rows_m, M, t * NBK, KQ, 1, NBK)
-        we, wo, wsc = _decode_tile3(wq_ptr, ws_ptr, offs_n, N, t * NBK, KQ, BLOCK_N, NBK)
-        part = tl.sum(we * xe + wo * xo, axis=2)  # exact: ≤ 16 products of ≤ 3-bit values, scaled by 2^-28
-        acc += part * (wsc * xsc)
-    out = tl.sum(acc, axis=1) * (tl.load(sx_ptr) * sw)
-    tile_id = m * tl.num_programs(0) + pid_n
-    _store_out(out[None, :], out_ptr, acc_ptr, cnt_ptr, bias_ptr, rows_m, offs_n, M, N, stride_om, tile_id,
-               HAS_BIAS, SPLIT_K)
+    offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N))[:, None]  # [BN, 1]
+    nmask = offs_n < N
+    j = tl.arange(0, NB)[None, :]  # [1, NB]
+    KB = KQ // 16  # blocks per row
+    w_rows = wq_ptr + offs_n.to(tl.int64) * stride_wb + j
+    s_rows = ws_ptr + offs_n.to(tl.int64) * KB + j
+    x_row = xq_ptr + m.to(tl.int64) * stride_xb + j
+    xs_row = xs_ptr + m.to(tl.int64) * KB + j
+    t0, t1 = _split_range(pid_k, tl.cdiv(KB, NB), SPLIT_K)
+    acc = tl.zeros((BLOCK_N, NB), tl.float32)
+    full = KB // NB  # whole steps load unmasked along K (a per-block mask would split the vector loads)
+    for t in range(t0, tl.minimum(t1, full)):
+        acc = _gemv_step(acc, x_row, xs_row, w_rows, s_rows, nmask, t, j, KB, NB, False, DOT, USE_ASM)
+    if t1 > full:  # the split holding the ragged last step
+        acc = _gemv_step(acc, x_row, xs_row, w_rows, s_rows, nmask, full, j, KB, NB, True, DOT, USE_ASM)
+    # block sums carry the DOT unit, the two scales 2^-8 each
+    unit: tl.constexpr = 65536.0 / (_I8_UNIT if DOT == "i8" else _F16_UNIT)
+    out = tl.sum(acc, axis=1, keep_dims=True) * (tl.load(sx_ptr) * sw * unit)
+    _finish_tile(out, out_ptr + m.to(tl.int64) * stride_om + offs_n, nmask, m * N + offs_n, bias_ptr + offs_n,
+                 nmask, part_ptr, M * N, pid_k, cnt_ptr + m * tl.num_programs(0) + pid_n, HAS_BIAS, SPLIT_K)
 
 
 @triton.jit
@@ -404,16 +524,16 @@ def _mm_split(a):
 
 
 def _gemv_split(a):  # memory-bound: about PPS programs per SM
-    return _split_k(triton.cdiv(a["N"], a["BLOCK_N"]) * a["M"], triton.cdiv(a["KQ"], 16 * a["NBK"]),
-                    a.get("PPS", 8) * NUM_SMS[0], 64)
+    return _split_k(triton.cdiv(a["N"], a["BLOCK_N"]) * a["M"], triton.cdiv(a["KQ"], 16 * a["NB"]),
+                    a.get("PPS", 8) * NUM_SMS[0], GEMV_SPLIT_MAX)
 
 
+GEMV_SPLIT_MAX = 16  # sizes the partial-sum buffer
 GEMV_CONFIGS = [
-    _c(4, 1, BLOCK_N=128, NBK=4, PPS=8),
-    _c(4, 1, BLOCK_N=64, NBK=8, PPS=8),
-    _c(4, 1, BLOCK_N=256, NBK=2, PPS=8),
-    _c(8, 1, BLOCK_N=256, NBK=4, PPS=4),
-    _c(2, 1, BLOCK_N=64, NBK=4, PPS=16),
+    _c(nw, ns, BLOCK_N=bn, NB=nb, PPS=pps, DOT=dot)
+    for dot in ("i8", "f16")
+    for nw, ns, bn, nb, pps in ((4, 1, 256, 4, 8), (4, 1, 128, 4, 8), (4, 1, 128, 8, 8), (8, 1, 512, 4, 4),
+                                (2, 1, 128, 4, 16), (4, 2, 256, 4, 4))
 ]
 MM_SMALL_CONFIGS = [  # M <= 64: transposed product, split-K to fill the GPU
     _c(4, 3, BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, GROUP_M=1, SWAP=True, PPS=4),
@@ -550,21 +670,31 @@ def nvfp4_mm(xq: torch.Tensor, xs: torch.Tensor, sx: torch.Tensor, w: ArcWeight,
              out_dtype: torch.dtype = torch.bfloat16, config: dict | None = None,
              path: str | None = None) -> torch.Tensor:
     """Y [M, N] = Sx·Sw·X'·W'ᵀ (+ bias) with X' packed (q uint8 [M, KQ/2], xs e4m3 [M, KQ/16], sx fp32 [1]).
-    path: "gemv" (CUDA cores, M ≤ GEMV_MAX_M by default) or "mm" (tl.dot); None = by M.
+    path: "gemv" (CUDA cores, M ≤ GEMV_MAX_M by default) or "mm" (tl.dot); None = by M, or by `config`.
     config: None = autotuned (GEMV list; tl.dot: small-M list for M ≤ 64, large otherwise); a dict = those
-    meta-parameters (BLOCK_N, NBK for the GEMV; BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, SWAP for tl.dot)."""
+    meta-parameters (BLOCK_N, NB, DOT for the GEMV; BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, SWAP for tl.dot)."""
     from quantkit.kernels.dispatch import _set_sms, _workspace
 
     m = xq.shape[0]
     n, kq = w.n, w.kq
     out = torch.empty(m, n, dtype=out_dtype, device=xq.device)
     _set_sms(xq.device)
-    acc, cnt = _workspace(xq.device, m * n, m * n // 16 + 1)
-    args = (xq, xs.view(torch.uint8), w.q, w.s, sx, w.sw, bias if bias is not None else out, out, acc, cnt,
-            m, n, kq, out.stride(0), _bucket(m))
+    if path is None:  # an explicit config names its kernel (BLOCK_M: the tensor-core one)
+        path = ("mm" if "BLOCK_M" in config else "gemv") if config else ("gemv" if m <= GEMV_MAX_M else "mm")
+    gemv = path == "gemv"
+    bias_arg = bias if bias is not None else out
     consts = {"HAS_BIAS": bias is not None}
-    gemv = (path or ("gemv" if m <= GEMV_MAX_M else "mm")) == "gemv"
-    if not gemv:  # fp32 dot in the interpreter, packed-register fp16 decode when compiled
+    if gemv:  # codes as int64 blocks; per-slice partials + counters (int8_gemm._finish_tile)
+        xw, ww = xq.view(torch.int64), w.q.view(torch.int64)
+        part = torch.empty(GEMV_SPLIT_MAX, m, n, dtype=torch.float32, device=xq.device)
+        _, cnt = _workspace(xq.device, 1, m * triton.cdiv(n, 16) + 1)
+        args = (xw, xs.view(torch.uint8), ww, w.s, sx, w.sw, bias_arg, out, part, cnt,
+                m, n, kq, xw.stride(0), ww.stride(0), out.stride(0), _bucket(m))
+        consts["USE_ASM"] = not _interpret()
+    else:  # fp32 dot in the interpreter, packed-register fp16 decode when compiled
+        acc, cnt = _workspace(xq.device, m * n, m * n // 16 + 1)
+        args = (xq, xs.view(torch.uint8), w.q, w.s, sx, w.sw, bias_arg, out, acc, cnt,
+                m, n, kq, out.stride(0), _bucket(m))
         consts["DOT_F32" if _interpret() else "USE_ASM"] = True
 
     def grid(a):
@@ -577,6 +707,8 @@ def nvfp4_mm(xq: torch.Tensor, xs: torch.Tensor, sx: torch.Tensor, w: ArcWeight,
         nw, ns = meta.pop("num_warps", 4), meta.pop("num_stages", 1 if gemv else 3)
         split = _gemv_split if gemv else _mm_split
         meta.setdefault("SPLIT_K", split({"M": m, "N": n, "KQ": kq, **meta}))
+        if gemv and meta["SPLIT_K"] > GEMV_SPLIT_MAX:
+            raise ValueError(f"GEMV SPLIT_K is at most {GEMV_SPLIT_MAX}, got {meta['SPLIT_K']}")
         kern = _nvfp4_gemv_kernel if gemv else _nvfp4_mm_kernel
         kern[grid(meta)](*args, **consts, **meta, num_warps=nw, num_stages=ns)
     elif gemv:
@@ -596,7 +728,8 @@ def nvfp4_decode(q: torch.Tensor, s: torch.Tensor, dtype: torch.dtype = torch.bf
     return out
 
 
-GEMV_MAX_M = 4  # up to this M the GEMV kernel (CUDA cores) serves the GEMM
+GEMV_MAX_M = 2  # up to this M the GEMV (CUDA cores) serves the GEMM (H200, K=4096, N=14336: GEMV 19.8 / 35.5 /
+# 57.9 us at M = 1 / 2 / 4, the tensor-core kernel 46.6 / 46.0 / 46.4 us)
 DEQUANT_MIN_M = 128  # from M on (H200 measurement: it wins at M = 128 on all four shapes): decode X' (in the activation kernel) and W' to bf16, then cuBLAS
 
 

@@ -104,7 +104,7 @@ CONFIGS = [
     dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=32, GROUP_M=1, SWAP=True, SPLIT_K=2),
     dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=64, GROUP_M=2, SPLIT_K=1),
 ]
-GEMV_CONFIGS = [dict(BLOCK_N=16, NBK=2, SPLIT_K=3), dict(BLOCK_N=32, NBK=4, SPLIT_K=1)]
+GEMV_CONFIGS = [dict(BLOCK_N=16, NB=2, SPLIT_K=3), dict(BLOCK_N=32, NB=4, SPLIT_K=1, DOT="f16")]
 
 
 @pytest.mark.parametrize("case", MM_CASES, ids=lambda c: f"m{c[0]}-k{c[1]}-n{c[2]}-s{c[3]}")
@@ -147,3 +147,48 @@ def test_arc_linear_paths(path, monkeypatch):
     assert y.shape == (1, m, n) and y.dtype == x.dtype
     err = ((y[0].double() - ref).norm() / ref.norm()).item()
     assert err < 1e-2  # bf16 output (and bf16 X' in the dequant path)
+
+
+def _random_packed(r, kq, seed):
+    """Every e2m1 code (±0 included) and e4m3 scales from subnormal (2^-9) to 448, uniformly."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randint(0, 256, (r, kq // 2), generator=g, dtype=torch.uint8)
+    s = torch.randint(1, 0x7F, (r, kq // 16), generator=g, dtype=torch.uint8)  # 0x7F is NaN
+    return q.to(DEV), s.to(DEV)
+
+
+@pytest.mark.parametrize("dot", ["i8", "f16"])
+@pytest.mark.parametrize("kq", [48, 176])
+def test_gemv_every_code_and_scale(dot, kq):
+    """The GEMV's packed-register inner products (PRMT lookups + dp4a, or HFMA2 on fp16 pairs) on random
+    bytes: all 16 codes per nibble, -0 included, and e4m3 scales across the whole range."""
+    m, n = 3, 72
+    xq, xs = _random_packed(m, kq, seed=kq)
+    wq, ws = _random_packed(n, kq, seed=kq + 1)
+    sx = torch.tensor([0.37], device=DEV)
+    w = kg.ArcWeight(wq, ws, 1.7, kq, 0)
+    ref = nvfp4_mm_ref(xq, xs.view(torch.float8_e4m3fn), sx, wq, ws.view(torch.float8_e4m3fn), 1.7)
+    for cfg in (dict(BLOCK_N=32, NB=2, SPLIT_K=2), dict(BLOCK_N=64, NB=4, SPLIT_K=1)):
+        y = kg.nvfp4_mm(xq, xs.view(torch.float8_e4m3fn), sx, w, out_dtype=torch.float32, path="gemv",
+                        config={**cfg, "DOT": dot})
+        err = ((y.double() - ref).norm() / ref.norm()).item()
+        assert err < 1e-6, (cfg, err)
+
+
+@pytest.mark.skipif(DEV != "cuda", reason="real shape: compiled kernels only")
+@pytest.mark.parametrize("m", [1, 4, 16])
+def test_gemm_real_shape(m):
+    """K = 4096, N = 14336, s = 256: the GEMV (both inner products, autotuned) and the tensor-core kernel."""
+    k, n, s = 4096, 14336, 256
+    x, reorder, w = _inputs(m, k, n, seed=m)
+    wq = arc_weight(w, reorder, s)
+    wp = kg.prepare_arc_weight(wq.packed, wq.block_scales, wq.tensor_scale, k, s)
+    q, bs, sx = kg.arc_quantize_activation_triton(x, reorder.to(torch.int32), s)
+    ref = nvfp4_mm_ref(q, bs, sx, wq.packed, wq.block_scales, wq.tensor_scale)
+    runs = [dict(path="mm")]
+    if m <= 4:
+        runs += [dict(path="gemv"), *(dict(path="gemv", config=dict(BLOCK_N=256, NB=4, DOT=d)) for d in ("i8", "f16"))]
+    for kw in runs:
+        y = kg.nvfp4_mm(q, bs, sx, wp, out_dtype=torch.float32, **kw)
+        err = ((y.double() - ref).norm() / ref.norm()).item()
+        assert err < 1e-6, (kw, err)
