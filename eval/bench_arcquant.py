@@ -6,7 +6,7 @@
 For Llama-3-8B linear shapes (K, N), batch sizes M and residual channels s it times, side by side:
 - `bf16`       cuBLAS `x @ w.t()` (w [N, K] bf16)
 - `arc_fused`  full ARC linear: activation kernel (reorder + NVFP4 + residual + pack, with its amax pre-pass
-               where M·K > 2^15) → NVFP4×NVFP4 Triton GEMM (e2m1·e4m3 decoded to bf16 in registers)
+               where M·K > 2^14) → NVFP4×NVFP4 GEMM (the GEMV up to GEMV_MAX_M rows, else tensor cores)
 - `arc_dequant` full ARC linear, large-M strategy: activation kernel writing bf16 X' (S folded in) → W'
                decoded to a bf16 workspace → cuBLAS addmm (alpha = Sw)   [M >= 128 only]
 - `gemm`       the NVFP4 GEMM alone on a pre-quantized X'
@@ -116,9 +116,10 @@ def bench_shape(k: int, n: int, s: int, ms: list[int], l2: int, dev, log, bf16_c
         q, bs, sx = kg.arc_quantize_activation_triton(x, ridx, s)
         add(m, "act", time_rotated([lambda x=x: kg.arc_quantize_activation_triton(x, ridx, s)] * 4), 1)
         add(m, "gemm", time_rotated([lambda w=w, q=q, bs=bs, sx=sx: kg.nvfp4_mm(q, bs, sx, w) for w in ws]), len(ws))
-        if m <= kg.GEMV_MAX_M:  # the tensor-core kernel where the GEMV serves by default
-            add(m, "gemm_mm", time_rotated([lambda w=w, q=q, bs=bs, sx=sx: kg.nvfp4_mm(q, bs, sx, w, path="mm")
-                                            for w in ws]), len(ws))
+        if m <= 16:  # both GEMM paths where either could serve (decides GEMV_MAX_M)
+            for path in ("gemv", "mm"):
+                add(m, f"gemm_{path}", time_rotated([lambda w=w, q=q, bs=bs, sx=sx, p=path: kg.nvfp4_mm(q, bs, sx, w, path=p)
+                                                     for w in ws]), len(ws))
         add(m, "arc_fused", time_rotated([lambda w=w, x=x: kg.arc_linear(x, ridx, w, path="fused") for w in ws]),
             len(ws))
         if m >= 128:
@@ -138,7 +139,8 @@ def summarize(rows: list[dict]) -> list[dict]:
         bf = c.get("bf16")
         full = {p: c[p] for p in ("arc_fused", "arc_dequant") if p in c}
         best = min(full, key=full.get) if full else None
-        out.append({"K": k, "N": n, "s": s, "M": m, "bf16_us": bf, "act_us": c.get("act"), "gemm_us": c.get("gemm"), "gemm_mm_us": c.get("gemm_mm"),
+        out.append({"K": k, "N": n, "s": s, "M": m, "bf16_us": bf, "act_us": c.get("act"), "gemm_us": c.get("gemm"), "gemm_gemv_us": c.get("gemm_gemv"),
+                    "gemm_mm_us": c.get("gemm_mm"),
                     "arc_fused_us": c.get("arc_fused"), "arc_dequant_us": c.get("arc_dequant"),
                     "best_path": best, "arc_us": full.get(best),
                     "arc_vs_bf16": full[best] / bf if best and bf else None,

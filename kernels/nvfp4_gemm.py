@@ -5,7 +5,7 @@ Torch reference of the same math: `quantkit/arc_numerics.py` (activation quantiz
 
 - `_amax_kernel`     partial max |x| over a slice of x per program → `part` [P] (fp32). The tensor scale
                      S = max(part)/2688 is then reduced by every program of the next kernel (P ≤ 256 floats
-                     from L2: no atomics, no memset, deterministic). For small inputs (M·K ≤ 2^15) this
+                     from L2: no atomics, no memset, deterministic). For small inputs (M·K ≤ 2^14) this
                      launch is skipped and each program of the activation kernel reduces all of x itself.
 - `_arc_act_kernel`  one pass over x: gather the reordered channels, NVFP4-quantize the row's blocks,
                      recompute Q1 on the last s channels and quantize their residual (own block scales,
@@ -55,7 +55,9 @@ from quantkit.kernels.int8_gemm import _finish_tile
 from quantkit.kernels.wq_gemm import NUM_SMS, _grouped_tile, _split_k, _split_range, _store_out
 
 AMAX_PARTS = 256  # programs of the amax pre-pass (and the size every activation program reduces)
-FUSED_AMAX_MAX = 1 << 15  # M·K up to which the activation kernel reduces x itself (no pre-pass)
+FUSED_AMAX_MAX = 1 << 14  # M·K up to which the activation kernel reduces x itself (no pre-pass; H200, K=4096:
+# 2.9 / 3.5 / 4.6 us at M = 1 / 2 / 4, but 7.3 us at M = 8 where every program reduces 32 K elements, vs 4.7 us
+# with the pre-pass at M = 16)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -368,13 +370,13 @@ def _i8_word(src: str, o0: str, o1: str) -> str:
 
 
 _I8_REGS = "{ .reg .b32 lp0, lp1, ln0, ln1, w4, s, p, n, m, lo, hi;"
-_X_I8_ASM: tl.constexpr = tl.constexpr(  # activation block → 4 int8×4 words
+_X_I8_ASM: tl.constexpr = tl.constexpr(  # an NVFP4 block (64-bit) → 4 int8×4 words (values ×2)
     _I8_REGS + _I8_LUT + " mov.b64 {lo, hi}, $4;" + _i8_word("lo", "$0", "$1") + _i8_word("hi", "$2", "$3") + " }")
-_W_I8_ASM: tl.constexpr = tl.constexpr(  # weight block · activation words → int32 (4·Σ w·x)
-    _I8_REGS + " .reg .b32 v0, v1, v2, v3, acc;" + _I8_LUT + " mov.b64 {lo, hi}, $1;"
-    + _i8_word("lo", "v0", "v1") + _i8_word("hi", "v2", "v3")
-    + " dp4a.s32.s32 acc, v0, $2, 0; dp4a.s32.s32 acc, v1, $3, acc; dp4a.s32.s32 acc, v2, $4, acc;"
-    " dp4a.s32.s32 $0, v3, $5, acc; }")
+# weight words · activation words → 4·Σ w·x as the fp32 bits of 1.5·2^23 + 4·Σ w·x (the dp4a chain starts from
+# those bits, so the int → float conversion is one FADD, not an I2F: |4·Σ w·x| ≤ 2304 < 2^22)
+_DOT_I8_ASM: tl.constexpr = tl.constexpr(
+    "{ .reg .b32 acc; dp4a.s32.s32 acc, $1, $5, 0x4B400000; dp4a.s32.s32 acc, $2, $6, acc;"
+    " dp4a.s32.s32 acc, $3, $7, acc; dp4a.s32.s32 $0, $4, $8, acc; }")
 
 
 def _f16_word(src: str, o: tuple[str, str, str, str]) -> str:
@@ -388,16 +390,17 @@ def _f16_word(src: str, o: tuple[str, str, str, str]) -> str:
 
 
 _F16_REGS = "{ .reg .b32 z, t0, t1, a, b, lo, hi, p0, p1, p2, p3, q0, q1, q2, q3; mov.b32 z, 0;"
-_X_F16_ASM: tl.constexpr = tl.constexpr(  # activation block → 8 fp16 pairs in true units (×2^14: exact)
+_PAIRS = ("p0", "p1", "p2", "p3", "q0", "q1", "q2", "q3")
+_W_F16_ASM: tl.constexpr = tl.constexpr(  # a weight block → 8 fp16 pairs (value·2^-14)
+    _F16_REGS + " mov.b64 {lo, hi}, $8;" + _f16_word("lo", _PAIRS[:4]) + _f16_word("hi", _PAIRS[4:])
+    + "".join(f" mov.b32 ${i}, {r};" for i, r in enumerate(_PAIRS)) + " }")
+_X_F16_ASM: tl.constexpr = tl.constexpr(  # an activation block → 8 fp16 pairs in true units (×2^14: exact)
     _F16_REGS + " .reg .b32 k; mov.b32 k, 0x74007400; mov.b64 {lo, hi}, $8;"
-    + _f16_word("lo", ("p0", "p1", "p2", "p3")) + _f16_word("hi", ("q0", "q1", "q2", "q3"))
-    + "".join(f" mul.rn.f16x2 ${i}, {r}, k;" for i, r in enumerate(("p0", "p1", "p2", "p3", "q0", "q1", "q2", "q3")))
-    + " }")
-_W_F16_ASM: tl.constexpr = tl.constexpr(  # weight block · activation pairs → fp32 (Σ w·x · 2^-14)
-    _F16_REGS + " .reg .b32 acc; .reg .f16 h0, h1; .reg .f32 f0, f1; mov.b64 {lo, hi}, $1;"
-    + _f16_word("lo", ("p0", "p1", "p2", "p3")) + _f16_word("hi", ("q0", "q1", "q2", "q3"))
-    + " mul.rn.f16x2 acc, p0, $2;"
-    + "".join(f" fma.rn.f16x2 acc, {r}, ${i + 3}, acc;" for i, r in enumerate(("p1", "p2", "p3", "q0", "q1", "q2", "q3")))
+    + _f16_word("lo", _PAIRS[:4]) + _f16_word("hi", _PAIRS[4:])
+    + "".join(f" mul.rn.f16x2 ${i}, {r}, k;" for i, r in enumerate(_PAIRS)) + " }")
+_DOT_F16_ASM: tl.constexpr = tl.constexpr(  # weight pairs · activation pairs → fp32 bits of Σ w·x · 2^-14
+    "{ .reg .b32 acc; .reg .f16 h0, h1; .reg .f32 f0, f1; mul.rn.f16x2 acc, $1, $9;"
+    + "".join(f" fma.rn.f16x2 acc, ${i + 1}, ${i + 9}, acc;" for i in range(1, 8))
     + " mov.b32 {h0, h1}, acc; cvt.f32.f16 f0, h0; cvt.f32.f16 f1, h1; add.f32 f0, f0, f1; mov.b32 $0, f0; }")
 # what a block sum carries, per variant (undone once per output)
 _I8_UNIT: tl.constexpr = tl.constexpr(4.0)
@@ -412,24 +415,29 @@ def _scale_f32_lo(u):
 
 @triton.jit
 def _block_dot(w, x, DOT: tl.constexpr, USE_ASM: tl.constexpr):
-    """Elementwise on int64 NVFP4 blocks (16 codes): Σ_i w_i·x_i as float32 (exact), in the unit of DOT."""
+    """int64 NVFP4 blocks (16 codes) w [1, BN, NB] · x [ROWS, 1, NB] → [ROWS, BN, NB] float32 Σ_i w_i·x_i
+    (exact) in the unit of DOT. Each block is decoded once and broadcast (a thread holds all ROWS rows)."""
     if USE_ASM:
         if DOT == "i8":
+            v0, v1, v2, v3 = tl.inline_asm_elementwise(_X_I8_ASM, "=r,=r,=r,=r,l", [w], dtype=(tl.int32,) * 4,
+                                                       is_pure=True, pack=1)
             x0, x1, x2, x3 = tl.inline_asm_elementwise(_X_I8_ASM, "=r,=r,=r,=r,l", [x], dtype=(tl.int32,) * 4,
                                                        is_pure=True, pack=1)
-            # the activation words broadcast along N implicitly (decoded once per block a thread holds)
-            d = tl.inline_asm_elementwise(_W_I8_ASM, "=r,l,r,r,r,r", [w, x0, x1, x2, x3], dtype=tl.int32,
-                                          is_pure=True, pack=1)
-            return d.to(tl.float32)
+            d = tl.inline_asm_elementwise(_DOT_I8_ASM, "=r,r,r,r,r,r,r,r,r", [v0, v1, v2, v3, x0, x1, x2, x3],
+                                          dtype=tl.int32, is_pure=True, pack=1)
+            return d.to(tl.float32, bitcast=True) - 12582912.0
         else:
+            p0, p1, p2, p3, p4, p5, p6, p7 = tl.inline_asm_elementwise(
+                _W_F16_ASM, "=r,=r,=r,=r,=r,=r,=r,=r,l", [w], dtype=(tl.int32,) * 8, is_pure=True, pack=1)
             x0, x1, x2, x3, x4, x5, x6, x7 = tl.inline_asm_elementwise(
                 _X_F16_ASM, "=r,=r,=r,=r,=r,=r,=r,=r,l", [x], dtype=(tl.int32,) * 8, is_pure=True, pack=1)
-            d = tl.inline_asm_elementwise(_W_F16_ASM, "=r,l,r,r,r,r,r,r,r,r", [w, x0, x1, x2, x3, x4, x5, x6, x7],
+            d = tl.inline_asm_elementwise(_DOT_F16_ASM, "=r" + ",r" * 16,
+                                          [p0, p1, p2, p3, p4, p5, p6, p7, x0, x1, x2, x3, x4, x5, x6, x7],
                                           dtype=tl.int32, is_pure=True, pack=1)
             return d.to(tl.float32, bitcast=True)
     else:  # Triton's interpreter runs no PTX: the same exact sum in fp32
-        d = tl.zeros(w.shape, tl.float32)
-        for i in tl.static_range(16):
+        d = _e2m1_f32((w & 15).to(tl.int32), 0) * _e2m1_f32((x & 15).to(tl.int32), 0)
+        for i in tl.static_range(1, 16):
             d += _e2m1_f32(((w >> (4 * i)) & 15).to(tl.int32), 0) * _e2m1_f32(((x >> (4 * i)) & 15).to(tl.int32), 0)
         if DOT == "i8":
             return d * (4.0 * 16384.0 * 16384.0)
@@ -438,17 +446,17 @@ def _block_dot(w, x, DOT: tl.constexpr, USE_ASM: tl.constexpr):
 
 
 @triton.jit
-def _gemv_step(acc, x_row, xs_row, w_rows, s_rows, nmask, t, j, KB, NB: tl.constexpr, MASK_K: tl.constexpr,
-               DOT: tl.constexpr, USE_ASM: tl.constexpr):
+def _gemv_step(acc, x_rows, xs_rows, w_rows, s_rows, mmask, nmask, t, j, KB, NB: tl.constexpr,
+               MASK_K: tl.constexpr, DOT: tl.constexpr, USE_ASM: tl.constexpr):
     if MASK_K:
         ok = (t * NB + j) < KB
-        xb = tl.load(x_row + t * NB, mask=ok, other=0)
-        xs = tl.load(xs_row + t * NB, mask=ok, other=0)
+        xb = tl.load(x_rows + t * NB, mask=mmask & ok, other=0)
+        xs = tl.load(xs_rows + t * NB, mask=mmask & ok, other=0)
         wb = tl.load(w_rows + t * NB, mask=nmask & ok, other=0)
         ws = tl.load(s_rows + t * NB, mask=nmask & ok, other=0)
     else:
-        xb = tl.load(x_row + t * NB)
-        xs = tl.load(xs_row + t * NB)
+        xb = tl.load(x_rows + t * NB, mask=mmask, other=0)
+        xs = tl.load(xs_rows + t * NB, mask=mmask, other=0)
         wb = tl.load(w_rows + t * NB, mask=nmask, other=0)
         ws = tl.load(s_rows + t * NB, mask=nmask, other=0)
     sc = _scale_f32_lo(ws.to(tl.int32)) * _scale_f32_lo(xs.to(tl.int32))
@@ -458,39 +466,43 @@ def _gemv_step(acc, x_row, xs_row, w_rows, s_rows, nmask, t, j, KB, NB: tl.const
 @triton.jit
 def _nvfp4_gemv_kernel(xq_ptr, xs_ptr, wq_ptr, ws_ptr, sx_ptr, sw, bias_ptr, out_ptr, part_ptr, cnt_ptr,
                        M, N, KQ, stride_xb, stride_wb, stride_om, M_BUCKET,
-                       HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, NB: tl.constexpr,
+                       HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, NB: tl.constexpr, ROWS: tl.constexpr,
                        SPLIT_K: tl.constexpr, PPS: tl.constexpr = 8, DOT: tl.constexpr = "i8",
                        USE_ASM: tl.constexpr = False):
-    """Decode path (small M), CUDA cores. Grid (cdiv(N, BLOCK_N), SPLIT_K, M): one program = BLOCK_N outputs
-    of row m over a K slice. xq / wq are int64 views (one NVFP4 block per element; strides in blocks); per
-    step NB blocks of every row: the [BLOCK_N, NB] block tile is loaded with vector loads, each block dotted
-    with the row's activation block by `_block_dot` and scaled by the product of the two block scales (the
-    scale tiles have the same shape: one byte per block). Every tile is 2-D in one layout (the activation
-    broadcast along N), the row sum a shuffle among the row's threads; split-K partials reduced in slice order
-    (int8_gemm._finish_tile)."""
+    """Decode path (small M), CUDA cores. Grid (cdiv(N, BLOCK_N), SPLIT_K, cdiv(M, ROWS)): one program =
+    BLOCK_N outputs of ROWS rows over a K slice. xq / wq are int64 views (one NVFP4 block per element;
+    strides in blocks); per step NB blocks: the weight tile [1, BLOCK_N, NB] is loaded with vector loads and
+    decoded once for the ROWS activation rows [ROWS, 1, NB] (`_block_dot`), each block sum scaled by the
+    product of its two block scales (scale tiles have the same shapes: one byte per block). Every tile is
+    3-D in one layout (the rows held by each thread), the row sums a shuffle among a row's threads; split-K
+    partials reduced in slice order (int8_gemm._finish_tile)."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
-    m = tl.program_id(2)
-    offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N))[:, None]  # [BN, 1]
+    pid_m = tl.program_id(2)
+    offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N))[None, :, None]  # [1, BN, 1]
+    offs_m = (pid_m * ROWS + tl.arange(0, ROWS))[:, None, None]  # [ROWS, 1, 1]
     nmask = offs_n < N
-    j = tl.arange(0, NB)[None, :]  # [1, NB]
+    mmask = offs_m < M
+    j = tl.arange(0, NB)[None, None, :]  # [1, 1, NB]
     KB = KQ // 16  # blocks per row
     w_rows = wq_ptr + offs_n.to(tl.int64) * stride_wb + j
     s_rows = ws_ptr + offs_n.to(tl.int64) * KB + j
-    x_row = xq_ptr + m.to(tl.int64) * stride_xb + j
-    xs_row = xs_ptr + m.to(tl.int64) * KB + j
+    x_rows = xq_ptr + offs_m.to(tl.int64) * stride_xb + j
+    xs_rows = xs_ptr + offs_m.to(tl.int64) * KB + j
     t0, t1 = _split_range(pid_k, tl.cdiv(KB, NB), SPLIT_K)
-    acc = tl.zeros((BLOCK_N, NB), tl.float32)
+    acc = tl.zeros((ROWS, BLOCK_N, NB), tl.float32)
     full = KB // NB  # whole steps load unmasked along K (a per-block mask would split the vector loads)
     for t in range(t0, tl.minimum(t1, full)):
-        acc = _gemv_step(acc, x_row, xs_row, w_rows, s_rows, nmask, t, j, KB, NB, False, DOT, USE_ASM)
+        acc = _gemv_step(acc, x_rows, xs_rows, w_rows, s_rows, mmask, nmask, t, j, KB, NB, False, DOT, USE_ASM)
     if t1 > full:  # the split holding the ragged last step
-        acc = _gemv_step(acc, x_row, xs_row, w_rows, s_rows, nmask, full, j, KB, NB, True, DOT, USE_ASM)
+        acc = _gemv_step(acc, x_rows, xs_rows, w_rows, s_rows, mmask, nmask, full, j, KB, NB, True, DOT, USE_ASM)
     # block sums carry the DOT unit, the two scales 2^-8 each
     unit: tl.constexpr = 65536.0 / (_I8_UNIT if DOT == "i8" else _F16_UNIT)
-    out = tl.sum(acc, axis=1, keep_dims=True) * (tl.load(sx_ptr) * sw * unit)
-    _finish_tile(out, out_ptr + m.to(tl.int64) * stride_om + offs_n, nmask, m * N + offs_n, bias_ptr + offs_n,
-                 nmask, part_ptr, M * N, pid_k, cnt_ptr + m * tl.num_programs(0) + pid_n, HAS_BIAS, SPLIT_K)
+    out = tl.sum(acc, axis=2, keep_dims=True) * (tl.load(sx_ptr) * sw * unit)  # [ROWS, BN, 1]
+    omask = mmask & nmask
+    _finish_tile(out, out_ptr + offs_m.to(tl.int64) * stride_om + offs_n, omask, offs_m * N + offs_n,
+                 bias_ptr + offs_n, nmask, part_ptr, M * N, pid_k, cnt_ptr + pid_m * tl.num_programs(0) + pid_n,
+                 HAS_BIAS, SPLIT_K)
 
 
 @triton.jit
@@ -523,17 +535,23 @@ def _mm_split(a):
     return _split_k(tiles, triton.cdiv(a["KQ"], a["BLOCK_K"]), target)
 
 
+def _gemv_rows(a):  # rows per program: every row of M ≤ GEMV_ROWS_MAX in one (the weights are decoded once)
+    return min(_pow2(a["M"]), GEMV_ROWS_MAX)
+
+
 def _gemv_split(a):  # memory-bound: about PPS programs per SM
-    return _split_k(triton.cdiv(a["N"], a["BLOCK_N"]) * a["M"], triton.cdiv(a["KQ"], 16 * a["NB"]),
+    rows = a.get("ROWS") or _gemv_rows(a)
+    return _split_k(triton.cdiv(a["N"], a["BLOCK_N"]) * triton.cdiv(a["M"], rows), triton.cdiv(a["KQ"], 16 * a["NB"]),
                     a.get("PPS", 8) * NUM_SMS[0], GEMV_SPLIT_MAX)
 
 
 GEMV_SPLIT_MAX = 16  # sizes the partial-sum buffer
+GEMV_ROWS_MAX = 8
 GEMV_CONFIGS = [
     _c(nw, ns, BLOCK_N=bn, NB=nb, PPS=pps, DOT=dot)
     for dot in ("i8", "f16")
     for nw, ns, bn, nb, pps in ((4, 1, 256, 4, 8), (4, 1, 128, 4, 8), (4, 1, 128, 8, 8), (8, 1, 512, 4, 4),
-                                (2, 1, 128, 4, 16), (4, 2, 256, 4, 4))
+                                (2, 1, 128, 4, 16), (4, 2, 256, 4, 4), (4, 2, 128, 8, 4), (8, 1, 256, 8, 8))
 ]
 MM_SMALL_CONFIGS = [  # M <= 64: transposed product, split-K to fill the GPU
     _c(4, 3, BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, GROUP_M=1, SWAP=True, PPS=4),
@@ -558,8 +576,8 @@ def _tuned(configs):
         _nvfp4_mm_kernel))
 
 
-gemv_tuned = triton.autotune(GEMV_CONFIGS, key=_KEY, **_CACHE_KW)(triton.heuristics({"SPLIT_K": _gemv_split})(
-    _nvfp4_gemv_kernel))
+gemv_tuned = triton.autotune(GEMV_CONFIGS, key=_KEY, **_CACHE_KW)(triton.heuristics(
+    {"ROWS": _gemv_rows, "SPLIT_K": _gemv_split})(_nvfp4_gemv_kernel))
 mm_small_tuned = _tuned(MM_SMALL_CONFIGS)
 mm_large_tuned = _tuned(MM_LARGE_CONFIGS)
 
@@ -699,13 +717,15 @@ def nvfp4_mm(xq: torch.Tensor, xs: torch.Tensor, sx: torch.Tensor, w: ArcWeight,
 
     def grid(a):
         if gemv:
-            return (triton.cdiv(n, a["BLOCK_N"]), a["SPLIT_K"], m)
+            return (triton.cdiv(n, a["BLOCK_N"]), a["SPLIT_K"], triton.cdiv(m, a["ROWS"]))
         return (triton.cdiv(m, a["BLOCK_M"]) * triton.cdiv(n, a["BLOCK_N"]), a["SPLIT_K"])
 
     if config is not None:
         meta = dict(config)
         nw, ns = meta.pop("num_warps", 4), meta.pop("num_stages", 1 if gemv else 3)
         split = _gemv_split if gemv else _mm_split
+        if gemv:
+            meta.setdefault("ROWS", _gemv_rows({"M": m}))
         meta.setdefault("SPLIT_K", split({"M": m, "N": n, "KQ": kq, **meta}))
         if gemv and meta["SPLIT_K"] > GEMV_SPLIT_MAX:
             raise ValueError(f"GEMV SPLIT_K is at most {GEMV_SPLIT_MAX}, got {meta['SPLIT_K']}")
@@ -728,8 +748,8 @@ def nvfp4_decode(q: torch.Tensor, s: torch.Tensor, dtype: torch.dtype = torch.bf
     return out
 
 
-GEMV_MAX_M = 2  # up to this M the GEMV (CUDA cores) serves the GEMM (H200, K=4096, N=14336: GEMV 19.8 / 35.5 /
-# 57.9 us at M = 1 / 2 / 4, the tensor-core kernel 46.6 / 46.0 / 46.4 us)
+GEMV_MAX_M = 8  # up to this M the GEMV (CUDA cores) serves the GEMM (H200, K=4096, N=14336: GEMV 19.2 / 23.2 /
+# 29.0 / 44.4 / 82.7 us at M = 1 / 2 / 4 / 8 / 16, the tensor-core kernel 47.2 / 46.3 / 47.2 / 48.2 / 50.0 us)
 DEQUANT_MIN_M = 128  # from M on (H200 measurement: it wins at M = 128 on all four shapes): decode X' (in the activation kernel) and W' to bf16, then cuBLAS
 
 

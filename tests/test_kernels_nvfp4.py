@@ -160,15 +160,16 @@ def _random_packed(r, kq, seed):
 @pytest.mark.parametrize("dot", ["i8", "f16"])
 @pytest.mark.parametrize("kq", [48, 176])
 def test_gemv_every_code_and_scale(dot, kq):
-    """The GEMV's packed-register inner products (PRMT lookups + dp4a, or HFMA2 on fp16 pairs) on random
-    bytes: all 16 codes per nibble, -0 included, and e4m3 scales across the whole range."""
+    """The GEMV's packed-register inner products (PRMT lookups + dp4a, or HFMA2 on fp16 pairs; 3 rows in
+    programs of 2 and of 4 rows) on random bytes: all 16 codes per nibble, -0 included, and e4m3 scales across
+    the whole range."""
     m, n = 3, 72
     xq, xs = _random_packed(m, kq, seed=kq)
     wq, ws = _random_packed(n, kq, seed=kq + 1)
     sx = torch.tensor([0.37], device=DEV)
     w = kg.ArcWeight(wq, ws, 1.7, kq, 0)
     ref = nvfp4_mm_ref(xq, xs.view(torch.float8_e4m3fn), sx, wq, ws.view(torch.float8_e4m3fn), 1.7)
-    for cfg in (dict(BLOCK_N=32, NB=2, SPLIT_K=2), dict(BLOCK_N=64, NB=4, SPLIT_K=1)):
+    for cfg in (dict(BLOCK_N=32, NB=2, SPLIT_K=2, ROWS=2), dict(BLOCK_N=64, NB=4, SPLIT_K=1)):
         y = kg.nvfp4_mm(xq, xs.view(torch.float8_e4m3fn), sx, w, out_dtype=torch.float32, path="gemv",
                         config={**cfg, "DOT": dot})
         err = ((y.double() - ref).norm() / ref.norm()).item()
