@@ -55,6 +55,7 @@ from quantkit.kernels.int8_gemm import _finish_tile
 from quantkit.kernels.wq_gemm import NUM_SMS, _grouped_tile, _split_k, _split_range, _store_out
 
 AMAX_PARTS = 256  # programs of the amax pre-pass (and the size every activation program reduces)
+AMAX_BLOCK, AMAX_WARPS = 4096, 8  # elements per load step and warps of a pre-pass program
 FUSED_AMAX_MAX = 1 << 14  # M·K up to which the activation kernel reduces x itself (no pre-pass; H200, K=4096:
 # 2.9 / 3.5 / 4.6 us at M = 1 / 2 / 4, but 7.3 us at M = 8 where every program reduces 32 K elements, vs 4.7 us
 # with the pre-pass at M = 16)
@@ -99,6 +100,9 @@ def _e2m1_value(code):
     return tl.where(code >= 8, -v, v)
 
 
+FAST_DIV_MIN_S: tl.constexpr = tl.constexpr(2.0**-90)
+
+
 @triton.jit
 def _quant_blocks(v, S):
     """v float32 [NB, 16] (one NVFP4 block per row), S scalar → (block scale float32 [NB] (e4m3 value),
@@ -107,7 +111,23 @@ def _quant_blocks(v, S):
     bs, bits = _round_e4m3(tl.math.div_rn(tl.math.div_rn(amax, 6.0), S))
     denom = bs * S
     safe = tl.where(denom > 0, denom, 1.0)
-    u = tl.where(denom[:, None] > 0, tl.math.div_rn(v, safe[:, None]), 0.0)
+    if S >= FAST_DIV_MIN_S:
+        # RN(v / d) from one correctly rounded reciprocal y = RN(1/d) per block. q0 = RN(v·y) can be up to
+        # 1.5 ulp off (y's and the product's rounding adding up), outside Markstein's hypothesis; one
+        # correction q1 = RN(q0 + r0·y) (r0 = v − q0·d, exact in an FMA) brings it within an ulp, and then
+        # Markstein's theorem gives RN(q1 + r1·y) = RN(v/d). On an H200, 2^31 random quotients in the domain
+        # that decides codes (|v/d| in [2^-3, 16), d ≥ 2^-99) matched the IEEE division bit for bit with one
+        # correction and with two (eval/probe_arc_act.py); the second is kept for the proof. No underflow:
+        # d ≥ 2^-9·S, so the residuals of every v that can round to a nonzero code are normal. Replaces an
+        # IEEE division per element (~15 instructions and a slow-path branch).
+        d = safe[:, None]
+        y = tl.math.div_rn(1.0, safe)[:, None]
+        q = v * y
+        q = tl.fma(tl.fma(-q, d, v), y, q)
+        q = tl.fma(tl.fma(-q, d, v), y, q)
+    else:  # pathologically small tensors: the IEEE division
+        q = tl.math.div_rn(v, safe[:, None])
+    u = tl.where(denom[:, None] > 0, q, 0.0)
     return bs, bits, _e2m1_code(u)
 
 
@@ -650,10 +670,10 @@ def arc_quantize_activation_triton(x: torch.Tensor, ridx: torch.Tensor, s_res: i
         part, p, pblock = s_out, 1, 1024
     else:
         per = -(-(m * k) // AMAX_PARTS)
-        per = -(-per // 1024) * 1024
+        per = -(-per // AMAX_BLOCK) * AMAX_BLOCK
         p = -(-(m * k) // per)
         part = torch.empty(p, dtype=torch.float32, device=dev)
-        _amax_kernel[(p,)](x, part, m * k, per, BLOCK=1024, num_warps=4)
+        _amax_kernel[(p,)](x, part, m * k, per, BLOCK=AMAX_BLOCK, num_warps=AMAX_WARPS)
         pblock = _pow2(p)
     n_main = triton.cdiv(kp, block_k)
     grid = (n_main + triton.cdiv(s_res, block_k), m)

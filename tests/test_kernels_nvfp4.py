@@ -193,3 +193,30 @@ def test_gemm_real_shape(m):
         y = kg.nvfp4_mm(q, bs, sx, wp, out_dtype=torch.float32, **kw)
         err = ((y.double() - ref).norm() / ref.norm()).item()
         assert err < 1e-6, (kw, err)
+
+
+def test_activation_kernel_wide_range_bit_exact():
+    """Per-element division by the block scale is one reciprocal per block + an FMA correction (Markstein);
+    bit-exact with the reference's IEEE division: magnitudes from 2^-60 to 2^12 (and the whole tensor × 2^-120,
+    below the fast path's bound), and exact e2m1 midpoints (x = midpoint · block scale with S = 1) in every
+    e4m3 binade."""
+    m, k = (256, 2048) if DEV == "cuda" else (4, 256)
+    g = torch.Generator().manual_seed(7)
+    mag = torch.exp2(torch.empty(m, k // 16, 1).uniform_(-60, 12, generator=g))
+    wide = (torch.randn(m, k // 16, 16, generator=g) * mag).reshape(m, k)
+    # ties: S = 1 (global max 2688 = 6 · 448), each block's max 6 · bs for a random e4m3 value bs
+    e4m3 = torch.arange(1, 0x7F, dtype=torch.uint8).view(torch.float8_e4m3fn).float()
+    bsv = e4m3[torch.randint(0, e4m3.numel(), (m, k // 16, 1), generator=g)]
+    mids = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, -0.25, -0.75, -1.25, -1.75, -2.5, -3.5, -5.0])
+    ties = torch.cat([torch.full((m, k // 16, 1), 6.0), mids.expand(m, k // 16, 14),
+                      torch.empty(m, k // 16, 1).uniform_(-6, 6, generator=g)], dim=2) * bsv
+    ties = ties.reshape(m, k)
+    ties[0, 0] = 2688.0
+    reorder = torch.arange(k)
+    for x in (wide, wide * 2.0**-120, ties):
+        x = x.to(DEV)
+        ref = arc_quantize_activation(x, reorder.to(DEV), 32)
+        q, bs, sx = kg.arc_quantize_activation_triton(x, reorder.to(DEV, torch.int32), 32)
+        assert sx.item() == ref.tensor_scale.item()
+        assert torch.equal(bs.view(torch.uint8), ref.block_scales.view(torch.uint8))
+        assert torch.equal(q, ref.packed)
