@@ -8,7 +8,7 @@ from quantkit.kernels import nvfp4_gemm as kg
 dev = torch.device("cuda")
 k, s = 4096, 256
 out = {}
-for m in (16, 1024, 4096):
+for m in (1, 4, 16, 1024, 4096):
     x = (torch.randn(m, k, device=dev) * 2).to(torch.bfloat16)
     rand = torch.randperm(k, device=dev).to(torch.int32)
     part = torch.empty(256, device=dev)

@@ -180,9 +180,6 @@ def _arc_act_kernel(x_ptr, ridx_ptr, part_ptr, q_ptr, bs_ptr, s_ptr, xd_ptr, M, 
     residual of the last SRES channels. ALIGNED: K % 16 == 0 (residual blocks coincide with Q1's)."""
     chunk = tl.program_id(0)
     m = tl.program_id(1)
-    S = _tensor_scale(x_ptr, part_ptr, P, M * K, FUSED, PBLOCK)
-    if (chunk == 0) & (m == 0):
-        tl.store(s_ptr, S)
     NB: tl.constexpr = BLOCK_K // 16
     KQ = KP + SRES
     xrow = x_ptr + m.to(tl.int64) * K
@@ -194,6 +191,8 @@ def _arc_act_kernel(x_ptr, ridx_ptr, part_ptr, q_ptr, bs_ptr, s_ptr, xd_ptr, M, 
         ok = c < K
         idx = tl.load(ridx_ptr + c, mask=ok, other=0)
         v = tl.load(xrow + idx, mask=ok, other=0).to(tl.float32)
+        # S after the gather: its reduction synchronizes the program, so loads issued first overlap with it
+        S = _tensor_scale(x_ptr, part_ptr, P, M * K, FUSED, PBLOCK)
         bs, bits, codes = _quant_blocks(v, S)
         out0 = c0  # X' column of this tile's first element
         lim = KP
@@ -204,6 +203,7 @@ def _arc_act_kernel(x_ptr, ridx_ptr, part_ptr, q_ptr, bs_ptr, s_ptr, xd_ptr, M, 
         c = K - SRES + j
         idx = tl.load(ridx_ptr + c, mask=okj, other=0)
         xv = tl.load(xrow + idx, mask=okj, other=0).to(tl.float32)
+        S = _tensor_scale(x_ptr, part_ptr, P, M * K, FUSED, PBLOCK)
         if ALIGNED:
             bs1, _b1, c1 = _quant_blocks(xv, S)
             deq = (_e2m1_value(c1) * bs1[:, None]) * S
@@ -220,6 +220,8 @@ def _arc_act_kernel(x_ptr, ridx_ptr, part_ptr, q_ptr, bs_ptr, s_ptr, xd_ptr, M, 
         bs, bits, codes = _quant_blocks(r, S)
         out0 = KP + j0
         lim = KQ
+    if (chunk == 0) & (m == 0):
+        tl.store(s_ptr, S)
     if WRITE_PACKED:
         pb = out0 // 2 + tl.arange(0, BLOCK_K // 2)
         tl.store(q_ptr + m.to(tl.int64) * (KQ // 2) + pb, _pack_pairs(codes, NB), mask=pb < lim // 2)
@@ -666,8 +668,8 @@ def arc_quantize_activation_triton(x: torch.Tensor, ridx: torch.Tensor, s_res: i
     bs = torch.empty(m, kq // 16, dtype=torch.uint8, device=dev) if packed else s_out
     xd = torch.empty(m, kq, dtype=deq_dtype, device=dev) if deq_dtype is not None else x
     fused = m * k <= FUSED_AMAX_MAX
-    if fused:
-        part, p, pblock = s_out, 1, 1024
+    if fused:  # one load step per program up to M·K = 4096
+        part, p, pblock = s_out, 1, min(_pow2(m * k), 4096)
     else:
         per = -(-(m * k) // AMAX_PARTS)
         per = -(-per // AMAX_BLOCK) * AMAX_BLOCK
