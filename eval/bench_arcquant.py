@@ -8,7 +8,7 @@ For Llama-3-8B linear shapes (K, N), batch sizes M and residual channels s it ti
 - `arc_fused`  full ARC linear: activation kernel (reorder + NVFP4 + residual + pack, with its amax pre-pass
                where M·K > 2^14) → NVFP4×NVFP4 GEMM (the GEMV up to GEMV_MAX_M rows, else tensor cores)
 - `arc_dequant` full ARC linear, large-M strategy: activation kernel writing bf16 X' (S folded in) → W'
-               decoded to a bf16 workspace → cuBLAS addmm (alpha = Sw)   [M >= 128 only]
+               decoded to a bf16 workspace → cuBLAS addmm (alpha = Sw)   [M >= 32 only]
 - `gemm`       the NVFP4 GEMM alone on a pre-quantized X'
 - `act`        the activation kernel alone
 Every contender rotates among copies of its weights (> 2.5× L2 in total, ≥ 120 MB) and is timed as CUDA-graph
@@ -122,7 +122,7 @@ def bench_shape(k: int, n: int, s: int, ms: list[int], l2: int, dev, log, bf16_c
                                                      for w in ws]), len(ws))
         add(m, "arc_fused", time_rotated([lambda w=w, x=x: kg.arc_linear(x, ridx, w, path="fused") for w in ws]),
             len(ws))
-        if m >= 128:
+        if m >= 32:
             add(m, "arc_dequant", time_rotated([lambda w=w, x=x: kg.arc_linear(x, ridx, w, path="dequant")
                                                 for w in ws]), len(ws))
     del ws

@@ -585,6 +585,16 @@ MM_SMALL_CONFIGS = [  # M <= 64: transposed product, split-K to fill the GPU
     _c(4, 3, BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, GROUP_M=1, SWAP=False, PPS=4),
     _c(4, 3, BLOCK_M=16, BLOCK_N=128, BLOCK_K=128, GROUP_M=1, SWAP=False, PPS=4),
     _c(4, 4, BLOCK_M=16, BLOCK_N=64, BLOCK_K=256, GROUP_M=1, SWAP=False, PPS=8),
+    _c(8, 3, BLOCK_M=16, BLOCK_N=256, BLOCK_K=128, GROUP_M=1, SWAP=False, PPS=2),
+    _c(8, 3, BLOCK_M=16, BLOCK_N=128, BLOCK_K=256, GROUP_M=1, SWAP=False, PPS=4),
+    _c(4, 4, BLOCK_M=16, BLOCK_N=128, BLOCK_K=64, GROUP_M=1, SWAP=False, PPS=4),
+    _c(4, 6, BLOCK_M=16, BLOCK_N=128, BLOCK_K=64, GROUP_M=1, SWAP=False, PPS=4),
+    _c(4, 6, BLOCK_M=16, BLOCK_N=128, BLOCK_K=32, GROUP_M=1, SWAP=False, PPS=4),
+    _c(8, 4, BLOCK_M=16, BLOCK_N=256, BLOCK_K=64, GROUP_M=1, SWAP=False, PPS=2),
+    _c(4, 4, BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, GROUP_M=1, SWAP=False, PPS=8),
+    _c(8, 4, BLOCK_M=16, BLOCK_N=128, BLOCK_K=64, GROUP_M=1, SWAP=False, PPS=4),
+    _c(4, 3, BLOCK_M=16, BLOCK_N=128, BLOCK_K=128, GROUP_M=1, SWAP=False, PPS=8),
+    _c(4, 2, BLOCK_M=16, BLOCK_N=128, BLOCK_K=128, GROUP_M=1, SWAP=False, PPS=2),
 ]
 MM_LARGE_CONFIGS = [
     _c(8, 3, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8),
@@ -770,9 +780,10 @@ def nvfp4_decode(q: torch.Tensor, s: torch.Tensor, dtype: torch.dtype = torch.bf
     return out
 
 
-GEMV_MAX_M = 8  # up to this M the GEMV (CUDA cores) serves the GEMM (H200, K=4096, N=14336: GEMV 19.2 / 23.2 /
-# 29.0 / 44.4 / 82.7 us at M = 1 / 2 / 4 / 8 / 16, the tensor-core kernel 47.2 / 46.3 / 47.2 / 48.2 / 50.0 us)
-DEQUANT_MIN_M = 128  # from M on (H200 measurement: it wins at M = 128 on all four shapes): decode X' (in the activation kernel) and W' to bf16, then cuBLAS
+GEMV_MAX_M = 4  # up to this M the GEMV (CUDA cores) serves the GEMM (H200, K=4096, N=14336: GEMV 19.2 / 23.2 /
+# 28.5 / 44.6 / 81.5 us at M = 1 / 2 / 4 / 8 / 16, the tensor-core kernel 47.2 / 46.3 / 40.3 / 41.5 / 43.0 us)
+DEQUANT_MIN_M = 64  # from M on: decode X' (in the activation kernel) and W' to bf16, then cuBLAS (H200: it won at
+# M = 128 on all four Llama shapes; at 4096x14336 also at M = 64, 113.9 vs 148.2 us, not at M = 32, 110.5 vs 88.0)
 
 
 def arc_linear(x: torch.Tensor, ridx: torch.Tensor, w: ArcWeight, bias: torch.Tensor | None = None,
