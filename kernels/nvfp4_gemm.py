@@ -13,17 +13,20 @@ Torch reference of the same math: `quantkit/arc_numerics.py` (activation quantiz
                      Optionally (`WRITE_DEQ`) it writes the dequantized X' in bf16 [M, K'] instead — the
                      operand of the large-M "decode + cuBLAS" path — with S folded in: bf16((e2m1·e4m3)·S),
                      i.e. exactly the bf16 fake-quantized activation.
-                     Bit-exact with the torch reference: divisions are `div_rn`, e4m3 rounding is done in
-                     integer arithmetic, and the kernel is compiled with `enable_fp_fusion=False` (an FMA in
+                     Bit-exact with the torch reference: the per-block divisions are `div_rn`, the
+                     per-element x / (block scale · S) is a correctly rounded reciprocal per block + FMA
+                     corrections (= `div_rn`, see `_quant_blocks`), e4m3 rounding is done in integer
+                     arithmetic, and the kernel is compiled with `enable_fp_fusion=False` (an FMA in
                      x − deq would change the residual's last bit).
 - `_nvfp4_mm_kernel` Y[M, N] = Sx·Sw · Σ_k X'[m, k]·W'[n, k]. Hopper has no FP4 MMA: both operands are
                      decoded in registers to fp16 as e2m1·e4m3·2^-7 (≤ 6 significant bits, multiples of
                      2^-17 below 21: exact as fp16 normals or subnormals; _E2M1X4_ASM), `tl.dot` in fp16
-                     with fp32 accumulation, S and 2^14 in the epilogue. Small M: the product is computed transposed
-                     (SWAP: acc^T = W'·X'^T, BLOCK_M = 16) with split-K (one launch: wq_gemm's workspace +
+                     with fp32 accumulation, S and 2^14 in the epilogue. Small M: BLOCK_M = 16, optionally
+                     transposed (SWAP: acc^T = W'·X'^T), with split-K (one launch: wq_gemm's workspace +
                      last-program epilogue). Large M: plain tiles with grouped ordering.
 - `_nvfp4_gemv_kernel` decode path (M ≤ GEMV_MAX_M): CUDA cores, W' read as int64 NVFP4 blocks in
-                     [BLOCK_N, NB] tiles (vector loads); each block's 16 products summed exactly on packed
+                     [BLOCK_N, NB] tiles (vector loads), up to GEMV_ROWS_MAX rows of X' per program (each
+                     weight block decoded once); each block's 16 products summed exactly on packed
                      registers — by default PRMT table lookups to int8 (e2m1 ×2 is an integer ≤ 12) and
                      dp4a, or HFMA2 on fp16 pairs (DOT="f16"; the autotuner tries both) — then scaled once by
                      the two block scales in fp32; split-K with ordered partials (int8_gemm._finish_tile).
