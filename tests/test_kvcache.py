@@ -186,3 +186,16 @@ def test_rotated_cache_generate_matches_eval_path_and_recipe_round_trip(tmp_path
     assert not torch.allclose(a, unrotated)  # the recipe's rotation reached the evaluation path
     with pytest.raises(QuantkitError, match="kv_cache.rotate = 'yes' must be true or false"):
         load_recipe({"name": "kvr", "kv_cache": {"format": "int4", "rotate": "yes"}})
+
+
+def test_rotation_is_batch_invariant():
+    """The KV4 rotation is a fast Walsh-Hadamard transform: equal to x @ H, and bit-identical for a row whether
+    it is rotated alone (generate(), one token per step) or inside a window (the evaluation path)."""
+    from quantkit.kvcache import hadamard, rotate_rows
+
+    g = torch.Generator().manual_seed(0)
+    for d in (8, 64, 128):
+        x = torch.randn(50, d, generator=g)
+        torch.testing.assert_close(rotate_rows(x), x @ hadamard(d), rtol=1e-6, atol=1e-6)
+        assert torch.equal(rotate_rows(x), torch.cat([rotate_rows(x[i:i + 1]) for i in range(50)]))
+        torch.testing.assert_close(rotate_rows(rotate_rows(x)), x, rtol=0, atol=1e-5)  # H is its own inverse
