@@ -342,6 +342,7 @@ def _gemv_kernel(qa_ptr, as_ptr, qs_ptr, w_ptr, ws_ptr, wz_ptr, bias_ptr, out_pt
     _finish_tile(acc, out_ptr + m.to(tl.int64) * stride_out + offs_n, nmask, m * N + offs_n, bias_ptr + offs_n,
                  nmask, part_ptr, M * N, pid_k, cnt_ptr + m * tl.num_programs(0) + pid_n, HAS_BIAS, SPLIT_K)
 
+
 def _small_configs():
     out = []
     for bn, sk, warps, stages in ((64, 4, 4, 4), (64, 8, 4, 3), (128, 4, 4, 3), (32, 8, 4, 4), (128, 2, 4, 4),
@@ -449,6 +450,7 @@ def lowbit_gemm(qa: torch.Tensor, a_scale: torch.Tensor, a_sum: torch.Tensor, w:
     else:
         kernel[grid(c)](*args, **consts, **c)
     return out
+
 
 def lowbit_linear(x: torch.Tensor, w: LowbitWeight, act_bits: int | torch.Tensor,
                   perm: torch.Tensor | None = None, bias: torch.Tensor | None = None) -> torch.Tensor:

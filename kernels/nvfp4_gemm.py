@@ -290,17 +290,19 @@ def _load_blocks(q_ptr, s_ptr, rows, R, blk0, KQ, NB: tl.constexpr):
 # (bits) and 4 (sign). Read as fp16 that is value·2^-14 (code 1 = 0.5 an fp16 subnormal). One HMUL2 with the
 # block scale·2^7 gives value·scale·2^-7 exactly (≤ 6 significant bits, in [2^-17, 21]: multiples of 2^-17,
 # so exact as fp16 normals or subnormals). ~2.5 instructions per element instead of ~8 in fp32.
-_E2M1X4_ASM: tl.constexpr = tl.constexpr(
-    "{ .reg .b32 z, t0, t1, a, b; mov.b32 z, 0;"
-    " prmt.b32 t0, $4, z, 0x1404; prmt.b32 t1, $4, z, 0x3424;"
-    " shl.b32 a, t0, 1; and.b32 a, a, 0x0E000E00; shl.b32 b, t0, 4; and.b32 b, b, 0x80008000; or.b32 a, a, b;"
-    " mul.rn.f16x2 $0, a, $5;"
-    " shl.b32 a, t1, 1; and.b32 a, a, 0x0E000E00; shl.b32 b, t1, 4; and.b32 b, b, 0x80008000; or.b32 a, a, b;"
-    " mul.rn.f16x2 $1, a, $6;"
-    " shr.b32 a, t0, 3; and.b32 a, a, 0x0E000E00; and.b32 b, t0, 0x80008000; or.b32 a, a, b;"
-    " mul.rn.f16x2 $2, a, $5;"
-    " shr.b32 a, t1, 3; and.b32 a, a, 0x0E000E00; and.b32 b, t1, 0x80008000; or.b32 a, a, b;"
-    " mul.rn.f16x2 $3, a, $6; }")
+def _f16_word(src: str, o: tuple[str, str, str, str]) -> str:
+    """PTX: the 8 codes of word `src` → fp16 pairs (value·2^-14) (e0,e2) (e1,e3) (e4,e6) (e5,e7) in `o`."""
+    return (f" prmt.b32 t0, {src}, z, 0x1404; prmt.b32 t1, {src}, z, 0x3424;"
+            f" shl.b32 a, t0, 1; and.b32 a, a, 0x0E000E00; shl.b32 b, t0, 4; and.b32 b, b, 0x80008000;"
+            f" or.b32 {o[0]}, a, b; shr.b32 a, t0, 3; and.b32 a, a, 0x0E000E00; and.b32 b, t0, 0x80008000;"
+            f" or.b32 {o[1]}, a, b; shl.b32 a, t1, 1; and.b32 a, a, 0x0E000E00; shl.b32 b, t1, 4;"
+            f" and.b32 b, b, 0x80008000; or.b32 {o[2]}, a, b; shr.b32 a, t1, 3; and.b32 a, a, 0x0E000E00;"
+            f" and.b32 b, t1, 0x80008000; or.b32 {o[3]}, a, b;")
+
+
+_E2M1X4_ASM: tl.constexpr = tl.constexpr(  # 4 bytes (pack=4) + their block scales·2^7 (fp16, two per register)
+    "{ .reg .b32 z, t0, t1, a, b, p0, p1, p2, p3; mov.b32 z, 0;" + _f16_word("$4", ("p0", "p1", "p2", "p3"))
+    + " mul.rn.f16x2 $0, p0, $5; mul.rn.f16x2 $1, p2, $6; mul.rn.f16x2 $2, p1, $5; mul.rn.f16x2 $3, p3, $6; }")
 
 
 @triton.jit
@@ -395,23 +397,13 @@ def _i8_word(src: str, o0: str, o1: str) -> str:
 
 
 _I8_REGS = "{ .reg .b32 lp0, lp1, ln0, ln1, w4, s, p, n, m, lo, hi;"
-_X_I8_ASM: tl.constexpr = tl.constexpr(  # an NVFP4 block (64-bit) → 4 int8×4 words (values ×2)
+_I8_BLOCK_ASM: tl.constexpr = tl.constexpr(  # an NVFP4 block (64-bit) → 4 int8×4 words (values ×2)
     _I8_REGS + _I8_LUT + " mov.b64 {lo, hi}, $4;" + _i8_word("lo", "$0", "$1") + _i8_word("hi", "$2", "$3") + " }")
 # weight words · activation words → 4·Σ w·x as the fp32 bits of 1.5·2^23 + 4·Σ w·x (the dp4a chain starts from
 # those bits, so the int → float conversion is one FADD, not an I2F: |4·Σ w·x| ≤ 2304 < 2^22)
 _DOT_I8_ASM: tl.constexpr = tl.constexpr(
     "{ .reg .b32 acc; dp4a.s32.s32 acc, $1, $5, 0x4B400000; dp4a.s32.s32 acc, $2, $6, acc;"
     " dp4a.s32.s32 acc, $3, $7, acc; dp4a.s32.s32 $0, $4, $8, acc; }")
-
-
-def _f16_word(src: str, o: tuple[str, str, str, str]) -> str:
-    """PTX: the 8 codes of word `src` → fp16 pairs (value·2^-14) (e0,e2) (e1,e3) (e4,e6) (e5,e7) in `o`."""
-    return (f" prmt.b32 t0, {src}, z, 0x1404; prmt.b32 t1, {src}, z, 0x3424;"
-            f" shl.b32 a, t0, 1; and.b32 a, a, 0x0E000E00; shl.b32 b, t0, 4; and.b32 b, b, 0x80008000;"
-            f" or.b32 {o[0]}, a, b; shr.b32 a, t0, 3; and.b32 a, a, 0x0E000E00; and.b32 b, t0, 0x80008000;"
-            f" or.b32 {o[1]}, a, b; shl.b32 a, t1, 1; and.b32 a, a, 0x0E000E00; shl.b32 b, t1, 4;"
-            f" and.b32 b, b, 0x80008000; or.b32 {o[2]}, a, b; shr.b32 a, t1, 3; and.b32 a, a, 0x0E000E00;"
-            f" and.b32 b, t1, 0x80008000; or.b32 {o[3]}, a, b;")
 
 
 _F16_REGS = "{ .reg .b32 z, t0, t1, a, b, lo, hi, p0, p1, p2, p3, q0, q1, q2, q3; mov.b32 z, 0;"
@@ -439,15 +431,20 @@ def _scale_f32_lo(u):
 
 
 @triton.jit
+def _i8_block(v):
+    """int64 NVFP4 blocks → four int32 words of int8 (element order, values ×2)."""
+    return tl.inline_asm_elementwise(_I8_BLOCK_ASM, "=r,=r,=r,=r,l", [v], dtype=(tl.int32,) * 4, is_pure=True,
+                                     pack=1)
+
+
+@triton.jit
 def _block_dot(w, x, DOT: tl.constexpr, USE_ASM: tl.constexpr):
     """int64 NVFP4 blocks (16 codes) w [1, BN, NB] · x [ROWS, 1, NB] → [ROWS, BN, NB] float32 Σ_i w_i·x_i
     (exact) in the unit of DOT. Each block is decoded once and broadcast (a thread holds all ROWS rows)."""
     if USE_ASM:
         if DOT == "i8":
-            v0, v1, v2, v3 = tl.inline_asm_elementwise(_X_I8_ASM, "=r,=r,=r,=r,l", [w], dtype=(tl.int32,) * 4,
-                                                       is_pure=True, pack=1)
-            x0, x1, x2, x3 = tl.inline_asm_elementwise(_X_I8_ASM, "=r,=r,=r,=r,l", [x], dtype=(tl.int32,) * 4,
-                                                       is_pure=True, pack=1)
+            v0, v1, v2, v3 = _i8_block(w)
+            x0, x1, x2, x3 = _i8_block(x)
             d = tl.inline_asm_elementwise(_DOT_I8_ASM, "=r,r,r,r,r,r,r,r,r", [v0, v1, v2, v3, x0, x1, x2, x3],
                                           dtype=tl.int32, is_pure=True, pack=1)
             return d.to(tl.float32, bitcast=True) - 12582912.0
