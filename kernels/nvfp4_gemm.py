@@ -575,7 +575,7 @@ GEMV_CONFIGS = [
     for nw, ns, bn, nb, pps in ((4, 1, 256, 4, 8), (4, 1, 128, 4, 8), (4, 1, 128, 8, 8), (8, 1, 512, 4, 4),
                                 (2, 1, 128, 4, 16), (4, 2, 256, 4, 4), (4, 2, 128, 8, 4), (8, 1, 256, 8, 8))
 ]
-MM_SMALL_CONFIGS = [  # M <= 64: transposed product, split-K to fill the GPU
+MM_SMALL_CONFIGS = [  # M <= 64: BLOCK_M 16 (transposed or not), split-K to fill the GPU
     _c(4, 3, BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, GROUP_M=1, SWAP=True, PPS=4),
     _c(4, 3, BLOCK_M=16, BLOCK_N=128, BLOCK_K=128, GROUP_M=1, SWAP=True, PPS=4),
     _c(4, 3, BLOCK_M=16, BLOCK_N=64, BLOCK_K=256, GROUP_M=1, SWAP=True, PPS=8),
@@ -588,11 +588,7 @@ MM_SMALL_CONFIGS = [  # M <= 64: transposed product, split-K to fill the GPU
     _c(8, 3, BLOCK_M=16, BLOCK_N=256, BLOCK_K=128, GROUP_M=1, SWAP=False, PPS=2),
     _c(8, 3, BLOCK_M=16, BLOCK_N=128, BLOCK_K=256, GROUP_M=1, SWAP=False, PPS=4),
     _c(4, 4, BLOCK_M=16, BLOCK_N=128, BLOCK_K=64, GROUP_M=1, SWAP=False, PPS=4),
-    _c(4, 6, BLOCK_M=16, BLOCK_N=128, BLOCK_K=64, GROUP_M=1, SWAP=False, PPS=4),
-    _c(4, 6, BLOCK_M=16, BLOCK_N=128, BLOCK_K=32, GROUP_M=1, SWAP=False, PPS=4),
-    _c(8, 4, BLOCK_M=16, BLOCK_N=256, BLOCK_K=64, GROUP_M=1, SWAP=False, PPS=2),
-    _c(4, 4, BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, GROUP_M=1, SWAP=False, PPS=8),
-    _c(8, 4, BLOCK_M=16, BLOCK_N=128, BLOCK_K=64, GROUP_M=1, SWAP=False, PPS=4),
+    _c(4, 6, BLOCK_M=16, BLOCK_N=128, BLOCK_K=64, GROUP_M=1, SWAP=False, PPS=4),  # won at M = 64
     _c(4, 3, BLOCK_M=16, BLOCK_N=128, BLOCK_K=128, GROUP_M=1, SWAP=False, PPS=8),
     _c(4, 2, BLOCK_M=16, BLOCK_N=128, BLOCK_K=128, GROUP_M=1, SWAP=False, PPS=2),
 ]
