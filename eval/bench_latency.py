@@ -58,6 +58,8 @@ DECODE_ATTN = "quantkit_gqa_decode"
 METHOD_GRAPHS = ("CUDA graphs: manual torch.cuda.CUDAGraph capture of one decode step (StaticCache, position "
                  "and next token kept in device tensors), replayed once per generated token")
 METHOD_EAGER = "eager decode steps (StaticCache), no CUDA graphs"
+METHOD_FUSE = ("; q/k/v and gate/up projections fused into one Linear per group (concatenated output "
+               "features, quantkit.nn.fused) in every model, the baseline included")
 METHOD_COMPILE = ("; the decode step's forward compiled by torch.compile (inductor, default mode, static shapes) "
                   "with a graph break at every QuantLinear (its Triton kernels run as they are)")
 
@@ -78,6 +80,7 @@ class LatencyConfig:
     seed: int = 0
     fit_budget_s: float | None = None  # on-the-fly fitting: past this, later layers reuse fitted codes
     lm_head_bits: int | None = None  # also measure each on-the-fly variant with an int (g128) lm_head
+    fuse: bool = True  # q/k/v and gate/up as one Linear each (quantkit.nn.fused), every model alike
 
 
 def _dtype(name: str) -> torch.dtype:
@@ -789,7 +792,7 @@ def run_latency(source: str | None = None, shape: str | None = None, recipes: li
     graphs_on = dev.type == "cuda" and cfg.graphs
     result = {"env": env, "model": desc, "config": asdict(cfg), "baseline": variants[0].name,
               "copy_bw_Bps": bw, "decode_method": (METHOD_GRAPHS if graphs_on else METHOD_EAGER)
-              + (METHOD_COMPILE if cfg.compile else ""),
+              + (METHOD_COMPILE if cfg.compile else "") + (METHOD_FUSE if cfg.fuse else ""),
               "prefill_method": "eager forward over the prompt into the StaticCache (logits of the last token)",
               "timing": f"median of {cfg.repeats} runs after {cfg.warmup} warm-up runs; each run = prefill "
                         f"(B x {cfg.prompt} tokens) + {cfg.gen - 1} decode steps (the prefill gives the first "
@@ -805,6 +808,10 @@ def run_latency(source: str | None = None, shape: str | None = None, recipes: li
         model.eval()
         build_s = time.perf_counter() - t0
         custom = install_decode_attention(model)
+        if cfg.fuse:
+            from quantkit.nn.fused import fuse_shared_input_linears
+
+            info = dict(info, fused_groups=len(fuse_shared_input_linears(model)))
         mb = model_bytes(model)
         log(f"[{v.name}] ready in {build_s:.1f} s: {mb['total'] / 2**30:.2f} GiB "
             f"(decoder Linears {mb['linear'] / 2**30:.2f} GiB at {mb['linear_bits_per_weight']:.2f} bits/weight)")
