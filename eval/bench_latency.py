@@ -21,8 +21,9 @@ Harness, per model and batch B (prompt P random token ids, G generated tokens, g
   steps are G - 1 graph replays. Where capture fails the harness says why and times eager steps instead
   (and on CPU, where there are no graphs).
 - `--compile` (`LatencyConfig.compile`): the decode step's forward goes through `torch.compile` (inductor,
-  static shapes) with a graph break at every QuantLinear, so the ~45 small norm / rotary / attention /
-  residual kernels per layer fuse into a few, while the Triton weight kernels run as they are; the compiled
+  static shapes); each weight-only QuantLinear is one opaque op (`quantkit::wq_matmul`), so the ~45 small
+  norm / rotary / attention / residual kernels per layer fuse into a few, while the Triton weight kernels run
+  as they are (activation-quantized QuantLinears keep a graph break); the compiled
   step is then captured the same way. Same harness for the baseline. (H200, Llama-3-8B, B = 1: bf16 7.56 ->
   5.42 ms/step, rtn-w4g128 5.32 -> 3.28.) A compile failure falls back to the uncompiled step, recorded.
 - Llama-like models (all layers full attention) get an explicit 4-D boolean mask and, for single-token
@@ -60,8 +61,10 @@ METHOD_GRAPHS = ("CUDA graphs: manual torch.cuda.CUDAGraph capture of one decode
 METHOD_EAGER = "eager decode steps (StaticCache), no CUDA graphs"
 METHOD_FUSE = ("; q/k/v and gate/up projections fused into one Linear per group (concatenated output "
                "features, quantkit.nn.fused) in every model, the baseline included")
-METHOD_COMPILE = ("; the decode step's forward compiled by torch.compile (inductor, default mode, static shapes) "
-                  "with a graph break at every QuantLinear (its Triton kernels run as they are)")
+METHOD_COMPILE = ("; the decode step's forward compiled by torch.compile (inductor, default mode, static "
+                  "shapes), "
+                  "each weight-only QuantLinear one opaque op (quantkit::wq_matmul: its Triton kernels run as "
+                  "they are)")
 
 
 @dataclass
@@ -361,13 +364,15 @@ def install_decode_attention(model: nn.Module) -> bool:
 
 
 def _compiled(model: nn.Module):
-    """`torch.compile(model)` for the decode step, with dynamo disabled inside every QuantLinear (graph breaks
-    there: the Triton weight kernels and their autotuners run as they are; norms, rotary, attention and
-    residual glue between them are fused by inductor)."""
+    """`torch.compile(model)` for the decode step. Weight-only QuantLinears trace into one opaque op each
+    (`quantkit::wq_matmul`: the Triton kernels and their autotuners run as they are), so inductor fuses the
+    norms, rotary, attention and residual glue across them; QuantLinears with activation quantization keep
+    a graph break (dynamo disabled inside)."""
     from quantkit.nn import QuantLinear
 
     for mod in model.modules():
-        if isinstance(mod, QuantLinear) and not getattr(mod, "_qk_dynamo_disabled", False):
+        if isinstance(mod, QuantLinear) and mod.act is not None and not getattr(mod, "_qk_dynamo_disabled",
+                                                                                False):
             mod.forward = torch._dynamo.disable(mod.forward)
             mod._qk_dynamo_disabled = True
     # the code after each break is one resumed frame per (layer, module): allow that many specializations

@@ -239,15 +239,38 @@ def prepared_for(module) -> Prepared | None:
     return p
 
 
+@torch.library.custom_op("quantkit::wq_matmul", mutates_args=())
+def wq_matmul(x: torch.Tensor, q0: torch.Tensor, q1: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+              bias: torch.Tensor | None, fmt: int, bits: int, gs: int, k: int, n: int, has_zero: bool) -> torch.Tensor:
+    """`matmul` of a `Prepared` weight as one opaque torch op: torch.compile traces a QuantLinear into this
+    call (no graph break), so inductor fuses the norm / rotary / activation glue on both sides of it."""
+    p = Prepared(fmt, bits, gs, k, n, q0, q1, scales, zeros, has_zero)
+    return matmul(p, x, bias)
+
+
+@wq_matmul.register_fake
+def _wq_matmul_fake(x, q0, q1, scales, zeros, bias, fmt, bits, gs, k, n, has_zero):
+    return x.new_empty(x.shape[0], n)
+
+
 def quant_linear_forward(module, x: torch.Tensor) -> torch.Tensor | None:
-    """`KERNELS` entry: x: [..., K] bf16/fp16 on CUDA → [..., N], or None when the kernels cannot serve."""
+    """`KERNELS` entry: x: [..., K] bf16/fp16 on CUDA → [..., N], or None when the kernels cannot serve.
+
+    Under torch.compile the module's `Prepared` must exist already (any eager forward builds it; the latency
+    harness runs the prefill eagerly first): tracing cannot key the cache on buffer pointers, so a module
+    never run eagerly falls back to the torch reference, traced."""
     if not x.is_cuda or x.dtype not in (torch.bfloat16, torch.float16) or x.shape[-1] != module.in_features:
         return None
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return None
-    p = prepared_for(module)
+    compiling = torch.compiler.is_compiling()
+    if compiling:
+        cached = getattr(module, "_kernel_prepared", None)
+        p = cached[1] if cached is not None else None
+    else:
+        try:
+            import triton  # noqa: F401
+        except ImportError:
+            return None
+        p = prepared_for(module)
     if p is None:
         return None
     lead = x.shape[:-1]
@@ -257,5 +280,8 @@ def quant_linear_forward(module, x: torch.Tensor) -> torch.Tensor | None:
     if x2.shape[0] == 0:
         return x.new_zeros(*lead, p.n)
     bias = module.bias
-    y = matmul(p, x2, bias)
+    if compiling:
+        y = wq_matmul(x2, p.q0, p.q1, p.scales, p.zeros, bias, p.fmt, p.bits, p.gs, p.k, p.n, p.has_zero)
+    else:  # eager: the direct call (the op dispatcher's host overhead matters in host-bound eager steps)
+        y = matmul(p, x2, bias)
     return y.reshape(*lead, p.n)

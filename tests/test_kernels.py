@@ -128,6 +128,24 @@ def test_dispatch_registration_and_fallback():
     assert dispatch.quant_linear_forward(mod, torch.randn(2, k)) is None  # CPU input: torch reference
 
 
+def test_wq_matmul_op_matches_dispatch_and_passes_opcheck(monkeypatch):
+    """The custom op torch.compile traces into computes what the direct call does, and its fake (meta)
+    implementation agrees with it (torch.library.opcheck: schema, fake tensor, AOT dispatch)."""
+    if DEV == "cpu":  # the interpreter cannot autotune: a fixed GEMV config behind `matmul`
+        monkeypatch.setattr(dispatch, "matmul", lambda p, x, bias: dispatch.gemv_h2(
+            p, x, bias, {"BLOCK_N": 64, "SPLIT_K": 2, "num_warps": 1}))
+    k, n = 96, 40
+    p = random_packed("int", 3, 32, k, n, device=DEV)
+    prep = dispatch.prepare("int", 3, 32, k, n, p)
+    x = torch.randn(1, k, device=DEV, dtype=torch.float16)
+    bias = torch.randn(n, device=DEV, dtype=torch.float16)
+    args = (x, prep.q0, prep.q1, prep.scales, prep.zeros, bias, prep.fmt, prep.bits, prep.gs, k, n, prep.has_zero)
+    y = torch.ops.quantkit.wq_matmul(*args)
+    assert y.shape == (1, n) and torch.equal(y, dispatch.matmul(prep, x, bias))
+    torch.library.opcheck(torch.ops.quantkit.wq_matmul, args,
+                          test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 @pytest.mark.parametrize("case", [("int", 4, 128), ("int", 3, 128), ("int", 2, 64), ("hlq", 4, 128),
                                   ("hlq", 3, 128), ("hlq", 2, 64), ("int", 4, None)], ids=str)

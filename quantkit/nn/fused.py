@@ -46,9 +46,18 @@ class FusedLinear(nn.Module):
         self._pending: set[int] = set()
 
     def output(self, i: int, x: torch.Tensor) -> torch.Tensor:
-        if self._y is None or self._x is not x or x._version != self._x_version or i not in self._pending:
+        # Traced by torch.compile as well: the checks then run at trace time (dynamo guards on the
+        # aliasing of its inputs), and the graph holds one product per group. The in-place check is
+        # eager-only (a traced frame sees no in-place change between the members' calls).
+        compiling = torch.compiler.is_compiling()
+        stale = self._y is None or self._x is not x or i not in self._pending
+        if not stale and not compiling:
+            stale = x._version != self._x_version
+        if stale:
             self._y = self.linear(x)
-            self._x, self._x_version = x, x._version
+            self._x = x
+            if not compiling:
+                self._x_version = x._version
             self._pending = set(range(len(self.sizes)))
         y = self._y[..., self.offsets[i]:self.offsets[i + 1]]
         self._pending.discard(i)
@@ -75,9 +84,6 @@ class LinearSlice(nn.Module):
     def group(self) -> FusedLinear:
         return self._group[0]
 
-    # The result depends on which member ran first (Python-side caching), which a compiled graph cannot
-    # express: dynamo runs this eagerly, as it does the Triton kernels behind QuantLinear.
-    @torch.compiler.disable
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.group.output(self.index, x)
 
