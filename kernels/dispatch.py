@@ -21,6 +21,7 @@ No weight is repacked for 2/4 bits (the kernels read the stored layout); 3-bit w
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 
@@ -109,6 +110,20 @@ def _consts(p: Prepared, bias) -> dict:
     return {"GS": p.gs, "FMT": p.fmt, "BITS": p.bits, "HAS_ZERO": p.has_zero, "HAS_BIAS": bias is not None}
 
 
+def _use_pdl(device: torch.device) -> bool:
+    """Programmatic dependent launch for the decode GEMV: on Hopper and newer, unless QUANTKIT_PDL=0. The
+    GEMV's launch and first weight loads then overlap the tail of the kernel before it (in CUDA graphs
+    too: captured as a programmatic edge)."""
+    if device.type != "cuda" or os.environ.get("QUANTKIT_PDL", "1") == "0":
+        return False
+    return _major(device.index if device.index is not None else torch.cuda.current_device()) >= 9
+
+
+@functools.lru_cache(maxsize=None)
+def _major(index: int) -> int:
+    return torch.cuda.get_device_capability(index)[0]
+
+
 def _set_sms(device: torch.device) -> None:
     from quantkit.kernels import wq_gemm
 
@@ -152,7 +167,8 @@ def gemv_h2(p: Prepared, x: torch.Tensor, bias: torch.Tensor | None = None, conf
     if config is None:
         _set_sms(x.device)
         grid = lambda a: (triton.cdiv(p.n, a["BLOCK_N"]), a["SPLIT_K"], m)
-        wq_gemv.gemv_h2_tuned[grid](*args, **_consts(p, bias), USE_ASM=use_asm)
+        pdl = _use_pdl(x.device) and wq_gemv.gdc_wait is not None
+        wq_gemv.gemv_h2_tuned[grid](*args, **_consts(p, bias), USE_ASM=use_asm, PDL=pdl, launch_pdl=pdl)
     else:
         c = dict(config)
         c.setdefault("EVEN_K", p.k % 32 == 0)

@@ -32,6 +32,11 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+try:  # grid dependency control (Hopper+); absent in old tritons, where PDL stays off
+    from triton.language.extra.cuda import gdc_wait
+except ImportError:  # pragma: no cover
+    gdc_wait = None
+
 from quantkit.kernels.wq_gemm import _CACHE_KW, _KEY, NUM_SMS, _split_k, _split_range, _store_out
 
 # $0 = acc out; $1 word (or shifted word); $2 mask; $3 x pair (f16x2); $4 acc in
@@ -150,9 +155,13 @@ def _gemv_h2_kernel(x_ptr, q0_ptr, q1_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, ws_p
                     GS: tl.constexpr, FMT: tl.constexpr, BITS: tl.constexpr, HAS_ZERO: tl.constexpr,
                     HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr,
                     USE_ASM: tl.constexpr = True, EVEN_K: tl.constexpr = False, CHUNK: tl.constexpr = 256,
-                    PPS: tl.constexpr = 8, TIMING_PLAIN_STORE: tl.constexpr = False):
+                    PPS: tl.constexpr = 8, TIMING_PLAIN_STORE: tl.constexpr = False, PDL: tl.constexpr = False):
     """Grid (cdiv(N, BLOCK_N), SPLIT_K, M). One program: BLOCK_N columns × a slice of runs (32 codes) of one
-    row; the next run's words are loaded before the current run is computed."""
+    row; the next run's words are loaded before the current run is computed.
+
+    PDL (launched with programmatic dependent launch): the kernel may start while the kernel before it is
+    still finishing; the first weight words (never written by anyone) are requested before `gdc_wait`, which
+    orders everything else — x, the split-K workspace and counters — after the previous kernel's writes."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     m = tl.program_id(2)
@@ -176,6 +185,8 @@ def _gemv_h2_kernel(x_ptr, q0_ptr, q1_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, ws_p
     if BITS == 3:
         v = _load_word(q1_ptr, r, lim1, offs_n, N)
     # (the first run's words are requested above, before the x prologue: the weights stream from the start)
+    if PDL:
+        gdc_wait()
     xrow = x_ptr + m * stride_xm
     # the slice's max |x| → S = 2^(14 - e) (exact power of two, |x·S| < 2^15) and 2^24 / S
     k_end = tl.minimum(r_hi * 32, K)
