@@ -119,7 +119,7 @@ def _use_pdl(device: torch.device) -> bool:
     return _major(device.index if device.index is not None else torch.cuda.current_device()) >= 9
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _major(index: int) -> int:
     return torch.cuda.get_device_capability(index)[0]
 
