@@ -71,6 +71,8 @@ def main(argv=None) -> None:
     ap.add_argument("--max-windows", type=int, default=None)
     ap.add_argument("--fp", action="store_true", help="also evaluate the unquantized model")
     ap.add_argument("--out-dir", default="out/act_variants")
+    ap.add_argument("--load", default=None,
+                    help="a checkpoint an earlier run saved (<out-dir>/<base>): its weights instead of quantizing")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     torch.manual_seed(0)
@@ -94,13 +96,17 @@ def main(argv=None) -> None:
         dump()
         del m
     t0 = time.perf_counter()
-    model = qk.quantize(args.model, args.base, dataset=args.dataset, nsamples=args.nsamples, seq_len=args.seq_len)
+    if args.load:
+        model, ck = qk.load(args.load), args.load
+    else:
+        model = qk.quantize(args.model, args.base, dataset=args.dataset, nsamples=args.nsamples,
+                            seq_len=args.seq_len)
+        ck = qk.save(model, out_dir / args.base, overwrite=True)
     quant_s = time.perf_counter() - t0
-    ck = qk.save(model, out_dir / args.base, overwrite=True)
     for name in args.variants.split(","):
         rec = load_recipe(name)
         high = apply_variant(model, rec)
-        n_q = sum(1 for e in model.quantkit_report.modules)
+        n_q = sum(1 for m in model.modules() if hasattr(m, "kernel_key"))
         a8 = sum(1 for _, m in model.named_modules()
                  if getattr(m, "act", None) is not None and hasattr(m, "kernel_key") and m.act.spec.bits >= 8)
         blocks = [(int((m.act.block_bits >= 8).sum()), m.act.block_bits.numel(), n.rsplit(".", 1)[-1])
@@ -117,7 +123,8 @@ def main(argv=None) -> None:
         dump()
     fp = next((r["ppl"] for r in rows if r["recipe"] == "fp"), None)
     print(f"\n{args.model}, {args.dataset} test, seq_len {args.seq_len}, calibration {args.nsamples} x "
-          f"{args.seq_len}; weights of '{args.base}' (quantized once in {quant_s:.0f} s, saved to {ck})")
+          f"{args.seq_len}; weights of '{args.base}' "
+          + (f"(loaded from {ck})" if args.load else f"(quantized once in {quant_s:.0f} s, saved to {ck})"))
     print(f"{'recipe':<20} {'ppl':>10} {'x FP':>7} {'A8 Linears':>11}")
     for r in rows:
         ratio = f"{r['ppl'] / fp:.3f}" if fp else "-"

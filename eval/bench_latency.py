@@ -61,6 +61,7 @@ METHOD_GRAPHS = ("CUDA graphs: manual torch.cuda.CUDAGraph capture of one decode
 METHOD_EAGER = "eager decode steps (StaticCache), no CUDA graphs"
 METHOD_FUSE = ("; q/k/v and gate/up projections fused into one Linear per group (concatenated output "
                "features, quantkit.nn.fused) in every model, the baseline included")
+METHOD_PDL = "; decode GEMVs launched with programmatic dependent launch (QUANTKIT_PDL=1)"
 METHOD_COMPILE = ("; the decode step's forward compiled by torch.compile (inductor, default mode, static "
                   "shapes), "
                   "each weight-only QuantLinear one opaque op (quantkit::wq_matmul: its Triton kernels run as "
@@ -84,6 +85,7 @@ class LatencyConfig:
     fit_budget_s: float | None = None  # on-the-fly fitting: past this, later layers reuse fitted codes
     lm_head_bits: int | None = None  # also measure each on-the-fly variant with an int (g128) lm_head
     fuse: bool = True  # q/k/v and gate/up as one Linear each (quantkit.nn.fused), every model alike
+    pdl: bool = False  # decode GEMVs with programmatic dependent launch (QUANTKIT_PDL=1 for this run)
 
 
 def _dtype(name: str) -> torch.dtype:
@@ -791,13 +793,18 @@ def run_latency(source: str | None = None, shape: str | None = None, recipes: li
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise QuantkitError(f"--device {cfg.device} asked for, but torch sees no CUDA GPU; use --device cpu")
     dtype = _dtype(cfg.dtype)
+    if cfg.pdl:
+        import os
+
+        os.environ["QUANTKIT_PDL"] = "1"
     variants, desc = _variants(source, shape, list(recipes or []), dev, dtype, cfg, log)
     env = environment()
     bw = copy_bandwidth(dev)
     graphs_on = dev.type == "cuda" and cfg.graphs
     result = {"env": env, "model": desc, "config": asdict(cfg), "baseline": variants[0].name,
               "copy_bw_Bps": bw, "decode_method": (METHOD_GRAPHS if graphs_on else METHOD_EAGER)
-              + (METHOD_COMPILE if cfg.compile else "") + (METHOD_FUSE if cfg.fuse else ""),
+              + (METHOD_COMPILE if cfg.compile else "") + (METHOD_FUSE if cfg.fuse else "")
+              + (METHOD_PDL if cfg.pdl else ""),
               "prefill_method": "eager forward over the prompt into the StaticCache (logits of the last token)",
               "timing": f"median of {cfg.repeats} runs after {cfg.warmup} warm-up runs; each run = prefill "
                         f"(B x {cfg.prompt} tokens) + {cfg.gen - 1} decode steps (the prefill gives the first "

@@ -111,10 +111,12 @@ def _consts(p: Prepared, bias) -> dict:
 
 
 def _use_pdl(device: torch.device) -> bool:
-    """Programmatic dependent launch for the decode GEMV: on Hopper and newer, unless QUANTKIT_PDL=0. The
-    GEMV's launch and first weight loads then overlap the tail of the kernel before it (in CUDA graphs
-    too: captured as a programmatic edge)."""
-    if device.type != "cuda" or os.environ.get("QUANTKIT_PDL", "1") == "0":
+    """Programmatic dependent launch for the decode GEMV (QUANTKIT_PDL=1, Hopper and newer): its launch and
+    first weight loads overlap the tail of the kernel before it (in CUDA graphs too, as a programmatic edge).
+    Off by default: on an H200 (Llama-3-8B shape, B = 1, CUDA graphs; docs/bench/latency_notes.md) it took the
+    decode step from 2.317 to 2.190 ms with an int4 lm_head but slowed it from 2.511 to 2.578 ms with the bf16
+    (cuBLAS) lm_head, a slowdown we have not explained."""
+    if device.type != "cuda" or os.environ.get("QUANTKIT_PDL", "0") != "1":
         return False
     return _major(device.index if device.index is not None else torch.cuda.current_device()) >= 9
 

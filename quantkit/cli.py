@@ -175,6 +175,9 @@ def bench_kernels(ctx):
               help="torch.compile the decode step around the quantized Linears (fuses norms / rotary / "
                    "attention glue), then capture it as above.")
 @click.option("--no-profile", is_flag=True, help="Skip the torch.profiler breakdown of decode steps.")
+@click.option("--pdl", is_flag=True,
+              help="Launch the decode GEMVs with programmatic dependent launch (Hopper+; = QUANTKIT_PDL=1): "
+                   "faster with a quantized lm_head, slower with a bf16 one on an H200 (docs/bench).")
 @click.option("--no-fuse", is_flag=True,
               help="Keep q/k/v and gate/up as separate Linears (by default each group runs as one Linear over "
                    "the concatenated outputs, in every model measured, the baseline included).")
@@ -189,7 +192,7 @@ def bench_kernels(ctx):
 @click.option("--plot", "plot_path", type=click.Path(path_type=Path), default=None,
               help="Write a PNG bar chart here (needs matplotlib).")
 def bench_latency(model, shape, recipe, batch, prompt, gen, repeats, warmup, device, dtype, no_graphs, compile_,
-                  no_profile, no_fuse, fit_budget, lm_head_bits, seed, json_path, plot_path):
+                  no_profile, pdl, no_fuse, fit_budget, lm_head_bits, seed, json_path, plot_path):
     """Prefill / decode latency of MODEL_OR_DIR (or --shape) vs its bf16 model: static KV cache, CUDA graphs."""
     import torch
 
@@ -202,8 +205,8 @@ def bench_latency(model, shape, recipe, batch, prompt, gen, repeats, warmup, dev
     except ValueError:
         raise QuantkitError(f"--batch '{batch}': give comma-separated integers, e.g. 1,16") from None
     cfg = LatencyConfig(batches=batches, prompt=prompt, gen=gen, repeats=repeats, warmup=warmup,
-                        graphs=not no_graphs, compile=compile_, profile=not no_profile, fuse=not no_fuse,
-                        device=device,
+                        graphs=not no_graphs, compile=compile_, profile=not no_profile,
+                        fuse=not no_fuse, pdl=pdl, device=device,
                         dtype=dtype or ("float32" if device == "cpu" else "bfloat16"), seed=seed,
                         fit_budget_s=fit_budget, lm_head_bits=int(lm_head_bits) if lm_head_bits else None)
     recipes = [r.strip() for r in recipe.split(",") if r.strip()] if recipe else []
