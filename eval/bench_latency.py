@@ -321,21 +321,37 @@ def model_bytes(model: nn.Module) -> dict:
 def gqa_decode_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
     """transformers attention interface. query [B, H, q, D], key/value [B, Hkv, L, D] → ([B, q, H, D], None).
     q == 1: scores of the query heads of each KV head against that head's keys (K and V read once, not
-    repeated per query head), masked (boolean: True attends; float: added), softmax in fp32. q > 1: SDPA."""
+    repeated per query head), masked (boolean: True attends; float: added), softmax in fp32; on CUDA with a
+    boolean mask one Triton kernel (`quantkit.kernels.decode_attention`), else its torch reference. q > 1:
+    SDPA."""
     if query.shape[2] != 1:
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, **kwargs)
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    mask = attention_mask
+    if mask is not None and mask.dtype == torch.bool:
+        mask = mask[:, 0, 0, :] if mask.dim() == 4 else mask  # [B or 1, L]: one query row, heads broadcast
+    elif mask is not None:  # additive float mask: the torch path
+        return _gqa_decode_float_mask(query, key, value, mask, scale), None
+    if query.is_cuda:
+        from quantkit.kernels import decode_attention as da
+
+        if da.supports(query, key, mask):
+            return torch.ops.quantkit.decode_attention(query, key, value, mask, scale), None
+    from quantkit.kernels.decode_attention_reference import decode_attention_ref
+
+    return decode_attention_ref(query, key, value, mask, scale), None
+
+
+def _gqa_decode_float_mask(query, key, value, mask, scale):
     b, h, _, d = query.shape
     hk, n = key.shape[1], key.shape[2]
     q = query.reshape(b, hk, h // hk, d)
-    s = torch.matmul(q, key.transpose(-1, -2)).float() * (scaling if scaling is not None else d ** -0.5)
-    if attention_mask is not None:
-        m = attention_mask[..., :n]
-        s = s.masked_fill(~m, float("-inf")) if m.dtype == torch.bool else s + m.float()
+    s = torch.matmul(q, key.transpose(-1, -2)).float() * scale + mask[..., :n].float()
     p = torch.softmax(s, dim=-1).to(value.dtype)
-    return torch.matmul(p, value).reshape(b, 1, h, d), None
+    return torch.matmul(p, value).reshape(b, 1, h, d)
 
 
 def _plain_causal(config) -> bool:
