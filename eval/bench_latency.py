@@ -433,6 +433,8 @@ def _category(name: str) -> str:
         return "quant GEMM (Triton)"
     if "_dequant_kernel" in n:
         return "quant dequant (Triton)"
+    if "_decode_attn_kernel" in n or "_combine_kernel" in n:
+        return "decode attention (Triton)"
     if n.startswith("triton_"):
         return "inductor-fused glue (Triton)"
     if "triton" in n:
