@@ -44,6 +44,8 @@ def apply_variant(model, recipe) -> list[str]:
                 raise SystemExit(f"variant '{recipe.name}' drops the base's '{base.spec.format}' activation "
                                  f"transform, which the stored weights depend on")
             m.act = None
+        elif base is not None and base.spec == spec:
+            m.act = base  # the same settings: nothing to re-derive (works on a loaded checkpoint too)
         elif base is not None and base.spec.format == spec.format:
             m.act = base.with_spec(spec)  # same calibration (scores, permutation), the variant's settings
             if hasattr(base, "sensitivity"):
