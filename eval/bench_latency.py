@@ -331,27 +331,16 @@ def gqa_decode_attention(module, query, key, value, attention_mask, dropout: flo
                                       scaling=scaling, **kwargs)
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     mask = attention_mask
-    if mask is not None and mask.dtype == torch.bool:
-        mask = mask[:, 0, 0, :] if mask.dim() == 4 else mask  # [B or 1, L]: one query row, heads broadcast
-    elif mask is not None:  # additive float mask: the torch path
-        return _gqa_decode_float_mask(query, key, value, mask, scale), None
+    if mask is not None and mask.dim() == 4:
+        mask = mask[:, 0, 0, :]  # [B or 1, L]: one query row, heads broadcast
     if query.is_cuda:
         from quantkit.kernels import decode_attention as da
 
-        if da.supports(query, key, mask):
+        if da.supports(query, key, mask):  # boolean masks only; additive ones take the torch path
             return torch.ops.quantkit.decode_attention(query, key, value, mask, scale), None
     from quantkit.kernels.decode_attention_reference import decode_attention_ref
 
     return decode_attention_ref(query, key, value, mask, scale), None
-
-
-def _gqa_decode_float_mask(query, key, value, mask, scale):
-    b, h, _, d = query.shape
-    hk, n = key.shape[1], key.shape[2]
-    q = query.reshape(b, hk, h // hk, d)
-    s = torch.matmul(q, key.transpose(-1, -2)).float() * scale + mask[..., :n].float()
-    p = torch.softmax(s, dim=-1).to(value.dtype)
-    return torch.matmul(p, value).reshape(b, 1, h, d)
 
 
 def _plain_causal(config) -> bool:

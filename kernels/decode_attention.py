@@ -5,7 +5,8 @@ KV head, and a softmax): ~8 µs per layer on an H200 for 2.6 MB of K/V at 640 po
 (docs/bench/latency_notes.md). Here a program per (batch row, KV head, slice of positions) reads that head's
 keys and values once, scores its G query heads (padded to 16 rows for `tl.dot`) and keeps an online softmax
 (running max and sum, fp32) over blocks of 64 positions; with several slices (flash-decoding: about two
-programs per SM) a second small kernel merges the slices' partial results. Torch reference: `decode_attention_reference.py`.
+programs per SM) a second small kernel merges the slices' partial results. Torch reference:
+`decode_attention_reference.py`.
 
 Mask: boolean, True attends ([B or 1, L] after squeezing the head and query dims), as the latency harness
 passes for a static cache; positions past the mask's length are not read. Numerics differ from the reference
@@ -104,7 +105,8 @@ def _sms(device: torch.device) -> int:
 def supports(query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None) -> bool:
     _, h, q_len, d = query.shape
     hk = key.shape[1]
-    return (q_len == 1 and h % hk == 0 and query.stride(-1) == 1 and key.stride(-1) == 1 and h // hk <= 16 and d in (16, 32, 64, 128, 256)
+    return (q_len == 1 and h % hk == 0 and h // hk <= 16 and d in (16, 32, 64, 128, 256)
+            and query.stride(-1) == 1 and key.stride(-1) == 1
             and query.dtype in (torch.float16, torch.bfloat16) and key.dtype == query.dtype
             and (mask is None or mask.dtype == torch.bool))
 
@@ -131,7 +133,8 @@ def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     splits = max(1, min(blocks, triton.cdiv(2 * _sms(query.device), b * hk)))
     chunk = triton.cdiv(blocks, splits) * BLOCK_L
     splits = triton.cdiv(n, chunk)
-    ws = torch.empty(b * hk * splits * g * (d + 2) if splits > 1 else 1, dtype=torch.float32, device=query.device)
+    # the splits' partials ([B·HK, SPLITS, G, D + 2] fp32); one split writes the output directly
+    ws = torch.empty(b * hk * splits * g * (d + 2), dtype=torch.float32, device=query.device) if splits > 1 else out
     _decode_attn_kernel[(b * hk, splits)](
         query, key, value, mask if mask is not None else query, out, ws, n, hk, scale, chunk,
         query.stride(0), query.stride(1), key.stride(0), key.stride(1), key.stride(2),
