@@ -336,7 +336,7 @@ def gqa_decode_attention(module, query, key, value, attention_mask, dropout: flo
     if query.is_cuda:
         from quantkit.kernels import decode_attention as da
 
-        if da.supports(query, key, mask):  # boolean masks only; additive ones take the torch path
+        if da.supports(query, key, value, mask):  # boolean masks only; additive ones take the torch path
             return torch.ops.quantkit.decode_attention(query, key, value, mask, scale), None
     from quantkit.kernels.decode_attention_reference import decode_attention_ref
 

@@ -102,12 +102,14 @@ def _sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def supports(query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None) -> bool:
+def supports(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None) -> bool:
+    """What the kernel reads: one query token, ≤ 16 query heads per KV head, a power-of-two head_dim, 16-bit
+    tensors with contiguous last dims, a boolean mask (or none)."""
     _, h, q_len, d = query.shape
     hk = key.shape[1]
     return (q_len == 1 and h % hk == 0 and h // hk <= 16 and d in (16, 32, 64, 128, 256)
-            and query.stride(-1) == 1 and key.stride(-1) == 1
-            and query.dtype in (torch.float16, torch.bfloat16) and key.dtype == query.dtype
+            and query.stride(-1) == 1 and key.stride(-1) == 1 and value.stride(-1) == 1
+            and query.dtype in (torch.float16, torch.bfloat16) and key.dtype == value.dtype == query.dtype
             and (mask is None or mask.dtype == torch.bool))
 
 

@@ -14,7 +14,7 @@ if not torch.cuda.is_available():
 if importlib.util.find_spec("triton") is None:
     pytest.skip("triton is not installed", allow_module_level=True)
 
-from quantkit.kernels.decode_attention import decode_attention, decode_attention_ref, supports  # noqa: E402
+from quantkit.kernels.decode_attention import decode_attention, decode_attention_ref, supports
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 DT = torch.bfloat16 if DEV == "cuda" else torch.float16
@@ -43,7 +43,7 @@ def test_decode_attention_matches_reference(b, h, hk, d, n, mask_kind):
         mask[0, : min(n, 70)] = False
         mask[:, -1] = True
         mask = mask.to(DEV)
-    assert supports(q, k, mask)
+    assert supports(q, k, v, mask)
     out = decode_attention(q, k, v, mask, scale)
     exact = decode_attention_ref(q.double(), k.double(), v.double(), mask, scale)
     ref = decode_attention_ref(q, k, v, mask, scale)
@@ -58,8 +58,10 @@ def test_decode_attention_op_registration():
     mask = (torch.arange(40) < 33)[None].to(DEV)
     torch.library.opcheck(torch.ops.quantkit.decode_attention, (q, k, v, mask, 0.125),
                           test_utils=("test_schema", "test_faketensor"))
-    assert not supports(q.expand(2, 8, 2, 32), k, mask)  # two query tokens: not a decode step
-    assert not supports(q, k, mask.float())  # additive masks stay on the torch path
+    assert not supports(q.expand(2, 8, 2, 32), k, v, mask)  # two query tokens: not a decode step
+    assert not supports(q, k, v, mask.float())  # additive masks stay on the torch path
+    assert not supports(q, k, v.transpose(2, 3).contiguous().transpose(2, 3), mask)  # V's head_dim strided
+    assert not supports(q, k, v.float(), mask)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
