@@ -380,6 +380,11 @@ gemm_small_tuned = triton.autotune(_small_configs(), key=_KEY, do_bench=_bench)(
 gemm_large_tuned = triton.autotune(_large_configs(), key=_KEY, do_bench=_bench)(_gemm_kernel)
 gemv_tuned = triton.autotune(_gemv_configs(), key=_KEY, do_bench=_bench)(_gemv_kernel)
 GEMV_MAX_M = 2  # M up to this: the dp4a GEMV (CUDA cores, one program per row); above: int8 tensor cores
+# M from this: the prefill path (kernels/int8_prefill.py: weight unpacked to int8 once per call, then a GEMM
+# that streams both operands into the tensor cores). H200, K = 4096, N = 14336, full W6A8 linear
+# (eval/probe_int8_prefill.py): M = 128 58 vs 70 us (this kernel wins), 256 108 vs 101, 1024 362 vs 265,
+# 4096 1385 vs 934.
+PREFILL_MIN_M = 256
 
 # split-K tile counters (kept all-zero between calls), per device
 _COUNTERS: dict[torch.device, torch.Tensor] = {}
@@ -404,7 +409,9 @@ def lowbit_gemm(qa: torch.Tensor, a_scale: torch.Tensor, a_sum: torch.Tensor, w:
 
     `config`: explicit meta-parameters (BLOCK_M, BLOCK_N, SPLIT_K, GROUP_M, num_warps, num_stages; the GEMV:
     BLOCK_N, SPLIT_K) instead of the autotuned choice (tests, the interpreter).
-    `path`: "gemv" (dp4a on CUDA cores, M <= 16) or "mma" (int8 tensor cores); None: GEMV up to GEMV_MAX_M."""
+    `path`: "gemv" (dp4a on CUDA cores, M <= 16), "mma" (int8 tensor cores, weights unpacked per tile) or
+    "prefill" (`int8_prefill`: weights unpacked to int8 once, then the GEMM; `config` then holds its BLOCK_M /
+    BLOCK_N); None: GEMV up to GEMV_MAX_M, prefill from PREFILL_MIN_M, else mma."""
     m = qa.shape[0]
     kb = w.blocks
     if qa.shape[1] != kb * ACT_GROUP or a_scale.shape != (m, kb) or a_sum.shape != (m, kb):
@@ -415,6 +422,14 @@ def lowbit_gemm(qa: torch.Tensor, a_scale: torch.Tensor, a_sum: torch.Tensor, w:
     small = m <= SMALL_M
     if path is None:  # an explicit tile config (BLOCK_M) means the tensor-core kernel
         path = "gemv" if m <= GEMV_MAX_M and (config is None or "BLOCK_M" not in config) else "mma"
+        if path == "mma" and m >= PREFILL_MIN_M and config is None:
+            path = "prefill"
+    if path not in ("gemv", "mma", "prefill"):
+        raise ValueError(f"unknown path {path!r}: use 'gemv', 'mma' or 'prefill'")
+    if path == "prefill":
+        from quantkit.kernels.int8_prefill import prefill_linear_gemm  # (it imports this module)
+
+        return prefill_linear_gemm(qa, a_scale, w, bias, out_dtype, config)
     gemv = path == "gemv"
     if gemv and m > 16:
         raise ValueError(f"the GEMV path serves M <= 16, got M = {m}")

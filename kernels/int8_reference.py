@@ -28,7 +28,7 @@ tiles with one mask or shift each (K-contiguous as the int6 layout, for the same
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -50,6 +50,7 @@ class LowbitWeight:
     scales: torch.Tensor  # fp16 [groups, N]
     zeros: torch.Tensor | None  # uint8 [groups, N], or None: symmetric, z = 2^(bits−1)
     group_size: int | None  # weight group size along K (a multiple of 128), None = per-channel
+    scales_f32: torch.Tensor | None = field(default=None, repr=False, compare=False)  # cache (int8_prefill)
 
     @property
     def blocks(self) -> int:

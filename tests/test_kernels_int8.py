@@ -108,6 +108,10 @@ CONFIGS = {
     "m16-splitk3": {"BLOCK_M": 16, "BLOCK_N": 32, "SPLIT_K": 3},
     "m32-grouped": {"BLOCK_M": 32, "BLOCK_N": 32, "SPLIT_K": 1, "GROUP_M": 2},
 }
+PREFILL_CONFIGS = {  # kernels/int8_prefill.py (path="prefill")
+    "prefill": {"BLOCK_M": 16, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1},
+    "prefill-grouped": {"BLOCK_M": 16, "BLOCK_N": 16, "GROUP_M": 2, "num_warps": 4, "num_stages": 1},
+}
 GEMV_CONFIGS = {  # the dp4a decode kernel (path="gemv", M <= 16)
     "gemv": {"BLOCK_N": 32, "SPLIT_K": 1},
     "gemv-splitk3": {"BLOCK_N": 64, "SPLIT_K": 3},
@@ -143,6 +147,9 @@ def test_gemm_integer_part_exact(wcase):
                 continue
             y = kg.lowbit_gemm(qa, a_s, a_sum, w, out_dtype=torch.float32, config=cfg, path="gemv")
             assert torch.equal(y.double(), y_ref), (name, m, (y.double() - y_ref).abs().max().item())
+        for name, cfg in PREFILL_CONFIGS.items():  # the large-M path: int8 workspace + block-scaled GEMM
+            y = kg.lowbit_gemm(qa, a_s, a_sum, w, out_dtype=torch.float32, config=cfg, path="prefill")
+            assert torch.equal(y.double(), y_ref), (name, m, (y.double() - y_ref).abs().max().item())
 
 
 @pytest.mark.parametrize("wcase", WCASES, ids=_wid)
@@ -168,6 +175,8 @@ def test_linear_matches_reference(wcase):
             yg = kg.lowbit_gemm(qa, s, qs, w, bias, out_dtype=dtype, config=GEMV_CONFIGS["gemv-splitk3"],
                                 path="gemv")
             assert ((yg.double() - y_ref).norm() / y_ref.norm()).item() < 1e-2, m
+        yp = kg.lowbit_gemm(qa, s, qs, w, bias, out_dtype=dtype, config=PREFILL_CONFIGS["prefill"], path="prefill")
+        assert yp.dtype == dtype and ((yp.double() - y_ref).norm() / y_ref.norm()).item() < 1e-2, m
         # the fake-quant float path (act_int dequantize @ dequantized weight) agrees too
         xq = ref.quantize_act_ref(x, abits, p)
         xf = (xq[0].view(m, groups, 128).double() * xq[1].double().unsqueeze(-1)).view(m, -1)[:, :k]
@@ -192,6 +201,32 @@ def test_split_k_is_deterministic_and_resets_counters():
         kg.lowbit_gemm(*kg.quantize_act(_x(17, 384, torch.bfloat16), 6), w, path="gemv")
 
 
+@pytest.mark.parametrize("wcase", WCASES, ids=_wid)
+def test_prefill_unpack_is_signed_codes(wcase):
+    """The prefill path's workspace holds the signed codes c − z per (column, K) as int8 (padding included),
+    and a smaller Linear after a larger one reuses the grown workspace."""
+    from quantkit.kernels import int8_prefill as kp
+
+    bits, gs, sym = wcase
+    w = _weight(bits, 300, 40, gs, sym, seed=7)
+    c = ref.weight_codes(w)  # [N, Kp]
+    z = ref.weight_zeros(w)  # [groups, N]
+    wgs = (gs // 128) if gs else w.blocks
+    zz = z[torch.arange(w.blocks, device=c.device) // wgs].t().repeat_interleave(128, dim=1)
+    assert torch.equal(kp.unpack_weight(w).long(), c - zz)
+    big = _weight(bits, 600, 64, gs, sym, seed=8)
+    qa, s, qs = kg.quantize_act(_x(3, 600, torch.float32), 8)
+    kg.lowbit_gemm(qa, s, qs, big, out_dtype=torch.float32, config=PREFILL_CONFIGS["prefill"], path="prefill")
+    n_ws = kp._WORKSPACE[qa.device].numel()
+    qa, s, qs = kg.quantize_act(_x(3, 300, torch.float32), 8)
+    y = kg.lowbit_gemm(qa, s, qs, w, out_dtype=torch.float32, config=PREFILL_CONFIGS["prefill"], path="prefill")
+    assert kp._WORKSPACE[qa.device].numel() == n_ws >= 64 * 640
+    y_ref = ref.lowbit_gemm_ref(qa, s, w)
+    assert ((y.double() - y_ref).norm() / y_ref.norm()).item() < 1e-6
+    with pytest.raises(ValueError, match="unknown path"):
+        kg.lowbit_gemm(qa, s, qs, w, path="dense")
+
+
 def test_prepare_and_supports():
     k, n = 200, 24
     fmt = UniformInt(4, 128, False)
@@ -212,7 +247,7 @@ def test_prepare_and_supports():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 @pytest.mark.parametrize("case", [(6, 128, True, "a8"), (4, 128, False, "comet"), (4, 128, True, "a6")], ids=str)
 def test_gpu_real_shapes(case):
-    """Autotuned kernels (both M paths) at a Llama-3-8B shape vs the float64 reference."""
+    """Autotuned kernels (every M path) at a Llama-3-8B shape vs the float64 reference."""
     bits, gs, sym, act = case
     k, n = 4096, 14336
     w = _weight(bits, k, n, gs, sym, device="cuda")
@@ -221,7 +256,7 @@ def test_gpu_real_shapes(case):
         abits = torch.full((k // 128,), 4, dtype=torch.int32, device="cuda")
         abits[::5] = 8
         perm = torch.randperm(k, device="cuda").to(torch.int32)
-    for m in (1, 4, 16, 1024):
+    for m in (1, 4, 16, 255, 1024):  # 255: the tensor-core kernel; 1024: the prefill path
         x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
         y = kg.lowbit_linear(x, w, abits, perm)
         y_ref = ref.lowbit_linear_ref(x, w, abits, perm, dtype=torch.float64)

@@ -1,0 +1,103 @@
+"""Probe of the large-M int8 prefill GEMM (kernels/int8_prefill.py): modes × tile configs at M = 4096, K = 4096,
+N = 14336, next to cuBLAS bf16, torch._int_mm and the current `int8_gemm` kernel, in one process.
+
+    python -m quantkit.eval.probe_int8_prefill [--json PATH] [--m 4096]
+
+Timing: eval/bench_kernels.time_rotated (CUDA-graph replays over rotated weight copies). Checks every mode-1/2
+result against the float64 reference at M = 256 first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+
+
+def main(argv=None) -> dict:
+    from quantkit.eval.bench_int8_gemm import _w4, _w6, comet_bits
+    from quantkit.eval.bench_kernels import time_rotated
+    from quantkit.kernels import int8_gemm as kg
+    from quantkit.kernels import int8_prefill as kp
+    from quantkit.kernels import int8_reference as ref
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--json", default=None)
+    ap.add_argument("--m", type=int, default=4096)
+    ap.add_argument("--k", type=int, default=4096)
+    ap.add_argument("--n", type=int, default=14336)
+    args = ap.parse_args(argv)
+    dev = torch.device("cuda")
+    m, k, n = args.m, args.k, args.n
+    rows = []
+
+    def add(name, us, **extra):
+        tops = 2 * m * k * n / us / 1e6
+        rows.append({"name": name, "us": us, "tops": tops, **extra})
+        print(f"{name:<44} {us:9.1f} us  {tops:7.1f} TOPS", flush=True)
+
+    x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
+    wb = [torch.randn(n, k, device=dev, dtype=torch.bfloat16) * 0.02 for _ in range(2)]
+    add("bf16 cuBLAS", time_rotated([lambda w=w: x @ w.t() for w in wb]))
+    wi = [torch.randint(-127, 128, (n, k), device=dev, dtype=torch.int8) for _ in range(2)]
+    xi = torch.randint(-127, 128, (m, k), device=dev, dtype=torch.int8)
+    add("torch._int_mm", time_rotated([lambda w=w: torch._int_mm(xi, w.t()) for w in wi]))
+
+    w6, w4 = _w6(k, n, dev), _w4(k, n, dev)
+    bits = comet_bits(k, dev)
+    qa, s, qs = kg.quantize_act(x, 8)
+    qa4, s4, _ = kg.quantize_act(x, bits)
+    add("int8_gemm w6a8 (current)", time_rotated([lambda: kg.lowbit_gemm(qa, s, qs, w6)]))
+    wt6 = kp.unpack_weight(w6)
+    wt4 = kp.unpack_weight(w4)
+    add("unpack w6 -> int8", time_rotated([lambda: kp.unpack_weight(w6, wt6)]))
+    add("unpack w4 -> int8", time_rotated([lambda: kp.unpack_weight(w4, wt4)]))
+
+    # correctness at M = 256 (rows of the same activations)
+    checks = {}
+    for name, w, wt, a, sc in (("w6", w6, wt6, qa, s), ("w4", w4, wt4, qa4, s4)):
+        yr = ref.lowbit_gemm_ref(a[:256], sc[:256], w)
+        for mode in (1, 2):
+            y = kp.prefill_gemm(a[:256], sc[:256], wt, w, mode=mode)
+            err = ((y.double() - yr).norm() / yr.norm()).item()
+            rnd = ((yr.to(torch.bfloat16).double() - yr).norm() / yr.norm()).item()
+            checks[f"{name}_mode{mode}"] = {"rel_err": err, "bf16_rounding": rnd, "ok": err < 2 * rnd + 1e-4}
+    print("checks:", json.dumps(checks), flush=True)
+
+    ws6 = w6.scales.float()
+    ws4 = w4.scales.float()
+    for mode, configs in ((0, [(128, 128, 8, 3)]),
+                          (1, [(128, 128, 8, 3), (64, 128, 4, 3), (64, 128, 4, 4), (128, 64, 4, 3), (128, 64, 4, 4),
+                               (64, 64, 4, 4), (128, 128, 8, 4), (256, 64, 8, 3)])):
+        for bm, bn, nw, ns in configs:
+            cfg = {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": nw, "num_stages": ns}
+            try:
+                us = time_rotated([lambda cfg=cfg, mode=mode: kp.prefill_gemm(qa, s, wt6, w6, config=cfg, mode=mode, w_scale=ws6)])
+            except Exception as e:  # out of shared memory / registers: record and go on
+                print(f"mode {mode} {cfg}: {type(e).__name__}: {str(e)[:120]}", flush=True)
+                continue
+            add(f"prefill w6 mode{mode} {bm}x{bn} w{nw} s{ns}", us, mode=mode, **cfg)
+    best = min((r for r in rows if r.get("mode") == 1), key=lambda r: r["us"])
+    cfg = {key: best[key] for key in ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages")}
+    print("best", cfg, flush=True)
+    for mm in (128, 256, 512, 1024, 4096):
+        xm = x[:mm]
+        add(f"M={mm} bf16", time_rotated([lambda w=w, xm=xm: xm @ w.t() for w in wb]), m_rows=mm)
+        add(f"M={mm} current w6a8 linear", time_rotated([lambda xm=xm: kg.lowbit_linear(xm, w6, 8)]), m_rows=mm)
+        add(f"M={mm} prefill w6a8 linear (quant+unpack+gemm)", time_rotated(
+            [lambda xm=xm: kp.prefill_gemm(*kg.quantize_act(xm, 8)[:2], kp.unpack_weight(w6, wt6), w6, config=cfg,
+                                     w_scale=ws6)]), m_rows=mm)
+        add(f"M={mm} current comet linear", time_rotated([lambda xm=xm: kg.lowbit_linear(xm, w4, bits)]), m_rows=mm)
+        add(f"M={mm} prefill comet linear", time_rotated(
+            [lambda xm=xm: kp.prefill_gemm(*kg.quantize_act(xm, bits)[:2], kp.unpack_weight(w4, wt4), w4, config=cfg,
+                                     w_scale=ws4)]), m_rows=mm)
+    out = {"device": torch.cuda.get_device_name(), "m": m, "k": k, "n": n, "rows": rows, "checks": checks}
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=1)
+    return out
+
+
+if __name__ == "__main__":
+    main()
