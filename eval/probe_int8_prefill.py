@@ -27,6 +27,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--m", type=int, default=4096)
     ap.add_argument("--k", type=int, default=4096)
     ap.add_argument("--n", type=int, default=14336)
+    ap.add_argument("--sweep-ms", default="128,256,512,1024,4096")
     args = ap.parse_args(argv)
     dev = torch.device("cuda")
     m, k, n = args.m, args.k, args.n
@@ -67,9 +68,9 @@ def main(argv=None) -> dict:
 
     ws6 = w6.scales.float()
     ws4 = w4.scales.float()
-    for mode, configs in ((0, [(128, 128, 8, 3)]),
-                          (1, [(128, 128, 8, 3), (64, 128, 4, 3), (64, 128, 4, 4), (128, 64, 4, 3), (128, 64, 4, 4),
-                               (64, 64, 4, 4), (128, 128, 8, 4), (256, 64, 8, 3)])):
+    for mode, configs in ((0, [(128, 128, 8, 3), (128, 128, 16, 3)]),
+                          (1, [(64, 128, 4, 3), (64, 128, 8, 3), (64, 128, 8, 4), (128, 128, 16, 3),
+                               (128, 128, 16, 4), (128, 64, 8, 3), (64, 256, 16, 3), (128, 256, 16, 3)])):
         for bm, bn, nw, ns in configs:
             cfg = {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": nw, "num_stages": ns}
             try:
@@ -81,7 +82,7 @@ def main(argv=None) -> dict:
     best = min((r for r in rows if r.get("mode") == 1), key=lambda r: r["us"])
     cfg = {key: best[key] for key in ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages")}
     print("best", cfg, flush=True)
-    for mm in (128, 256, 512, 1024, 4096):
+    for mm in [int(v) for v in args.sweep_ms.split(",")]:
         xm = x[:mm]
         add(f"M={mm} bf16", time_rotated([lambda w=w, xm=xm: xm @ w.t() for w in wb]), m_rows=mm)
         add(f"M={mm} current w6a8 linear", time_rotated([lambda xm=xm: kg.lowbit_linear(xm, w6, 8)]), m_rows=mm)
