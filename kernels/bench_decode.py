@@ -76,9 +76,15 @@ def _ptx_hist(ck) -> dict:
 
 
 def profile(dev):
-    """One launch each of the decode kernels (for ncu): int4 / hlq4 GEMV at M=1, int4 GEMM at M=16."""
+    """One launch each of the decode kernels (for ncu): the half2 int4 GEMV at M=1 (its winning config, then
+    the same with a plain store instead of the split-K epilogue), the fp32 int4 / hlq4 GEMVs at M=1 and the
+    int4 GEMM at M=16."""
     x1 = torch.randn(1, K, device=dev, dtype=torch.bfloat16)
     x16 = torch.randn(16, K, device=dev, dtype=torch.bfloat16)
+    p = dispatch.prepare("int", 4, GS, K, N, _random_quant("int", 4, GS, K, N, dev))
+    h2 = {"BLOCK_N": 256, "SPLIT_K": 32, "num_warps": 1, "num_stages": 1, "maxnreg": 128}
+    dispatch.gemv_h2(p, x1, None, h2)
+    dispatch.gemv_h2(p, x1, None, dict(h2, TIMING_PLAIN_STORE=True))
     for fmt, bits in (("int", 4), ("hlq", 4)):
         p = dispatch.prepare(fmt, bits, GS, K, N, _random_quant(fmt, bits, GS, K, N, dev))
         dispatch.gemv(p, x1, None, {"BLOCK_N": 512, "RUNS": 1, "SPLIT_K": 64, "num_warps": 4, "num_stages": 1})

@@ -150,14 +150,86 @@ def _load_word(q_ptr, row, lim, offs_n, N):
 
 
 @triton.jit
+def _run(acc, c0, c1, c2, c3, cv, r, xrow, K, S, inv, s_ptr, z_ptr, offs_n, nm, N, BLOCK_N: tl.constexpr,
+         GS: tl.constexpr, FMT: tl.constexpr, BITS: tl.constexpr, HAS_ZERO: tl.constexpr, WB: tl.constexpr,
+         NF: tl.constexpr, EVEN_K: tl.constexpr, USE_ASM: tl.constexpr):
+    """acc += run r (32 codes) of every column: its words c0..c3 (stream 0) and cv (3-bit: stream 1)."""
+    if USE_ASM:
+        h0 = tl.zeros((BLOCK_N,), tl.int32)
+    else:
+        h0 = tl.zeros((BLOCK_N,), tl.float32)
+    h1 = h0
+    h2 = h0
+    h3 = h0
+    xs = tl.zeros((1,), tl.float32)
+    k0 = r * 32
+    PER: tl.constexpr = 32 // WB
+    h0, h1, h2, h3, xs = _word(c0, k0, xrow, K, S, h0, h1, h2, h3, xs, WB, NF, FMT, 0, True, EVEN_K, USE_ASM)
+    h0, h1, h2, h3, xs = _word(c1, k0 + PER, xrow, K, S, h0, h1, h2, h3, xs, WB, NF, FMT, 0, True, EVEN_K,
+                               USE_ASM)
+    if WB == 4:
+        h0, h1, h2, h3, xs = _word(c2, k0 + 2 * PER, xrow, K, S, h0, h1, h2, h3, xs, WB, NF, FMT, 0, True,
+                                   EVEN_K, USE_ASM)
+        h0, h1, h2, h3, xs = _word(c3, k0 + 3 * PER, xrow, K, S, h0, h1, h2, h3, xs, WB, NF, FMT, 0, True,
+                                   EVEN_K, USE_ASM)
+    # the run's group parameters (fp32 per column) and the fold
+    g = k0 // GS if GS > 0 else 0
+    if FMT == 0:
+        s = tl.load(s_ptr + g * N + offs_n, mask=nm, other=0).to(tl.float32)
+        if HAS_ZERO:
+            z = tl.load(z_ptr + g * N + offs_n, mask=nm, other=0).to(tl.float32)
+        else:
+            z = tl.full(s.shape, 1 << (BITS - 1), tl.float32)
+        t = _hsum(h0, USE_ASM)
+        if BITS == 3:
+            t += 4.0 * _bit_stream_sum(cv, k0, xrow, K, S, h0, xs, 0, EVEN_K, USE_ASM)
+        acc += s * (t * inv) - (s * z) * xs
+    else:
+        sp = s_ptr + g * (BITS * N) + offs_n
+        off = tl.load(z_ptr + g * N + offs_n, mask=nm, other=0).to(tl.float32)
+        s0 = tl.load(sp, mask=nm, other=0).to(tl.float32)
+        s1 = tl.load(sp + N, mask=nm, other=0).to(tl.float32)
+        tot = s0 * _hsum(h0, USE_ASM) + (0.5 * s1) * _hsum(h1, USE_ASM)
+        if BITS == 4:
+            s2 = tl.load(sp + 2 * N, mask=nm, other=0).to(tl.float32)
+            s3 = tl.load(sp + 3 * N, mask=nm, other=0).to(tl.float32)
+            tot += (0.25 * s2) * _hsum(h2, USE_ASM) + (0.125 * s3) * _hsum(h3, USE_ASM)
+        if BITS == 3:  # plane 2 from the 1-bit stream (the bit at position 0 of its code: worth 1)
+            s2 = tl.load(sp + 2 * N, mask=nm, other=0).to(tl.float32)
+            tot += s2 * _bit_stream_sum(cv, k0, xrow, K, S, h0, xs, 1, EVEN_K, USE_ASM)
+        acc += tot * inv + off * xs
+    return acc
+
+
+@triton.jit
+def _x_scale(x_ptr, m, stride_xm, r_lo, r_hi, K, CHUNK: tl.constexpr):
+    """Row m's pointer and, from the max |x| over the program's runs [r_lo, r_hi), S = 2^(14 - e) (an exact
+    power of two with |x·S| < 2^15) and 2^24 / S."""
+    xrow = x_ptr + m * stride_xm
+    k_end = tl.minimum(r_hi * 32, K)
+    mx = tl.max(tl.zeros((CHUNK,), tl.float32), axis=0)
+    for c in range(r_lo * 32, k_end, CHUNK):
+        kk = c + tl.arange(0, CHUNK)
+        xv = tl.load(xrow + kk, mask=kk < k_end, other=0).to(tl.float32)
+        mx = tl.maximum(mx, tl.max(tl.abs(xv), axis=0))
+    eb = tl.maximum((mx.to(tl.int32, bitcast=True) >> 23) & 0xFF, 15)
+    S = ((268 - eb) << 23).to(tl.float32, bitcast=True)
+    inv = ((eb + 10) << 23).to(tl.float32, bitcast=True)
+    return xrow, S, inv
+
+
+@triton.jit
 def _gemv_h2_kernel(x_ptr, q0_ptr, q1_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr,
                     M, N, K, R0, R1, stride_xm, stride_om, M_BUCKET, ONE,
                     GS: tl.constexpr, FMT: tl.constexpr, BITS: tl.constexpr, HAS_ZERO: tl.constexpr,
                     HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr,
                     USE_ASM: tl.constexpr = True, EVEN_K: tl.constexpr = False, CHUNK: tl.constexpr = 256,
-                    PPS: tl.constexpr = 8, TIMING_PLAIN_STORE: tl.constexpr = False, PDL: tl.constexpr = False):
+                    PPS: tl.constexpr = 8, TIMING_PLAIN_STORE: tl.constexpr = False, PDL: tl.constexpr = False,
+                    PIPELINED: tl.constexpr = False, NSTAGE: tl.constexpr = 3):
     """Grid (cdiv(N, BLOCK_N), SPLIT_K, M). One program: BLOCK_N columns × a slice of runs (32 codes) of one
-    row; the next run's words are loaded before the current run is computed.
+    row. Default: the next run's words are loaded into registers before the current run is computed.
+    PIPELINED: the loop's word loads are left to the compiler's software pipeline (NSTAGE runs in flight
+    through shared memory, cp.async): fewer registers, so longer slices (smaller SPLIT_K) stay fed.
 
     PDL (launched with programmatic dependent launch): the kernel may start while the kernel before it is
     still finishing; the first weight words (never written by anyone) are requested before `gdc_wait`, which
@@ -171,92 +243,59 @@ def _gemv_h2_kernel(x_ptr, q0_ptr, q1_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, ws_p
     WB: tl.constexpr = 2 if BITS == 3 else BITS  # code width of stream 0 = its words per run
     NF: tl.constexpr = 1 if FMT == 0 else (4 if BITS == 4 else 2)  # field accumulators of stream 0
     acc = tl.zeros((BLOCK_N,), tl.float32)
-    r = r_lo
     lim0 = tl.minimum(R0, r_hi * WB)
     lim1 = tl.minimum(R1, r_hi)
-    w0 = _load_word(q0_ptr, r * WB, lim0, offs_n, N)
-    w1 = _load_word(q0_ptr, r * WB + 1, lim0, offs_n, N)
-    w2 = w0
-    w3 = w0
-    v = w0
-    if WB == 4:
-        w2 = _load_word(q0_ptr, r * WB + 2, lim0, offs_n, N)
-        w3 = _load_word(q0_ptr, r * WB + 3, lim0, offs_n, N)
-    if BITS == 3:
-        v = _load_word(q1_ptr, r, lim1, offs_n, N)
-    # (the first run's words are requested above, before the x prologue: the weights stream from the start)
-    if PDL:
-        gdc_wait()
-    xrow = x_ptr + m * stride_xm
-    # the slice's max |x| → S = 2^(14 - e) (exact power of two, |x·S| < 2^15) and 2^24 / S
-    k_end = tl.minimum(r_hi * 32, K)
-    mx = tl.max(tl.zeros((CHUNK,), tl.float32), axis=0)
-    for c in range(r_lo * 32, k_end, CHUNK):
-        kk = c + tl.arange(0, CHUNK)
-        xv = tl.load(xrow + kk, mask=kk < k_end, other=0).to(tl.float32)
-        mx = tl.maximum(mx, tl.max(tl.abs(xv), axis=0))
-    eb = tl.maximum((mx.to(tl.int32, bitcast=True) >> 23) & 0xFF, 15)
-    S = ((268 - eb) << 23).to(tl.float32, bitcast=True)
-    inv = ((eb + 10) << 23).to(tl.float32, bitcast=True)
-
-    for r in range(r_lo, r_hi):
-        c0 = w0
-        c1 = w1
-        c2 = w2
-        c3 = w3
-        cv = v
-        # prefetch the next run's words
-        w0 = _load_word(q0_ptr, (r + 1) * WB, lim0, offs_n, N)
-        w1 = _load_word(q0_ptr, (r + 1) * WB + 1, lim0, offs_n, N)
-        if WB == 4:
-            w2 = _load_word(q0_ptr, (r + 1) * WB + 2, lim0, offs_n, N)
-            w3 = _load_word(q0_ptr, (r + 1) * WB + 3, lim0, offs_n, N)
-        if BITS == 3:
-            v = _load_word(q1_ptr, r + 1, lim1, offs_n, N)
-        if USE_ASM:
-            h0 = tl.zeros((BLOCK_N,), tl.int32)
-        else:
-            h0 = tl.zeros((BLOCK_N,), tl.float32)
-        h1 = h0
-        h2 = h0
-        h3 = h0
-        xs = tl.zeros((1,), tl.float32)
-        k0 = r * 32
-        PER: tl.constexpr = 32 // WB
-        h0, h1, h2, h3, xs = _word(c0, k0, xrow, K, S, h0, h1, h2, h3, xs, WB, NF, FMT, 0, True, EVEN_K, USE_ASM)
-        h0, h1, h2, h3, xs = _word(c1, k0 + PER, xrow, K, S, h0, h1, h2, h3, xs, WB, NF, FMT, 0, True, EVEN_K,
-                                   USE_ASM)
-        if WB == 4:
-            h0, h1, h2, h3, xs = _word(c2, k0 + 2 * PER, xrow, K, S, h0, h1, h2, h3, xs, WB, NF, FMT, 0, True,
-                                       EVEN_K, USE_ASM)
-            h0, h1, h2, h3, xs = _word(c3, k0 + 3 * PER, xrow, K, S, h0, h1, h2, h3, xs, WB, NF, FMT, 0, True,
-                                       EVEN_K, USE_ASM)
-        # the run's group parameters (fp32 per column) and the fold
-        g = k0 // GS if GS > 0 else 0
-        if FMT == 0:
-            s = tl.load(s_ptr + g * N + offs_n, mask=nm, other=0).to(tl.float32)
-            if HAS_ZERO:
-                z = tl.load(z_ptr + g * N + offs_n, mask=nm, other=0).to(tl.float32)
-            else:
-                z = tl.full(s.shape, 1 << (BITS - 1), tl.float32)
-            t = _hsum(h0, USE_ASM)
+    if PIPELINED:
+        # the compiler streams the words through shared memory (NSTAGE runs in flight, cp.async), so a
+        # program can cover many runs with few registers: fewer programs, fewer split-K epilogues
+        if PDL:
+            gdc_wait()
+        xrow, S, inv = _x_scale(x_ptr, m, stride_xm, r_lo, r_hi, K, CHUNK)
+        for r in tl.range(r_lo, r_hi, num_stages=NSTAGE):
+            c0 = _load_word(q0_ptr, r * WB, lim0, offs_n, N)
+            c1 = _load_word(q0_ptr, r * WB + 1, lim0, offs_n, N)
+            c2 = c0
+            c3 = c0
+            cv = c0
+            if WB == 4:
+                c2 = _load_word(q0_ptr, r * WB + 2, lim0, offs_n, N)
+                c3 = _load_word(q0_ptr, r * WB + 3, lim0, offs_n, N)
             if BITS == 3:
-                t += 4.0 * _bit_stream_sum(cv, k0, xrow, K, S, h0, xs, 0, EVEN_K, USE_ASM)
-            acc += s * (t * inv) - (s * z) * xs
-        else:
-            sp = s_ptr + g * (BITS * N) + offs_n
-            off = tl.load(z_ptr + g * N + offs_n, mask=nm, other=0).to(tl.float32)
-            s0 = tl.load(sp, mask=nm, other=0).to(tl.float32)
-            s1 = tl.load(sp + N, mask=nm, other=0).to(tl.float32)
-            tot = s0 * _hsum(h0, USE_ASM) + (0.5 * s1) * _hsum(h1, USE_ASM)
-            if BITS == 4:
-                s2 = tl.load(sp + 2 * N, mask=nm, other=0).to(tl.float32)
-                s3 = tl.load(sp + 3 * N, mask=nm, other=0).to(tl.float32)
-                tot += (0.25 * s2) * _hsum(h2, USE_ASM) + (0.125 * s3) * _hsum(h3, USE_ASM)
-            if BITS == 3:  # plane 2 from the 1-bit stream (the bit at position 0 of its code: worth 1)
-                s2 = tl.load(sp + 2 * N, mask=nm, other=0).to(tl.float32)
-                tot += s2 * _bit_stream_sum(cv, k0, xrow, K, S, h0, xs, 1, EVEN_K, USE_ASM)
-            acc += tot * inv + off * xs
+                cv = _load_word(q1_ptr, r, lim1, offs_n, N)
+            acc = _run(acc, c0, c1, c2, c3, cv, r, xrow, K, S, inv, s_ptr, z_ptr, offs_n, nm, N, BLOCK_N, GS, FMT,
+                       BITS, HAS_ZERO, WB, NF, EVEN_K, USE_ASM)
+    else:
+        r = r_lo
+        w0 = _load_word(q0_ptr, r * WB, lim0, offs_n, N)
+        w1 = _load_word(q0_ptr, r * WB + 1, lim0, offs_n, N)
+        w2 = w0
+        w3 = w0
+        v = w0
+        if WB == 4:
+            w2 = _load_word(q0_ptr, r * WB + 2, lim0, offs_n, N)
+            w3 = _load_word(q0_ptr, r * WB + 3, lim0, offs_n, N)
+        if BITS == 3:
+            v = _load_word(q1_ptr, r, lim1, offs_n, N)
+        # (the first run's words are requested above, before the x prologue: the weights stream from the start)
+        if PDL:
+            gdc_wait()
+        xrow, S, inv = _x_scale(x_ptr, m, stride_xm, r_lo, r_hi, K, CHUNK)
+        for r in range(r_lo, r_hi):
+            c0 = w0
+            c1 = w1
+            c2 = w2
+            c3 = w3
+            cv = v
+            # prefetch the next run's words
+            w0 = _load_word(q0_ptr, (r + 1) * WB, lim0, offs_n, N)
+            w1 = _load_word(q0_ptr, (r + 1) * WB + 1, lim0, offs_n, N)
+            if WB == 4:
+                w2 = _load_word(q0_ptr, (r + 1) * WB + 2, lim0, offs_n, N)
+                w3 = _load_word(q0_ptr, (r + 1) * WB + 3, lim0, offs_n, N)
+            if BITS == 3:
+                v = _load_word(q1_ptr, r + 1, lim1, offs_n, N)
+            acc = _run(acc, c0, c1, c2, c3, cv, r, xrow, K, S, inv, s_ptr, z_ptr, offs_n, nm, N, BLOCK_N, GS, FMT,
+                       BITS, HAS_ZERO, WB, NF, EVEN_K, USE_ASM)
     offs_m = m + tl.arange(0, 1)
     tile_id = m * tl.num_programs(0) + pid_n
     if TIMING_PLAIN_STORE:  # benchmark only (kernels/bench_decode.py): the split-K epilogue's cost, wrong sums
