@@ -224,12 +224,11 @@ def _gemv_h2_kernel(x_ptr, q0_ptr, q1_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, ws_p
                     GS: tl.constexpr, FMT: tl.constexpr, BITS: tl.constexpr, HAS_ZERO: tl.constexpr,
                     HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr,
                     USE_ASM: tl.constexpr = True, EVEN_K: tl.constexpr = False, CHUNK: tl.constexpr = 256,
-                    PPS: tl.constexpr = 8, TIMING_PLAIN_STORE: tl.constexpr = False, PDL: tl.constexpr = False,
-                    PIPELINED: tl.constexpr = False, NSTAGE: tl.constexpr = 3):
+                    PPS: tl.constexpr = 8, TIMING_PLAIN_STORE: tl.constexpr = False, PDL: tl.constexpr = False):
     """Grid (cdiv(N, BLOCK_N), SPLIT_K, M). One program: BLOCK_N columns × a slice of runs (32 codes) of one
-    row. Default: the next run's words are loaded into registers before the current run is computed.
-    PIPELINED: the loop's word loads are left to the compiler's software pipeline (NSTAGE runs in flight
-    through shared memory, cp.async): fewer registers, so longer slices (smaller SPLIT_K) stay fed.
+    row; the next run's words are loaded into registers before the current run is computed. (Leaving the
+    word loads to the compiler's cp.async pipeline instead, with fewer and longer programs, was 1.2-2x slower
+    on every decode shape: docs/bench/decode_notes.md.)
 
     PDL (launched with programmatic dependent launch): the kernel may start while the kernel before it is
     still finishing; the first weight words (never written by anyone) are requested before `gdc_wait`, which
@@ -245,57 +244,37 @@ def _gemv_h2_kernel(x_ptr, q0_ptr, q1_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, ws_p
     acc = tl.zeros((BLOCK_N,), tl.float32)
     lim0 = tl.minimum(R0, r_hi * WB)
     lim1 = tl.minimum(R1, r_hi)
-    if PIPELINED:
-        # the compiler streams the words through shared memory (NSTAGE runs in flight, cp.async), so a
-        # program can cover many runs with few registers: fewer programs, fewer split-K epilogues
-        if PDL:
-            gdc_wait()
-        xrow, S, inv = _x_scale(x_ptr, m, stride_xm, r_lo, r_hi, K, CHUNK)
-        for r in tl.range(r_lo, r_hi, num_stages=NSTAGE):
-            c0 = _load_word(q0_ptr, r * WB, lim0, offs_n, N)
-            c1 = _load_word(q0_ptr, r * WB + 1, lim0, offs_n, N)
-            c2 = c0
-            c3 = c0
-            cv = c0
-            if WB == 4:
-                c2 = _load_word(q0_ptr, r * WB + 2, lim0, offs_n, N)
-                c3 = _load_word(q0_ptr, r * WB + 3, lim0, offs_n, N)
-            if BITS == 3:
-                cv = _load_word(q1_ptr, r, lim1, offs_n, N)
-            acc = _run(acc, c0, c1, c2, c3, cv, r, xrow, K, S, inv, s_ptr, z_ptr, offs_n, nm, N, BLOCK_N, GS, FMT,
-                       BITS, HAS_ZERO, WB, NF, EVEN_K, USE_ASM)
-    else:
-        r = r_lo
-        w0 = _load_word(q0_ptr, r * WB, lim0, offs_n, N)
-        w1 = _load_word(q0_ptr, r * WB + 1, lim0, offs_n, N)
-        w2 = w0
-        w3 = w0
-        v = w0
+    r = r_lo
+    w0 = _load_word(q0_ptr, r * WB, lim0, offs_n, N)
+    w1 = _load_word(q0_ptr, r * WB + 1, lim0, offs_n, N)
+    w2 = w0
+    w3 = w0
+    v = w0
+    if WB == 4:
+        w2 = _load_word(q0_ptr, r * WB + 2, lim0, offs_n, N)
+        w3 = _load_word(q0_ptr, r * WB + 3, lim0, offs_n, N)
+    if BITS == 3:
+        v = _load_word(q1_ptr, r, lim1, offs_n, N)
+    # (the first run's words are requested above, before the x prologue: the weights stream from the start)
+    if PDL:
+        gdc_wait()
+    xrow, S, inv = _x_scale(x_ptr, m, stride_xm, r_lo, r_hi, K, CHUNK)
+    for r in range(r_lo, r_hi):
+        c0 = w0
+        c1 = w1
+        c2 = w2
+        c3 = w3
+        cv = v
+        # prefetch the next run's words
+        w0 = _load_word(q0_ptr, (r + 1) * WB, lim0, offs_n, N)
+        w1 = _load_word(q0_ptr, (r + 1) * WB + 1, lim0, offs_n, N)
         if WB == 4:
-            w2 = _load_word(q0_ptr, r * WB + 2, lim0, offs_n, N)
-            w3 = _load_word(q0_ptr, r * WB + 3, lim0, offs_n, N)
+            w2 = _load_word(q0_ptr, (r + 1) * WB + 2, lim0, offs_n, N)
+            w3 = _load_word(q0_ptr, (r + 1) * WB + 3, lim0, offs_n, N)
         if BITS == 3:
-            v = _load_word(q1_ptr, r, lim1, offs_n, N)
-        # (the first run's words are requested above, before the x prologue: the weights stream from the start)
-        if PDL:
-            gdc_wait()
-        xrow, S, inv = _x_scale(x_ptr, m, stride_xm, r_lo, r_hi, K, CHUNK)
-        for r in range(r_lo, r_hi):
-            c0 = w0
-            c1 = w1
-            c2 = w2
-            c3 = w3
-            cv = v
-            # prefetch the next run's words
-            w0 = _load_word(q0_ptr, (r + 1) * WB, lim0, offs_n, N)
-            w1 = _load_word(q0_ptr, (r + 1) * WB + 1, lim0, offs_n, N)
-            if WB == 4:
-                w2 = _load_word(q0_ptr, (r + 1) * WB + 2, lim0, offs_n, N)
-                w3 = _load_word(q0_ptr, (r + 1) * WB + 3, lim0, offs_n, N)
-            if BITS == 3:
-                v = _load_word(q1_ptr, r + 1, lim1, offs_n, N)
-            acc = _run(acc, c0, c1, c2, c3, cv, r, xrow, K, S, inv, s_ptr, z_ptr, offs_n, nm, N, BLOCK_N, GS, FMT,
-                       BITS, HAS_ZERO, WB, NF, EVEN_K, USE_ASM)
+            v = _load_word(q1_ptr, r + 1, lim1, offs_n, N)
+        acc = _run(acc, c0, c1, c2, c3, cv, r, xrow, K, S, inv, s_ptr, z_ptr, offs_n, nm, N, BLOCK_N, GS, FMT,
+                   BITS, HAS_ZERO, WB, NF, EVEN_K, USE_ASM)
     offs_m = m + tl.arange(0, 1)
     tile_id = m * tl.num_programs(0) + pid_n
     if TIMING_PLAIN_STORE:  # benchmark only (kernels/bench_decode.py): the split-K epilogue's cost, wrong sums

@@ -97,8 +97,6 @@ def test_kernels_match_reference(case):
         if m <= 3:
             runs["gemv-h2"] = dispatch.gemv_h2(prep, x, bias, {"BLOCK_N": 32, "SPLIT_K": 1, "num_warps": 2})
             runs["gemv-h2-splitk"] = dispatch.gemv_h2(prep, x, bias, {"BLOCK_N": 64, "SPLIT_K": 3, "num_warps": 1})
-            runs["gemv-h2-pipelined"] = dispatch.gemv_h2(prep, x, bias, {"BLOCK_N": 32, "SPLIT_K": 2, "num_warps": 1,
-                                                                         "PIPELINED": True, "NSTAGE": 3})
         for name, y in runs.items():
             assert y.shape == (m, n) and y.dtype == dtype
             err = _rel(y, ref)
@@ -190,7 +188,6 @@ def test_gpu_gemv_h2_activation_range(case):
         y = dispatch.matmul(prep, x, None, "gemv")
         bf16 = _rel(ref.to(torch.bfloat16), ref)
         assert _rel(y, ref) < 2 * bf16 + 1e-3, (_rel(y, ref), bf16)
-        # the shared-memory-pipelined variant with long slices (one scale S over 2000 channels)
-        yp = dispatch.gemv_h2(prep, x, None, {"BLOCK_N": 256, "SPLIT_K": 2, "num_warps": 1, "PIPELINED": True,
-                                              "NSTAGE": 4})
-        assert _rel(yp, ref) < 2 * bf16 + 1e-3, (_rel(yp, ref), bf16)
+        # long slices (one scale S over 2000 channels) keep the precision too
+        yl = dispatch.gemv_h2(prep, x, None, {"BLOCK_N": 256, "SPLIT_K": 2, "num_warps": 1})
+        assert _rel(yl, ref) < 2 * bf16 + 1e-3, (_rel(yl, ref), bf16)
