@@ -114,7 +114,7 @@ def test_clip_search_never_worse_than_plain_rule(weighted):
     w = _heavy_tailed(64, 384, 0).reshape(64, 3, 128)
     w[0, 0] = 0.0  # an all-zero group keeps scale 1.0
     imp = torch.rand(128, generator=torch.Generator().manual_seed(1)) * 10 if weighted else None
-    plain, mse = Int6(6, 128), Int6(6, 128, clip_search="mse")
+    plain, mse = Int6(6, 128), Int6(6, 128, clip_search="mse_h" if weighted else "mse")
     s0, s1 = plain.fit(w)["scale"], mse.fit(w, importance=imp)["scale"]
     e0, e1 = plain.group_error(w, s0, imp), mse.group_error(w, s1, imp)
     assert torch.all(e1 <= e0)  # per group, c = 1 is in the grid and wins ties
@@ -129,7 +129,7 @@ def test_clip_search_codes_round_trip_and_gptq_uses_importance():
     torch.manual_seed(0)
     k, n = 200, 16
     w = _heavy_tailed(n, k, 2)
-    fmt = Int6(6, 64, clip_search="mse", clip_min=0.8, clip_steps=21)
+    fmt = Int6(6, 64, clip_search="mse_h", clip_min=0.8, clip_steps=21)
     codes, params = fmt.quantize_rtn(w)
     assert codes.min() >= 1 and codes.max() <= 63
     packed = fmt.pack(codes, params, k)
@@ -146,7 +146,7 @@ def test_clip_search_codes_round_trip_and_gptq_uses_importance():
 
 
 @pytest.mark.parametrize("opts,msg", [
-    ({"clip_search": "l1"}, r"weights\.clip_search = 'l1' is unknown for format 'int6': use none or mse"),
+    ({"clip_search": "l1"}, r"weights\.clip_search = 'l1' is unknown for format 'int6': use none, mse, mse_h"),
     ({"clip_search": True}, r"weights\.clip_search = True is unknown"),
     ({"clip_min": 0}, r"weights\.clip_min = 0 is out of range for format 'int6': use a number in \(0, 1\]"),
     ({"clip_min": 1.2}, r"clip_min = 1\.2 is out of range"),
@@ -170,10 +170,14 @@ def test_clip_options_reach_the_format_and_the_checkpoint_entry():
     from quantkit.formats import make_format
     from quantkit.recipe import _weights_from_dict
 
-    spec = _weights_from_dict({"format": "int6", "bits": 6, "group_size": 128, "clip_search": "mse",
+    spec = _weights_from_dict({"format": "int6", "bits": 6, "group_size": 128, "clip_search": "mse_h",
                                "clip_min": 0.8, "clip_steps": 5})
     fmt = make_format(spec)
-    assert fmt.clip_search == "mse" and fmt.fit_uses_importance
+    assert fmt.clip_search == "mse_h" and fmt.fit_uses_importance
     assert fmt.clip_grid == pytest.approx([1.0, 0.95, 0.9, 0.85, 0.8])
     assert _weights_from_dict(spec.to_dict()) == spec  # what a checkpoint records parses back the same
     assert not make_format(_weights_from_dict({"format": "int6", "bits": 6})).fit_uses_importance
+    plain_mse = make_format(_weights_from_dict({"format": "int6", "bits": 6, "clip_search": "mse"}))
+    assert not plain_mse.fit_uses_importance  # GPTQ hands it no diag(H), and `fit` ignores one
+    w = _heavy_tailed(8, 128, 3)
+    assert torch.equal(plain_mse.fit(w, importance=torch.rand(128))["scale"], plain_mse.fit(w)["scale"])

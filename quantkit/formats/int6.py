@@ -4,10 +4,11 @@
   against the stored value); an all-zero group gets scale 1.0, an fp16 underflow 2^-24.
 - `clip_search: mse` (recipe option) instead picks, per group, scale = fp16(c · absmax / 31) with c on a grid
   from 1 down to `clip_min` (`clip_steps` values, c = 1 first): the c whose quantized group has the smallest
-  squared error Σ_j h_j (w_j − ŵ_j)², h_j the importance of input channel j when the method has one (GPTQ
-  passes its Hessian diagonal, mean x_j² over the calibration tokens), else 1. c = 1 is the plain rule and
-  wins ties, so the search never has a larger group error than it. Only the scale values change: codes,
-  layout and kernels are the same.
+  squared error Σ_j (w_j − ŵ_j)². `clip_search: mse_h` weighs it, Σ_j h_j (w_j − ŵ_j)², with h_j = GPTQ's
+  Hessian diagonal (mean x_j² of input channel j over the calibration tokens; RTN has none: unweighted).
+  c = 1 is the plain rule and wins ties, so the search never has a larger group error than it. Only the scale
+  values change: codes, layout and kernels are the same. Off by default: on the demo model neither helps
+  GPTQ (README, FlexQ; mse_h even hurts, since GPTQ's updates then overflow the clipped range more often).
 - codes (the `WeightFormat` interface) are offset-binary: c = q + 32 ∈ [1, 63] (the `int` format's symmetric
   convention, zero point 32 implied); dequantize is (c − 32) · scale. The range is symmetric ±31 as in FlexQ:
   code 0 (q = −32) is never produced, and it is the padding code.
@@ -40,7 +41,7 @@ ZERO = 32  # offset of the codes: c = q + 32
 BLOCK = 128  # K values per packing block
 BLOCK_BYTES = 96  # bytes per block and column
 
-CLIP_SEARCHES = ("none", "mse")
+CLIP_SEARCHES = ("none", "mse", "mse_h")
 
 
 def _check_options(opts: dict, where: str = "weights") -> None:
@@ -48,7 +49,7 @@ def _check_options(opts: dict, where: str = "weights") -> None:
     mode = opts.get("clip_search", "none")
     if mode not in CLIP_SEARCHES:
         raise QuantkitError(f"{where}.clip_search = {mode!r} is unknown for format 'int6': use "
-                            f"{' or '.join(CLIP_SEARCHES)}")
+                            f"{', '.join(CLIP_SEARCHES)}")
     lo = opts.get("clip_min", 0.7)
     if isinstance(lo, bool) or not isinstance(lo, (int, float)) or not 0 < lo <= 1:
         raise QuantkitError(f"{where}.clip_min = {lo!r} is out of range for format 'int6': use a number "
@@ -109,7 +110,7 @@ class Int6(WeightFormat):
         self.clip_search = clip_search
         self.clip_grid = torch.linspace(1.0, float(clip_min), clip_steps).tolist()  # c = 1 first
         # GPTQ hands `fit` its Hessian diagonal as `importance` when this is set (see methods/gptq.py)
-        self.fit_uses_importance = clip_search == "mse"
+        self.fit_uses_importance = clip_search == "mse_h"
 
     @classmethod
     def from_spec(cls, spec) -> Int6:
@@ -141,8 +142,10 @@ class Int6(WeightFormat):
         scale = self._scale(amax)
         if self.clip_search == "none" or w.shape[-1] == 0 or len(self.clip_grid) < 2:
             return {"scale": scale}
-        if importance is not None:
+        if importance is not None and self.fit_uses_importance:
             importance = importance.to(w.device, torch.float32)
+        else:
+            importance = None
         best_err = self.group_error(w, scale, importance)
         for c in self.clip_grid[1:]:  # all groups at once per candidate: memory stays O(w)
             cand = self._scale(amax * c)

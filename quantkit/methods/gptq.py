@@ -14,7 +14,7 @@ act-order, columns are visited in descending diag(H) order but groups stay conti
 ("static groups"): every group's parameters are fitted up front on the original weights, so the packed
 layout needs no g_idx and kernels see plain contiguous groups.
 
-A format whose `fit_uses_importance` is true (int6 with `clip_search: mse`) gets `fit(w, importance=h)`,
+A format whose `fit_uses_importance` is true (int6 with `clip_search: mse_h`) gets `fit(w, importance=h)`,
 h = the group's slice of diag(H) (∝ mean x_j² of each input channel): the error a weight's rounding adds to
 the layer's output on its own is e_j² · H_jj, so that is what its group-scale search weighs.
 """
