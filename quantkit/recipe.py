@@ -150,9 +150,17 @@ _FORMAT_LIMITS = {  # format -> (min bits, max bits, min group size, format-spec
 }
 
 
-def register_format_limits(name: str, min_bits: int, max_bits: int, min_group: int, options=()) -> None:
-    """Formats added by later modules declare their valid ranges and extra recipe keys here."""
+_FORMAT_CHECKS: dict[str, Any] = {}  # format -> fn(options: dict, where: str) raising QuantkitError
+
+
+def register_format_limits(name: str, min_bits: int, max_bits: int, min_group: int, options=(),
+                           check=None) -> None:
+    """Formats added by later modules declare their valid ranges and extra recipe keys here; `check`
+    (optional) validates the values of those keys when a recipe is read, so a bad value fails at once with
+    one line, not after the model has been loaded and calibrated."""
     _FORMAT_LIMITS[name] = (min_bits, max_bits, min_group, tuple(options))
+    if check is not None:
+        _FORMAT_CHECKS[name] = check
 
 
 def _unknown_key(key: str, valid, where: str) -> QuantkitError:
@@ -211,6 +219,8 @@ def _weights_from_dict(d: dict, where: str = "weights") -> WeightSpec:
                                "one group per output row")
     sym = _typed(d.get("symmetric", False), bool, "symmetric", where)
     options = tuple(sorted((k, d[k]) for k in opts if k in d))
+    if fmt in _FORMAT_CHECKS:
+        _FORMAT_CHECKS[fmt](dict(options), where)
     return WeightSpec(format=fmt, bits=bits, group_size=gs, symmetric=sym, options=options)
 
 

@@ -99,3 +99,85 @@ def test_recipe_accepts_int6():
         _weights_from_dict({"format": "int6", "bits": 4})
     with pytest.raises(QuantkitError):
         _weights_from_dict({"format": "int6", "bits": 6, "group_size": 8})
+
+
+# ---- clip search (`clip_search: mse`) ----
+
+def _heavy_tailed(n, k, seed):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=g)
+    return w * (1 + 4 * (torch.rand(n, k, generator=g) < 0.02))  # a few outliers per group
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_clip_search_never_worse_than_plain_rule(weighted):
+    w = _heavy_tailed(64, 384, 0).reshape(64, 3, 128)
+    w[0, 0] = 0.0  # an all-zero group keeps scale 1.0
+    imp = torch.rand(128, generator=torch.Generator().manual_seed(1)) * 10 if weighted else None
+    plain, mse = Int6(6, 128), Int6(6, 128, clip_search="mse_h" if weighted else "mse")
+    s0, s1 = plain.fit(w)["scale"], mse.fit(w, importance=imp)["scale"]
+    e0, e1 = plain.group_error(w, s0, imp), mse.group_error(w, s1, imp)
+    assert torch.all(e1 <= e0)  # per group, c = 1 is in the grid and wins ties
+    assert float(e1.sum()) < 0.99 * float(e0.sum())  # and some groups do clip
+    assert torch.equal(s1, s1.half().float()) and torch.all(s1 <= s0) and torch.all(s1 >= 0.7 * s0 * (1 - 1e-3))
+    assert s1[0, 0] == 1.0
+    # the grid's c = 1 is exactly the plain rule: a one-point grid gives the plain scales bit for bit
+    assert torch.equal(Int6(6, 128, clip_search="mse", clip_steps=1).fit(w)["scale"], s0)
+
+
+def test_clip_search_codes_round_trip_and_gptq_uses_importance():
+    torch.manual_seed(0)
+    k, n = 200, 16
+    w = _heavy_tailed(n, k, 2)
+    fmt = Int6(6, 64, clip_search="mse_h", clip_min=0.8, clip_steps=21)
+    codes, params = fmt.quantize_rtn(w)
+    assert codes.min() >= 1 and codes.max() <= 63
+    packed = fmt.pack(codes, params, k)
+    c2, p2 = fmt.unpack(packed, fmt.padded_k(k))
+    assert torch.equal(c2[:, :k], codes) and torch.equal(p2["scale"], params["scale"])
+    # GPTQ passes diag(H) per group: with a diagonal Hessian GPTQ is RTN under the same importance
+    hd = torch.rand(k) + 0.5
+    c_g, p_g = gptq_quantize(w, torch.diag(hd), fmt, damping=0.0, act_order=True)
+    bounds = fmt.group_bounds(k)
+    ref = torch.stack([fmt.fit(w[:, s:e], importance=hd[s:e])["scale"] for s, e in bounds], dim=1)
+    assert torch.equal(p_g["scale"], ref)
+    c_r = torch.cat([fmt.quantize(w[:, s:e], {"scale": ref[:, i]}) for i, (s, e) in enumerate(bounds)], dim=1)
+    assert torch.equal(c_g, c_r)
+
+
+@pytest.mark.parametrize("opts,msg", [
+    ({"clip_search": "l1"}, r"weights\.clip_search = 'l1' is unknown for format 'int6': use none, mse, mse_h"),
+    ({"clip_search": True}, r"weights\.clip_search = True is unknown"),
+    ({"clip_min": 0}, r"weights\.clip_min = 0 is out of range for format 'int6': use a number in \(0, 1\]"),
+    ({"clip_min": 1.2}, r"clip_min = 1\.2 is out of range"),
+    ({"clip_min": "0.8"}, r"clip_min = '0\.8' is out of range"),
+    ({"clip_steps": 0}, r"weights\.clip_steps = 0 is out of range for format 'int6': use an integer in 1\.\.1000"),
+    ({"clip_steps": 2.5}, r"clip_steps = 2\.5 is out of range"),
+])
+def test_bad_clip_options_fail_when_the_recipe_is_read(opts, msg):
+    from quantkit.recipe import recipe_from_dict
+
+    with pytest.raises(QuantkitError, match=msg) as e:
+        recipe_from_dict({"weights": {"format": "int6", "bits": 6, **opts}})
+    assert "\n" not in str(e.value)
+    with pytest.raises(QuantkitError, match=r"unknown recipe key 'clip_serch'.*'clip_search'"):
+        recipe_from_dict({"weights": {"format": "int6", "bits": 6, "clip_serch": "mse"}})
+    with pytest.raises(QuantkitError, match="unknown recipe key 'clip_search'"):
+        recipe_from_dict({"weights": {"format": "int", "bits": 4, "clip_search": "mse"}})
+
+
+def test_clip_options_reach_the_format_and_the_checkpoint_entry():
+    from quantkit.formats import make_format
+    from quantkit.recipe import _weights_from_dict
+
+    spec = _weights_from_dict({"format": "int6", "bits": 6, "group_size": 128, "clip_search": "mse_h",
+                               "clip_min": 0.8, "clip_steps": 5})
+    fmt = make_format(spec)
+    assert fmt.clip_search == "mse_h" and fmt.fit_uses_importance
+    assert fmt.clip_grid == pytest.approx([1.0, 0.95, 0.9, 0.85, 0.8])
+    assert _weights_from_dict(spec.to_dict()) == spec  # what a checkpoint records parses back the same
+    assert not make_format(_weights_from_dict({"format": "int6", "bits": 6})).fit_uses_importance
+    plain_mse = make_format(_weights_from_dict({"format": "int6", "bits": 6, "clip_search": "mse"}))
+    assert not plain_mse.fit_uses_importance  # GPTQ hands it no diag(H), and `fit` ignores one
+    w = _heavy_tailed(8, 128, 3)
+    assert torch.equal(plain_mse.fit(w, importance=torch.rand(128))["scale"], plain_mse.fit(w)["scale"])

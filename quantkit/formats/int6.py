@@ -2,6 +2,13 @@
 
 - scale = absmax / 31 over the group's real weights, rounded to fp16 in `fit` (so RTN and GPTQ quantize
   against the stored value); an all-zero group gets scale 1.0, an fp16 underflow 2^-24.
+- `clip_search: mse` (recipe option) instead picks, per group, scale = fp16(c · absmax / 31) with c on a grid
+  from 1 down to `clip_min` (`clip_steps` values, c = 1 first): the c whose quantized group has the smallest
+  squared error Σ_j (w_j − ŵ_j)². `clip_search: mse_h` weighs it, Σ_j h_j (w_j − ŵ_j)², with h_j = GPTQ's
+  Hessian diagonal (mean x_j² of input channel j over the calibration tokens; RTN has none: unweighted).
+  c = 1 is the plain rule and wins ties, so the search never has a larger group error than it. Only the scale
+  values change: codes, layout and kernels are the same. Off by default: on the demo model neither helps
+  GPTQ (README, FlexQ, layer-local measurements; mse_h even raises the output error by 11%).
 - codes (the `WeightFormat` interface) are offset-binary: c = q + 32 ∈ [1, 63] (the `int` format's symmetric
   convention, zero point 32 implied); dequantize is (c − 32) · scale. The range is symmetric ±31 as in FlexQ:
   code 0 (q = −32) is never produced, and it is the padding code.
@@ -34,7 +41,27 @@ ZERO = 32  # offset of the codes: c = q + 32
 BLOCK = 128  # K values per packing block
 BLOCK_BYTES = 96  # bytes per block and column
 
-register_format_limits("int6", 6, 6, 16)
+CLIP_SEARCHES = ("none", "mse", "mse_h")
+
+
+def _check_options(opts: dict, where: str = "weights") -> None:
+    """Validates the `clip_*` recipe options (one-line QuantkitError naming the key and the valid values)."""
+    mode = opts.get("clip_search", "none")
+    if mode not in CLIP_SEARCHES:
+        raise QuantkitError(f"{where}.clip_search = {mode!r} is unknown for format 'int6': use "
+                            f"{', '.join(CLIP_SEARCHES)}")
+    lo = opts.get("clip_min", 0.7)
+    if isinstance(lo, bool) or not isinstance(lo, (int, float)) or not 0 < lo <= 1:
+        raise QuantkitError(f"{where}.clip_min = {lo!r} is out of range for format 'int6': use a number "
+                            "in (0, 1]")
+    steps = opts.get("clip_steps", 31)
+    if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= 1000:
+        raise QuantkitError(f"{where}.clip_steps = {steps!r} is out of range for format 'int6': use an "
+                            "integer in 1..1000")
+
+
+register_format_limits("int6", 6, 6, 16, options=("clip_search", "clip_min", "clip_steps"),
+                       check=_check_options)
 
 
 def pack_int6(codes: torch.Tensor) -> torch.Tensor:
@@ -71,21 +98,61 @@ class Int6(WeightFormat):
 
     name = "int6"
 
-    def __init__(self, bits: int = 6, group_size: int | None = 128, symmetric: bool = True):
+    def __init__(self, bits: int = 6, group_size: int | None = 128, symmetric: bool = True,
+                 clip_search: str = "none", clip_min: float = 0.7, clip_steps: int = 31):
         if bits != 6:
             raise QuantkitError(f"format 'int6' needs bits = 6, got {bits}")
         if group_size is not None and group_size < 16:
             raise QuantkitError(f"format 'int6' needs group_size >= 16 or per-channel, got {group_size}")
+        _check_options({"clip_search": clip_search, "clip_min": clip_min, "clip_steps": clip_steps})
         super().__init__(6, group_size)
         self.symmetric = True
+        self.clip_search = clip_search
+        self.clip_grid = torch.linspace(1.0, float(clip_min), clip_steps).tolist()  # c = 1 first
+        # GPTQ hands `fit` its Hessian diagonal as `importance` when this is set (see methods/gptq.py)
+        self.fit_uses_importance = clip_search == "mse_h"
 
-    def fit(self, w: torch.Tensor) -> Params:
-        amax = w.float().abs().amax(dim=-1)
+    @classmethod
+    def from_spec(cls, spec) -> Int6:
+        return cls(bits=spec.bits, group_size=spec.group_size, clip_search=spec.option("clip_search", "none"),
+                   clip_min=spec.option("clip_min", 0.7), clip_steps=spec.option("clip_steps", 31))
+
+    @staticmethod
+    def _scale(amax: torch.Tensor) -> torch.Tensor:
+        """amax [...] → scale = amax / 31 rounded to fp16 (zero groups 1.0, fp16 underflow 2^-24)."""
         scale = amax / QMAX
         scale = torch.where(scale > 0, scale, torch.ones_like(scale))
         fmax = torch.finfo(SCALE_DTYPE).max
         scale = scale.clamp(max=fmax).to(SCALE_DTYPE).float()
-        scale = torch.where(scale > 0, scale, torch.full_like(scale, 2.0**-24))  # fp16 underflow guard
+        return torch.where(scale > 0, scale, torch.full_like(scale, 2.0**-24))  # fp16 underflow guard
+
+    def group_error(self, w: torch.Tensor, scale: torch.Tensor,
+                    importance: torch.Tensor | None = None) -> torch.Tensor:
+        """Σ_j h_j (w_j − ŵ_j)² over the last dim of w [..., g] quantized with scale [...] (h_j = 1 when
+        `importance` [g] or [..., g] is None)."""
+        s = scale.unsqueeze(-1)
+        d = w - torch.clamp(torch.round(w / s), -QMAX, QMAX) * s
+        d = d * d
+        return (d * importance if importance is not None else d).sum(dim=-1)
+
+    def fit(self, w: torch.Tensor, importance: torch.Tensor | None = None) -> Params:
+        """w [..., g] → {"scale": [...]} fp16-exact; `importance` [g] or [..., g] weights the clip search."""
+        w = w.float()
+        amax = w.abs().amax(dim=-1)
+        scale = self._scale(amax)
+        if self.clip_search == "none" or w.shape[-1] == 0 or len(self.clip_grid) < 2:
+            return {"scale": scale}
+        if importance is not None and self.fit_uses_importance:
+            importance = importance.to(w.device, torch.float32)
+        else:
+            importance = None
+        best_err = self.group_error(w, scale, importance)
+        for c in self.clip_grid[1:]:  # all groups at once per candidate: memory stays O(w)
+            cand = self._scale(amax * c)
+            err = self.group_error(w, cand, importance)
+            better = err < best_err  # strict: c = 1 (and larger c) win ties
+            scale = torch.where(better, cand, scale)
+            best_err = torch.where(better, err, best_err)
         return {"scale": scale}
 
     def quantize(self, w: torch.Tensor, params: Params) -> torch.Tensor:

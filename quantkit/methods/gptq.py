@@ -13,6 +13,10 @@ weights as updated so far (including the in-block updates that the reference imp
 act-order, columns are visited in descending diag(H) order but groups stay contiguous in the original order
 ("static groups"): every group's parameters are fitted up front on the original weights, so the packed
 layout needs no g_idx and kernels see plain contiguous groups.
+
+A format whose `fit_uses_importance` is true (int6 with `clip_search: mse_h`) gets `fit(w, importance=h)`,
+h = the group's slice of diag(H) (∝ mean x_j² of each input channel): the error a weight's rounding adds to
+the layer's output on its own is e_j² · H_jj, so that is what its group-scale search weighs.
 """
 
 from __future__ import annotations
@@ -193,6 +197,7 @@ def gptq_quantize(
     dead = torch.diag(h) == 0
     h[dead, dead] = 1.0
     w[:, dead] = 0.0
+    hdiag = torch.diag(h).clone() if getattr(fmt, "fit_uses_importance", False) else None  # original order
     bounds = fmt.group_bounds(k)
     group_of = torch.empty(k, dtype=torch.long)
     for gi, (s, e) in enumerate(bounds):
@@ -202,7 +207,7 @@ def gptq_quantize(
     if act_order:
         perm = torch.argsort(torch.diag(h), descending=True)
         for gi, (s, e) in enumerate(bounds):  # static groups, fitted on the original weights
-            params[gi] = fmt.fit(w[:, s:e])
+            params[gi] = _fit(fmt, w[:, s:e], hdiag, s, e)
         w = w[:, perm]
         h = h[perm][:, perm]
     else:
@@ -224,11 +229,16 @@ def gptq_quantize(
     # codes are < 2^8 for every format: uint8 during the sweep (1/8 of int64's memory), int64 on return
     codes = torch.zeros(n, k, dtype=torch.uint8, device=w.device)
     with _few_threads(w.device, n * block_size):
-        _sweep(w, u, codes, params, fmt, bounds, group_of, perm_cpu, block_size, act_order)
+        _sweep(w, u, codes, params, fmt, bounds, group_of, perm_cpu, block_size, act_order, hdiag)
     del u, w
     codes = codes.to(torch.int64)
     stacked = {key: torch.stack([p[key] for p in params], dim=1) for key in params[0]}
     return codes, stacked
+
+
+def _fit(fmt: WeightFormat, w: torch.Tensor, hdiag: torch.Tensor | None, s: int, e: int) -> Params:
+    """fmt.fit of group columns s..e, with diag(H)[s:e] as importance when the format uses it."""
+    return fmt.fit(w) if hdiag is None else fmt.fit(w, importance=hdiag[s:e])
 
 
 @contextlib.contextmanager
@@ -246,7 +256,7 @@ def _few_threads(device: torch.device, work: int):
         torch.set_num_threads(old)
 
 
-def _sweep(w, u, codes, params, fmt, bounds, group_of, perm_cpu, block_size, act_order) -> None:
+def _sweep(w, u, codes, params, fmt, bounds, group_of, perm_cpu, block_size, act_order, hdiag=None) -> None:
     """The GPTQ column sweep with lazy block updates; fills `codes` and `params` in place."""
     k = w.shape[1]
 
@@ -266,7 +276,7 @@ def _sweep(w, u, codes, params, fmt, bounds, group_of, perm_cpu, block_size, act
                 if e > i2:
                     rest = w[:, i2:e] - err1[:, :i] @ u[i1 : i1 + i, i2:e]
                     cur = torch.cat([cur, rest], dim=1)
-                params[gi] = fmt.fit(cur)
+                params[gi] = _fit(fmt, cur, hdiag, col, e)
             p = params[gi]
             col_w = w1[:, i : i + 1]
             q = fmt.quantize(col_w, p)
