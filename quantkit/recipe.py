@@ -148,11 +148,16 @@ def match_pattern(pattern: str, name: str) -> bool:
 _FORMAT_LIMITS = {  # format -> (min bits, max bits, min group size, format-specific option names)
     "int": (2, 8, 8, ()),
 }
+_FORMAT_CHOICES: dict[str, dict[str, tuple]] = {}  # format -> {option: its allowed values}
 
 
-def register_format_limits(name: str, min_bits: int, max_bits: int, min_group: int, options=()) -> None:
-    """Formats added by later modules declare their valid ranges and extra recipe keys here."""
+def register_format_limits(name: str, min_bits: int, max_bits: int, min_group: int, options=(),
+                           choices: dict[str, tuple] | None = None) -> None:
+    """Formats added by later modules declare their valid ranges and extra recipe keys here; `choices` lists
+    the allowed values of options that take one of a few names, so a typo fails when the recipe loads rather
+    than layers into a quantization run."""
     _FORMAT_LIMITS[name] = (min_bits, max_bits, min_group, tuple(options))
+    _FORMAT_CHOICES[name] = dict(choices or {})
 
 
 def _unknown_key(key: str, valid, where: str) -> QuantkitError:
@@ -210,6 +215,10 @@ def _weights_from_dict(d: dict, where: str = "weights") -> WeightSpec:
     bits, gs = _bits_and_group(d, where, f"format '{fmt}'", 4, (lo, hi, min_group), "channel",
                                "one group per output row")
     sym = _typed(d.get("symmetric", False), bool, "symmetric", where)
+    for k, allowed in _FORMAT_CHOICES.get(fmt, {}).items():
+        if k in d and d[k] not in allowed:
+            raise QuantkitError(f"{where}.{k} = {d[k]!r} is unknown for format '{fmt}': use one of "
+                                f"{', '.join(map(str, allowed))}")
     options = tuple(sorted((k, d[k]) for k in opts if k in d))
     return WeightSpec(format=fmt, bits=bits, group_size=gs, symmetric=sym, options=options)
 
