@@ -148,17 +148,20 @@ def match_pattern(pattern: str, name: str) -> bool:
 _FORMAT_LIMITS = {  # format -> (min bits, max bits, min group size, format-specific option names)
     "int": (2, 8, 8, ()),
 }
+_FORMAT_CHOICES: dict[str, dict[str, tuple]] = {}  # format -> {option: its allowed values}
 
 
 _FORMAT_CHECKS: dict[str, Any] = {}  # format -> fn(options: dict, where: str) raising QuantkitError
 
 
 def register_format_limits(name: str, min_bits: int, max_bits: int, min_group: int, options=(),
-                           check=None) -> None:
-    """Formats added by later modules declare their valid ranges and extra recipe keys here; `check`
-    (optional) validates the values of those keys when a recipe is read, so a bad value fails at once with
-    one line, not after the model has been loaded and calibrated."""
+                           choices: dict[str, tuple] | None = None, check=None) -> None:
+    """Formats added by later modules declare their valid ranges and extra recipe keys here. `choices` lists
+    the allowed values of options that take one of a few names; `check` (optional) validates the options'
+    values otherwise: either way a bad value fails at once with one line when the recipe is read, not after
+    the model has been loaded and calibrated."""
     _FORMAT_LIMITS[name] = (min_bits, max_bits, min_group, tuple(options))
+    _FORMAT_CHOICES[name] = dict(choices or {})
     if check is not None:
         _FORMAT_CHECKS[name] = check
 
@@ -218,6 +221,10 @@ def _weights_from_dict(d: dict, where: str = "weights") -> WeightSpec:
     bits, gs = _bits_and_group(d, where, f"format '{fmt}'", 4, (lo, hi, min_group), "channel",
                                "one group per output row")
     sym = _typed(d.get("symmetric", False), bool, "symmetric", where)
+    for k, allowed in _FORMAT_CHOICES.get(fmt, {}).items():
+        if k in d and d[k] not in allowed:
+            raise QuantkitError(f"{where}.{k} = {d[k]!r} is unknown for format '{fmt}': use one of "
+                                f"{', '.join(map(str, allowed))}")
     options = tuple(sorted((k, d[k]) for k in opts if k in d))
     if fmt in _FORMAT_CHECKS:
         _FORMAT_CHECKS[fmt](dict(options), where)

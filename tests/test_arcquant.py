@@ -86,6 +86,25 @@ def test_arcquant_pipeline_round_trip(recipe, tiny_model, calib, tmp_path):
     assert torch.equal(load(out)(ids).logits, y)
 
 
+def test_arcquant_scale_search_round_trip(tiny_model, calib, tmp_path):
+    """Searched weight block scales: same layout, exact save/load, and the appended residual columns (copies of
+    the outlier columns) get the same scales as those columns where the outlier range is whole blocks."""
+    rec = load_recipe("arcquant-nvfp4").to_dict()
+    rec["weights"]["scale_search"] = "mse"
+    ids = torch.randint(0, 512, (1, 40))
+    quantize_model(tiny_model, load_recipe(rec), calib, progress=False)
+    y = tiny_model(ids).logits
+    q = tiny_model.model.layers[0].self_attn.q_proj  # K = 96: the outlier channels fill whole 16-blocks
+    k, s = q.in_features, q.act.residual
+    assert q.spec.option("scale_search") == "mse" and s > 0 and (k - s) % 16 == 0
+    bs = q.block_scales.float()
+    assert torch.equal(bs[:, k // 16:], bs[:, (k - s) // 16: k // 16])
+    out = save(tiny_model, tmp_path / "ck")
+    e = json.loads((out / "config.json").read_text())["quantization_config"]["modules"]
+    assert e["model.layers.0.self_attn.q_proj"]["scale_search"] == "mse"
+    assert torch.equal(load(out)(ids).logits, y)
+
+
 def test_calibrated_activations_need_data_even_with_rtn_weights(tiny_model):
     from quantkit.pipeline import needs_calibration
 

@@ -226,6 +226,82 @@ def test_gptq_with_bound_format_stores_exact_values():
         unbound.pack(_c, p3, 64)
 
 
+def _block_errors(fmt, w):
+    codes, params = rtn_quantize(w, fmt)
+    d = fmt.dequantize_grouped(codes, params) - w
+    return codes, params, torch.nn.functional.pad(d, (0, fmt.padded_k(w.shape[1]) - w.shape[1])).reshape(
+        w.shape[0], -1, 16).square().sum(-1)
+
+
+@pytest.mark.parametrize("k", [96, 72])  # 72: a short last group of 8
+def test_scale_search_never_worse_per_block_and_stores_exactly(k):
+    w = _x((40, k), 11, 0.03)
+    w[3, 5] = 0.9  # an outlier row sets the tensor scale: the other blocks' scales are small e4m3 values
+    w[7, :16] = 0.0  # an all-zero block keeps scale 0
+    w[8, 16:32] = 1e-9  # a block below the smallest e4m3 scale
+    plain = make_format(_spec()).prepare(w)
+    searched = make_format(_spec(scale_search="mse")).prepare(w)
+    assert searched.scale_search == "mse" and searched.tensor_scale == plain.tensor_scale
+    _c0, p0, e0 = _block_errors(plain, w)
+    codes, params, e1 = _block_errors(searched, w)
+    assert (e1 <= e0).all()  # block by block, never a larger squared error than amax/6
+    assert e1.sum() < 0.9 * e0.sum()
+    assert (params["block_scale"] != p0["block_scale"]).any()  # some blocks did pick a neighbour
+    assert params["block_scale"][7, 0] == 0
+    # every searched scale is an e4m3 value, so packing stores exactly what was quantized against
+    assert torch.equal(params["block_scale"].to(torch.float8_e4m3fn).float(), params["block_scale"])
+    packed = searched.pack(codes, params, k)
+    c2, p2 = searched.unpack(packed, k)
+    assert torch.equal(c2, codes) and torch.equal(p2["block_scale"], params["block_scale"])
+    assert torch.equal(searched.dequantize_grouped(c2, p2), searched.dequantize_grouped(codes, params))
+    # and the stored tensor decodes through the plain NVFP4 reader (the kernels' layout is unchanged)
+    ref = nvfp4_dequantize(packed["qweight"], packed["block_scales"], packed["tensor_scale"][0], k)
+    assert torch.equal(ref, searched.dequantize_grouped(codes, params))
+
+
+def test_search_error_matches_the_stored_rounding():
+    from quantkit.formats.nvfp4 import _block_sq_error, _e2m1_magnitude, _encode_blocks
+
+    v = torch.cat([torch.linspace(0, 8, 2**16), torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, 1e30])])
+    assert torch.equal(_e2m1_magnitude(v), e2m1_decode(e2m1_encode(v)).abs())
+    blocks = _x((30, 4, 16), 12, 0.05)
+    s = compute_tensor_scale(blocks)
+    bs = E4M3_VALUES[torch.randint(1, 127, (30, 4), generator=torch.Generator().manual_seed(1))]
+    deq = (e2m1_decode(_encode_blocks(blocks, bs, s)) * bs.unsqueeze(-1)) * s
+    assert torch.equal(_block_sq_error(blocks, bs, s), (deq - blocks).square().sum(-1))
+
+
+def test_scale_search_keeps_exact_blocks():
+    # a block already on the e2m1 grid with scale amax/6 has zero error: the search keeps that scale
+    g = torch.Generator().manual_seed(4)
+    codes = torch.randint(0, 16, (6, 32), generator=g)
+    codes[codes == 8] = 0
+    codes[:, 0] = 7  # every block holds a ±6, so amax/6 is the scale it was built with
+    codes[:, 16] = 15
+    scales = E4M3_VALUES[torch.randint(20, 100, (6, 2), generator=g)]
+    w = (e2m1_decode(codes).reshape(6, 2, 16) * scales.unsqueeze(-1)).reshape(6, 32)
+    fmt = NVFP4Format(scale_search="mse", tensor_scale=1.0)
+    c, p = rtn_quantize(w, fmt)
+    assert torch.equal(p["block_scale"], scales) and torch.equal(c, codes)
+
+
+def test_scale_search_bad_value_errors_clearly():
+    from quantkit.recipe import recipe_from_dict
+
+    with pytest.raises(QuantkitError, match=r"weights.scale_search = 'msee' is unknown .*none, mse"):
+        recipe_from_dict({"weights": {"format": "nvfp4", "bits": 4, "group_size": 16, "scale_search": "msee"}})
+    with pytest.raises(QuantkitError, match="scale_search"):
+        recipe_from_dict({"weights": {"format": "nvfp4", "group_size": 16},
+                          "overrides": [{"match": ["*.q_proj"], "weights": {"scale_search": True}}]})
+    with pytest.raises(QuantkitError, match="unknown recipe key 'scale_serch'.*scale_search"):
+        recipe_from_dict({"weights": {"format": "nvfp4", "group_size": 16, "scale_serch": "mse"}})
+    with pytest.raises(QuantkitError, match="scale_search"):
+        NVFP4Format(scale_search="l1")
+    r = recipe_from_dict({"weights": {"format": "nvfp4", "group_size": 16, "scale_search": "mse"}})
+    assert r.weights.option("scale_search") == "mse" and make_format(r.weights).scale_search == "mse"
+    assert make_format(_spec()).scale_search == "none"
+
+
 # ---- ARCQuant reference ----
 
 

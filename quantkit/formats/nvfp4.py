@@ -28,7 +28,9 @@ the whole matrix. `quantize_rtn` binds itself automatically; GPTQ needs the call
 (`gptq_quantize(w, H, fmt.prepare(w))`): groups are then fitted against exactly the stored S and e4m3 scales
 (GPTQ's updated weights may exceed the original amax; their block scales saturate at 448 and codes at ±6).
 An unbound format fits S from whatever tensor `fit` is given (used only for shape probes); `pack` refuses
-groups fitted with different tensor scales.
+groups fitted with different tensor scales. With `scale_search: mse` the weight format picks each block scale
+by search instead of the block-scale rule above (any e4m3 value is a legal scale; everything else, including
+the element rounding, is as above).
 """
 
 from __future__ import annotations
@@ -49,7 +51,12 @@ E2M1_MAGNITUDES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
 # RNE decision points between consecutive magnitudes; ">" where the lower code is even, ">=" where odd
 _THRESHOLDS = ((0.25, False), (0.75, True), (1.25, False), (1.75, True), (2.5, False), (3.5, True), (5.0, False))
 
-register_format_limits("nvfp4", 4, 4, 16)
+SCALE_SEARCHES = ("none", "mse")  # weights' block-scale rule: the plain amax/6 rule, or the searched one
+# e4m3 steps from the plain block scale tried by the search: −2 (≈ ×0.8) to +6 (≈ ×1.5..1.75, which puts the
+# block max on e2m1 4 instead of 6; one e4m3 step is ×1.07..1.125). On Gaussian and on the demo model's weights
+# a ±8 search never picked anything outside this range.
+SEARCH_OFFSETS = (-2, -1, 1, 2, 3, 4, 5, 6)
+register_format_limits("nvfp4", 4, 4, 16, options=("scale_search",), choices={"scale_search": SCALE_SEARCHES})
 
 
 class NVFP4Tensor(NamedTuple):
@@ -130,6 +137,50 @@ def _encode_blocks(blocks: torch.Tensor, bs: torch.Tensor, s: torch.Tensor) -> t
     return e2m1_encode(v)
 
 
+def _e2m1_magnitude(a: torch.Tensor) -> torch.Tensor:
+    """|v| float32 → the magnitude e2m1_encode rounds it to, as float32: the search's fast path (no int64
+    codes, no table gather, ~2.5× faster). The e2m1 grid is uniform within [0, 2), [2, 4), [4, 6] (steps 0.5,
+    1, 2), so rounding to the step with torch.round (ties to even) is the same ties-to-even-code rule: the
+    even multiples of each step are the codes with mantissa bit 0. Powers of two keep a/step exact."""
+    step = torch.where(a < 2, 0.5, 1.0)
+    step = torch.where(a >= 4, 2.0, step)
+    return (a / step).round_().mul_(step).clamp_(max=E2M1_MAX)
+
+
+def _block_sq_error(blocks: torch.Tensor, bs: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """Squared reconstruction error [...] of each block quantized with scales bs, computed with exactly the
+    arithmetic of quantize / dequantize ((e2m1 · bs) · S, sign apart), so the error compared is the error that
+    gets stored."""
+    denom = (bs * s).unsqueeze(-1)
+    a = blocks.abs()
+    mag = _e2m1_magnitude(torch.where(denom > 0, a / torch.where(denom > 0, denom, torch.ones_like(denom)), 0.0))
+    return ((mag * bs.unsqueeze(-1)) * s - a).square().sum(dim=-1)
+
+
+def _search_block_scales(blocks: torch.Tensor, s: torch.Tensor, offsets=SEARCH_OFFSETS) -> torch.Tensor:
+    """blocks [..., g] float32, s fp32 scalar → e4m3-exact block scales float32 [...] that minimize each block's
+    squared reconstruction error among the plain rule's scale and its e4m3 neighbours `offsets` steps away.
+
+    Why: amax/6 maps the block's largest entry exactly onto ±6, the right choice for that entry but not for
+    the other 15, which e2m1 leaves a coarse grid (the gap from 4 to 6 is a third of the range). A scale about
+    1.5× larger puts the maximum on 4 instead (still exact when it is a multiple of the scale, else slightly
+    off) and the grid 0..4 spans the rest more evenly; a slightly smaller one clips the maximum a little and
+    refines the rest. Which wins depends on the block, so for weights (fixed, quantized once) the best of a
+    few candidates is picked; activations keep the plain rule (the runtime kernels compute it). Ties keep the
+    plain scale, so the result is never worse than it, block by block. Neighbours step through the e4m3 bit
+    patterns (codes 1..126 are the values 2^-9..448 in increasing order), so every candidate is
+    representable by construction. All blocks at once, one candidate at a time."""
+    best = _block_scales(blocks, s)
+    best_err = _block_sq_error(blocks, best, s)
+    code = best.to(SCALE_DTYPE).view(torch.uint8).int()
+    for d in (o for o in offsets if o):
+        cand = (code + d).clamp(1, 126).to(torch.uint8).view(SCALE_DTYPE).float()
+        err = _block_sq_error(blocks, cand, s)
+        better = err < best_err
+        best, best_err = torch.where(better, cand, best), torch.where(better, err, best_err)
+    return best
+
+
 def nvfp4_quantize(x: torch.Tensor, tensor_scale: torch.Tensor | float | None = None) -> NVFP4Tensor:
     """x [..., K] float → NVFP4Tensor(packed uint8 [..., Kp/2], block_scales e4m3 [..., Kp/16], S fp32 []).
 
@@ -172,29 +223,39 @@ class NVFP4Format(WeightFormat):
     """`nvfp4` weights for the RTN / GPTQ pipeline. Codes are e2m1 codes in [0, 16); params per group of 16:
     {"block_scale": e4m3-exact float32, "tensor_scale": float32, the same value in every group}.
 
+    `scale_search` (recipe key): "none" = the plain rule bs = e4m3(amax/6/S) of the module docstring; "mse" =
+    per block the e4m3 scale near it with the smallest squared error (`_search_block_scales`). Only how the
+    scales are chosen differs: the stored layout and the element rounding are the same, so kernels and
+    checkpoints are unaffected.
+
     Stored: `qweight uint8 [N, Kp/2]` (low nibble = even column), `block_scales float8_e4m3fn [N, Kp/16]`,
     `tensor_scale float32 [1]`."""
 
     name = "nvfp4"
 
     def __init__(self, bits: int = 4, group_size: int | None = BLOCK, symmetric: bool = True,
-                 tensor_scale: float | None = None):
+                 tensor_scale: float | None = None, scale_search: str = "none"):
         if bits != 4:
             raise QuantkitError(f"format 'nvfp4' is 4-bit (e2m1), got bits = {bits}")
         if group_size != BLOCK:
             raise QuantkitError(f"format 'nvfp4' has a fixed group size of 16, got {group_size}")
+        if scale_search not in SCALE_SEARCHES:
+            raise QuantkitError(f"format 'nvfp4': scale_search = {scale_search!r} is unknown; use one of "
+                                f"{', '.join(SCALE_SEARCHES)}")
         super().__init__(bits, group_size)
         self.symmetric = True  # e2m1 is sign-magnitude; accepted for interface symmetry
         self.tensor_scale = None if tensor_scale is None else float(tensor_scale)
+        self.scale_search = scale_search
 
     @classmethod
     def from_spec(cls, spec) -> NVFP4Format:
-        return cls(bits=spec.bits, group_size=spec.group_size)
+        return cls(bits=spec.bits, group_size=spec.group_size, scale_search=spec.option("scale_search", "none"))
 
     def prepare(self, w: torch.Tensor) -> NVFP4Format:
         """A copy bound to the tensor scale of the whole weight matrix w [N, K] (S = amax(|w|)/2688)."""
         _check_finite(w, "weight")
-        return type(self)(self.bits, self.group_size, tensor_scale=float(compute_tensor_scale(w.float())))
+        return type(self)(self.bits, self.group_size, tensor_scale=float(compute_tensor_scale(w.float())),
+                          scale_search=self.scale_search)
 
     def _scale(self, w: torch.Tensor) -> torch.Tensor:
         if self.tensor_scale is not None:
@@ -204,7 +265,7 @@ class NVFP4Format(WeightFormat):
     def fit(self, w: torch.Tensor) -> Params:
         w = w.float()
         s = self._scale(w)
-        bs = _block_scales(w, s)
+        bs = _search_block_scales(w, s) if self.scale_search == "mse" else _block_scales(w, s)
         return {"block_scale": bs, "tensor_scale": torch.full_like(bs, float(s))}
 
     def quantize(self, w: torch.Tensor, params: Params) -> torch.Tensor:
@@ -238,6 +299,6 @@ class NVFP4Format(WeightFormat):
         return codes, {"block_scale": bs, "tensor_scale": packed["tensor_scale"].float().reshape(1, 1).expand_as(bs)}
 
 
-__all__ = ["BLOCK", "E2M1_MAGNITUDES", "NVFP4Format", "NVFP4Tensor", "compute_tensor_scale", "e2m1_decode",
-           "e2m1_encode", "e2m1_table", "nvfp4_dequantize", "nvfp4_fake_quant", "nvfp4_quantize", "pack_e2m1",
-           "round_to_e4m3", "unpack_e2m1"]
+__all__ = ["BLOCK", "E2M1_MAGNITUDES", "SCALE_SEARCHES", "NVFP4Format", "NVFP4Tensor", "compute_tensor_scale",
+           "e2m1_decode", "e2m1_encode", "e2m1_table", "nvfp4_dequantize", "nvfp4_fake_quant", "nvfp4_quantize",
+           "pack_e2m1", "round_to_e4m3", "unpack_e2m1"]
