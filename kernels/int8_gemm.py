@@ -171,6 +171,20 @@ def _stack4(c0, c1, c2, c3, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
+def _load_codes(wb, nmask, WBITS: tl.constexpr, BLOCK_N: tl.constexpr, USE_ASM: tl.constexpr):
+    """One 128-block of BLOCK_N weight rows (`wb`: [BLOCK_N, 32] byte pointers at the block's first byte of
+    each row) → unsigned codes int8 [BLOCK_N, 128], K in natural order."""
+    x0 = tl.load(wb, mask=nmask[:, None], other=0)  # [BLOCK_N, 32] uint8, K contiguous
+    x1 = tl.load(wb + 32, mask=nmask[:, None], other=0)
+    if WBITS == 6:
+        x2 = tl.load(wb + 64, mask=nmask[:, None], other=0)
+        c0, c1, c2, c3 = _int6_planes(x0, x1, x2, USE_ASM)
+    else:
+        c0, c1, c2, c3 = _int4_planes(x0, x1, USE_ASM)
+    return _stack4(c0, c1, c2, c3, BLOCK_N)
+
+
+@triton.jit
 def _accumulate_block(acc, d, sa, asum, g, wz_ptr, ws_ptr, N, cols, cmask,
                       HAS_ZERO: tl.constexpr, WGB: tl.constexpr, ZC: tl.constexpr):
     """acc += (d − z·asum)·sa·sw for one 128-block: d int32 dots of raw codes, sa / asum the activations'
@@ -240,17 +254,7 @@ def _gemm_kernel(qa_ptr, as_ptr, qs_ptr, w_ptr, ws_ptr, wz_ptr, bias_ptr, out_pt
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for b in range(b0, b1):
         a = tl.load(a_ptrs + b * 128, mask=mmask[:, None], other=0)  # [BLOCK_M, 128]
-        wb = w_ptrs + b * ROWS
-        if WBITS == 6:
-            x0 = tl.load(wb, mask=nmask[:, None], other=0)  # [BLOCK_N, 32] uint8, K contiguous
-            x1 = tl.load(wb + 32, mask=nmask[:, None], other=0)
-            x2 = tl.load(wb + 64, mask=nmask[:, None], other=0)
-            c0, c1, c2, c3 = _int6_planes(x0, x1, x2, USE_ASM)
-        else:
-            x0 = tl.load(wb, mask=nmask[:, None], other=0)
-            x1 = tl.load(wb + 32, mask=nmask[:, None], other=0)
-            c0, c1, c2, c3 = _int4_planes(x0, x1, USE_ASM)
-        c = tl.trans(_stack4(c0, c1, c2, c3, BLOCK_N))  # [128, BLOCK_N], K in natural order
+        c = tl.trans(_load_codes(w_ptrs + b * ROWS, nmask, WBITS, BLOCK_N, USE_ASM))  # [128, BLOCK_N]
         d = tl.dot(a, c, out_dtype=tl.int32)
         sa = tl.load(as_ptr + offs_m * stride_as + b, mask=mmask, other=0)
         asum = tl.load(qs_ptr + offs_m * stride_as + b, mask=mmask, other=0)

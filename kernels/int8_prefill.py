@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from quantkit.kernels.int8_gemm import _INTERPRET, MAGIC, MAGIC_F, _int4_planes, _int6_planes, _stack4
+from quantkit.kernels.int8_gemm import _INTERPRET, MAGIC, MAGIC_F, _bench, _bucket, _load_codes
 from quantkit.kernels.int8_reference import ACT_GROUP, LowbitWeight
 from quantkit.kernels.wq_gemm import _grouped_tile
 
@@ -39,16 +39,7 @@ def _unpack_kernel(w_ptr, wz_ptr, out_ptr, N, stride_w, stride_out, WBITS: tl.co
     nmask = offs_n < N
     i32 = tl.arange(0, 32)
     wb = w_ptr + offs_n.to(tl.int64)[:, None] * stride_w + b * (16 * WBITS) + i32[None, :]
-    if WBITS == 6:
-        x0 = tl.load(wb, mask=nmask[:, None], other=0)
-        x1 = tl.load(wb + 32, mask=nmask[:, None], other=0)
-        x2 = tl.load(wb + 64, mask=nmask[:, None], other=0)
-        c0, c1, c2, c3 = _int6_planes(x0, x1, x2, USE_ASM)
-    else:
-        x0 = tl.load(wb, mask=nmask[:, None], other=0)
-        x1 = tl.load(wb + 32, mask=nmask[:, None], other=0)
-        c0, c1, c2, c3 = _int4_planes(x0, x1, USE_ASM)
-    c = _stack4(c0, c1, c2, c3, BLOCK_N).to(tl.int32)  # [BLOCK_N, 128]
+    c = _load_codes(wb, nmask, WBITS, BLOCK_N, USE_ASM).to(tl.int32)  # [BLOCK_N, 128]
     if HAS_ZERO:
         g = 0 if WGB == 0 else b // WGB
         z = tl.load(wz_ptr + g * N + offs_n, mask=nmask, other=0).to(tl.int32)
@@ -131,9 +122,7 @@ def _prefill_configs():
                                   (128, 64, 4, 3))]
 
 
-gemm_tuned = triton.autotune(_prefill_configs(), key=["MB", "N", "KB", "WGB"],
-                             do_bench=lambda fn, quantiles=None: triton.testing.do_bench(
-                                 fn, warmup=5, rep=20, quantiles=quantiles))(_gemm_kernel)
+gemm_tuned = triton.autotune(_prefill_configs(), key=["MB", "N", "KB", "WGB"], do_bench=_bench)(_gemm_kernel)
 
 # one int8 weight workspace per device, grown to the largest Linear seen (reused by every call: calls on one
 # stream are ordered, and the workspace is only read by the GEMM that follows its unpack)
@@ -180,7 +169,7 @@ def prefill_gemm(qa: torch.Tensor, a_scale: torch.Tensor, wt: torch.Tensor, w: L
     wgb = (w.group_size // ACT_GROUP) if w.group_size else 0
     ws = scales_f32(w) if w_scale is None else w_scale
     args = (qa, a_scale, wt, ws, bias if bias is not None else out, out, m, w.n, w.blocks, qa.stride(0),
-            a_scale.stride(0), wt.stride(0), out.stride(0), 1 << max(0, (m - 1).bit_length()))
+            a_scale.stride(0), wt.stride(0), out.stride(0), _bucket(m))
     if config is None and mode == 1:
         gemm_tuned[lambda a: (triton.cdiv(m, a["BLOCK_M"]) * triton.cdiv(w.n, a["BLOCK_N"]),)](
             *args, WGB=wgb, HAS_BIAS=bias is not None)
