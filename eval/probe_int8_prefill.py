@@ -1,7 +1,7 @@
 """Probe of the large-M int8 prefill GEMM (kernels/int8_prefill.py): modes × tile configs at M = 4096, K = 4096,
 N = 14336, next to cuBLAS bf16, torch._int_mm and the current `int8_gemm` kernel, in one process.
 
-    python -m quantkit.eval.probe_int8_prefill [--json PATH] [--m 4096]
+    python -m quantkit.eval.probe_int8_prefill [--json PATH] [--m 4096] [--tma]
 
 Timing: eval/bench_kernels.time_rotated (CUDA-graph replays over rotated weight copies). Checks every mode-1/2
 result against the float64 reference at M = 256 first.
@@ -28,6 +28,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--k", type=int, default=4096)
     ap.add_argument("--n", type=int, default=14336)
     ap.add_argument("--sweep-ms", default="128,256,512,1024,4096")
+    ap.add_argument("--tma", action="store_true",
+                    help="only the TMA GEMM's configs next to the pointer GEMM (bit-identity checks, M sweep)")
     args = ap.parse_args(argv)
     dev = torch.device("cuda")
     m, k, n = args.m, args.k, args.n
@@ -68,6 +70,8 @@ def main(argv=None) -> dict:
 
     ws6 = w6.scales.float()
     ws4 = w4.scales.float()
+    if args.tma:
+        return _probe_tma(args, add, rows, checks, qa, s, qa4, s4, w6, w4, wt6, wt4, ws6, ws4, x, wb, bits)
     for mode, configs in ((0, [(128, 128, 8, 3), (128, 128, 16, 3)]),
                           (1, [(64, 128, 4, 3), (64, 128, 8, 3), (64, 128, 8, 4), (128, 128, 16, 3),
                                (128, 128, 16, 4), (128, 64, 8, 3), (64, 256, 16, 3), (128, 256, 16, 3)])):
@@ -94,6 +98,58 @@ def main(argv=None) -> dict:
             [lambda xm=xm: kp.prefill_gemm(*kg.quantize_act(xm, bits)[:2], kp.unpack_weight(w4, wt4), w4, config=cfg,
                                      w_scale=ws4)]), m_rows=mm)
     out = {"device": torch.cuda.get_device_name(), "m": m, "k": k, "n": n, "rows": rows, "checks": checks}
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=1)
+    return out
+
+
+def _probe_tma(args, add, rows, checks, qa, s, qa4, s4, w6, w4, wt6, wt4, ws6, ws4, x, wb, bits) -> dict:
+    from quantkit.eval.bench_kernels import time_rotated
+    from quantkit.kernels import int8_gemm as kg
+    from quantkit.kernels import int8_prefill as kp
+
+    m, k, n = args.m, args.k, args.n
+    for name, w, wt, a, sc in (("w6", w6, wt6, qa, s), ("w4", w4, wt4, qa4, s4)):
+        for mm in (77, 256, 1000, 4096):  # the same blocks in the same order: bit-identical expected
+            y0 = kp.prefill_gemm(a[:mm], sc[:mm], wt, w, config={"BLOCK_M": 64, "BLOCK_N": 128}, tma=False)
+            for cfg in ({"BLOCK_M": 64, "BLOCK_N": 128}, {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8}):
+                y1 = kp.prefill_gemm(a[:mm], sc[:mm], wt, w, config=cfg, tma=True)
+                checks[f"tma_{name}_m{mm}_{cfg['BLOCK_M']}x{cfg['BLOCK_N']}"] = bool(torch.equal(y0, y1))
+    print("tma checks (bit-identical to the pointer GEMM):", json.dumps(checks), flush=True)
+    add("pointer GEMM w6, autotuned", time_rotated([lambda: kp.prefill_gemm(qa, s, wt6, w6, w_scale=ws6,
+                                                                            tma=False)]))
+    add("TMA GEMM w6, autotuned", time_rotated([lambda: kp.prefill_gemm(qa, s, wt6, w6, w_scale=ws6, tma=True)]))
+    for bm, bn, nw, ns in ((64, 128, 4, 3), (64, 128, 4, 2), (64, 128, 4, 4), (64, 64, 4, 3), (64, 64, 4, 2),
+                           (64, 256, 8, 3), (64, 256, 8, 2), (128, 128, 8, 3), (128, 64, 4, 4)):
+        cfg = {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": nw, "num_stages": ns}
+        try:
+            us = time_rotated([lambda cfg=cfg: kp.prefill_gemm(qa, s, wt6, w6, config=cfg, w_scale=ws6, tma=True)])
+        except Exception as e:  # out of shared memory / registers: record and go on
+            print(f"tma {cfg}: {type(e).__name__}: {str(e)[:200]}", flush=True)
+            continue
+        add(f"TMA GEMM w6 {bm}x{bn} w{nw} s{ns}", us, tma=True, **cfg)
+    for tma in (False, True):  # the ceiling without the per-block promotion (wrong results, timing only)
+        add(f"{'TMA' if tma else 'pointer'} GEMM mode 0 (no promotion) 64x128 w4 s3", time_rotated(
+            [lambda tma=tma: kp.prefill_gemm(qa, s, wt6, w6, w_scale=ws6, mode=0, tma=tma,
+                                             config={"BLOCK_M": 64, "BLOCK_N": 128})]))
+        add(f"{'TMA' if tma else 'pointer'} GEMM mode 0 (no promotion) 128x128 w8 s3", time_rotated(
+            [lambda tma=tma: kp.prefill_gemm(qa, s, wt6, w6, w_scale=ws6, mode=0, tma=tma,
+                                             config={"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8})]))
+        add(f"{'TMA' if tma else 'pointer'} GEMM mode 0 (no promotion) 128x256 w8 s3", time_rotated(
+            [lambda tma=tma: kp.prefill_gemm(qa, s, wt6, w6, w_scale=ws6, mode=0, tma=tma,
+                                             config={"BLOCK_M": 128, "BLOCK_N": 256, "num_warps": 8})]))
+    add("TMA GEMM w4 (COMET weights), autotuned", time_rotated(
+        [lambda: kp.prefill_gemm(qa4, s4, wt4, w4, w_scale=ws4, tma=True)]))
+    for mm in [int(v) for v in args.sweep_ms.split(",")]:
+        xm = x[:mm]
+        add(f"M={mm} bf16", time_rotated([lambda w=w, xm=xm: xm @ w.t() for w in wb]), m_rows=mm)
+        add(f"M={mm} w6a8 linear (int8_gemm.lowbit_linear)", time_rotated(
+            [lambda xm=xm: kg.lowbit_linear(xm, w6, 8)]), m_rows=mm)
+        add(f"M={mm} comet linear (int8_gemm.lowbit_linear)", time_rotated(
+            [lambda xm=xm: kg.lowbit_linear(xm, w4, bits)]), m_rows=mm)
+    out = {"device": torch.cuda.get_device_name(), "triton": __import__("triton").__version__, "m": m, "k": k,
+           "n": n, "rows": rows, "checks": checks}
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=1)
