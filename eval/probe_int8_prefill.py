@@ -97,7 +97,14 @@ def main(argv=None) -> dict:
         add(f"M={mm} prefill comet linear", time_rotated(
             [lambda xm=xm: kp.prefill_gemm(*kg.quantize_act(xm, bits)[:2], kp.unpack_weight(w4, wt4), w4, config=cfg,
                                      w_scale=ws4)]), m_rows=mm)
-    out = {"device": torch.cuda.get_device_name(), "m": m, "k": k, "n": n, "rows": rows, "checks": checks}
+    return _finish(args, rows, checks)
+
+
+def _finish(args, rows, checks) -> dict:
+    import triton
+
+    out = {"device": torch.cuda.get_device_name(), "triton": triton.__version__, "m": args.m, "k": args.k,
+           "n": args.n, "rows": rows, "checks": checks}
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=1)
@@ -109,7 +116,6 @@ def _probe_tma(args, add, rows, checks, qa, s, qa4, s4, w6, w4, wt6, wt4, ws6, w
     from quantkit.kernels import int8_gemm as kg
     from quantkit.kernels import int8_prefill as kp
 
-    m, k, n = args.m, args.k, args.n
     for name, w, wt, a, sc in (("w6", w6, wt6, qa, s), ("w4", w4, wt4, qa4, s4)):
         for mm in (77, 256, 1000, 4096):  # the same blocks in the same order: bit-identical expected
             y0 = kp.prefill_gemm(a[:mm], sc[:mm], wt, w, config={"BLOCK_M": 64, "BLOCK_N": 128}, tma=False)
@@ -148,12 +154,7 @@ def _probe_tma(args, add, rows, checks, qa, s, qa4, s4, w6, w4, wt6, wt4, ws6, w
             [lambda xm=xm: kg.lowbit_linear(xm, w6, 8)]), m_rows=mm)
         add(f"M={mm} comet linear (int8_gemm.lowbit_linear)", time_rotated(
             [lambda xm=xm: kg.lowbit_linear(xm, w4, bits)]), m_rows=mm)
-    out = {"device": torch.cuda.get_device_name(), "triton": __import__("triton").__version__, "m": m, "k": k,
-           "n": n, "rows": rows, "checks": checks}
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=1)
-    return out
+    return _finish(args, rows, checks)
 
 
 if __name__ == "__main__":
