@@ -94,79 +94,6 @@ def profile(dev):
     torch.cuda.synchronize()
 
 
-MMA_SWEEP = [  # BLOCK_N, BLOCK_K, num_warps, num_stages, programs per SM, SWAP (wq_mma._gemm_h2_kernel, BLOCK_M 16)
-    (64, 128, 4, 1, 4, True), (64, 128, 4, 2, 4, True), (64, 128, 4, 3, 4, True), (128, 128, 4, 1, 4, True),
-    (64, 128, 4, 1, 8, True), (64, 64, 4, 1, 8, True), (128, 128, 8, 1, 4, True), (64, 128, 4, 1, 4, False),
-    (64, 128, 4, 3, 4, False), (128, 128, 4, 1, 4, False), (32, 128, 4, 2, 8, False), (64, 128, 2, 1, 4, True),
-]
-
-
-def mma(args, dev):
-    """Small-M sweep of the in-place-code tensor-core kernel (wq_mma.py) against the tl.dot kernel it would
-    replace and cuBLAS bf16, several M, at K x N = 4096 x 14336 (+ the other Llama shapes at M = 16)."""
-    from quantkit.kernels import wq_gemm
-
-    props = torch.cuda.get_device_properties(dev)
-    sms = props.multi_processor_count
-    wq_gemm.NUM_SMS[0] = sms
-    l2 = getattr(props, "L2_cache_size", 50 << 20)
-    res = {"device": props.name, "rows": []}
-    ms = [int(m) for m in args.mma_m.split(",")]
-    shapes = [(K, N)] + [tuple(int(v) for v in s.split("x")) for s in args.mma_shapes.split(",") if s]
-    for k, n in shapes:
-        xs = {m: torch.randn(m, k, device=dev, dtype=torch.bfloat16) for m in ms}
-        wb = [torch.randn(n, k, device=dev, dtype=torch.bfloat16) * 0.02]
-        wb += [torch.randn_like(wb[0]) for _ in range(_n_copies(wb[0].numel() * 2, l2) - 1)]
-        bf = {m: time_rotated([lambda w=w, x=xs[m]: x @ w.t() for w in wb]) for m in ms}
-        del wb
-        torch.cuda.empty_cache()
-        print(f"K={k} N={n} bf16 " + " ".join(f"M={m}: {v:.2f}" for m, v in bf.items()), flush=True)
-        fmts = args.mma_formats.split(",") if (k, n) == (K, N) else ["int4"]
-        for name in fmts:
-            fmt, bits = FORMATS[name]
-            gs = 64 if bits == 2 else GS
-            raw = _random_quant(fmt, bits, gs, k, n, dev)
-            p0 = dispatch.prepare(fmt, bits, gs, k, n, raw)
-            ps = [p0] + [_clone_prepared(p0) for _ in range(_n_copies(_prepared_bytes(p0), l2) - 1)]
-            for m in (ms if (k, n) == (K, N) else [16]):
-                x = xs[m]
-                ref = wq_matmul_ref(x, fmt, bits, gs, k, raw["qweight"], raw["scales"], raw.get("zeros"),
-                                    raw.get("offsets"), dtype=torch.float64)
-                ubest = None
-                for bn, bk, nw, ns, pps, swap in MMA_SWEEP:
-                    if bk > gs:
-                        continue
-                    tiles = -(-m // 16) * -(-n // bn)
-                    split = _split(tiles, -(-k // bk), pps * sms, 64)
-                    cfg = {"BLOCK_M": 16, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": split, "num_warps": nw,
-                           "num_stages": ns, "SWAP": swap}
-                    try:
-                        y = dispatch.gemm_h2(ps[0], x, None, cfg)
-                        err = ((y.double() - ref).norm() / ref.norm()).item()
-                        us = time_rotated([lambda p=p, c=cfg, x=x: dispatch.gemm_h2(p, x, None, c) for p in ps])
-                    except Exception as e:
-                        print(f"{name} mma {cfg} FAILED {e!r}"[:600], flush=True)
-                        continue
-                    res["rows"].append({"K": k, "N": n, "format": name, "M": m, "kernel": "mma", **cfg, "us": us,
-                                        "err": err, "bf16_us": bf[m]})
-                    ubest = us if ubest is None else min(ubest, us)
-                    print(f"{name:5} K={k} N={n} M={m:<3} mma BN={bn:<3} BK={bk:<3} w={nw} s={ns} swap={swap:d} split={split:<3} "
-                          f"{us:8.2f} us ({us / bf[m]:.2f}x bf16) err {err:.1e}", flush=True)
-                uold = time_rotated([lambda p=p, x=x: dispatch.gemm(p, x, None) for p in ps])
-                yo = dispatch.gemm(ps[0], x, None)
-                eo = ((yo.double() - ref).norm() / ref.norm()).item()
-                res["rows"].append({"K": k, "N": n, "format": name, "M": m, "kernel": "gemm_autotuned", "us": uold,
-                                    "err": eo, "bf16_us": bf[m]})
-                print(f"{name:5} K={k} N={n} M={m:<3} old tl.dot kernel (autotuned) {uold:.2f} us "
-                      f"({uold / bf[m]:.2f}x); best mma {ubest} us", flush=True)
-            del ps, p0
-            torch.cuda.empty_cache()
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "bench_mma.json"), "w") as f:
-        json.dump(res, f, indent=1)
-    return 0
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="out/bench_decode")
@@ -175,15 +102,8 @@ def main(argv=None):
     ap.add_argument("--gemm-formats", default="int4,hlq4,int2")
     ap.add_argument("--kernels", default="h2,f32", help="GEMV kernels to sweep: h2 (wq_gemv), f32 (wq_gemm)")
     ap.add_argument("--profile", action="store_true", help="one launch of each decode kernel (run under ncu)")
-    ap.add_argument("--mma", action="store_true", help="sweep the small-M in-place-code tensor-core kernel")
-    ap.add_argument("--mma-m", default="4,16")
-    ap.add_argument("--mma-formats", default="int4,int2,hlq2")
-    ap.add_argument("--mma-shapes", default="4096x4096,14336x4096,4096x1024")
     args = ap.parse_args(argv)
     import triton
-
-    if args.mma:
-        return mma(args, torch.device("cuda"))
 
     if args.profile:
         profile(torch.device("cuda"))

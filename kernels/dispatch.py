@@ -205,30 +205,6 @@ def gemm(p: Prepared, x: torch.Tensor, bias: torch.Tensor | None = None, config:
     return out
 
 
-def gemm_h2(p: Prepared, x: torch.Tensor, bias: torch.Tensor | None = None, config: dict | None = None):
-    """x: [M, K] → [M, N] with the small-M tensor-core kernel that uses the codes in place (`wq_mma.py`);
-    `config` as for `gemm` (BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, num_warps)."""
-    import triton
-
-    from quantkit.kernels import wq_mma
-
-    m = x.shape[0]
-    out = torch.empty(m, p.n, dtype=x.dtype, device=x.device)
-    args = _args(p, x, out, bias)
-
-    def grid(a):
-        return (triton.cdiv(m, a["BLOCK_M"]) * triton.cdiv(p.n, a["BLOCK_N"]), a["SPLIT_K"])
-
-    if config is None:
-        _set_sms(x.device)
-        wq_mma.gemm_h2_tuned[grid](*args, **_consts(p, bias))
-    else:
-        c = dict(config)
-        c.setdefault("DOT_F32", os.environ.get("TRITON_INTERPRET") == "1")
-        wq_mma._gemm_h2_kernel[grid(c)](*args, **_consts(p, bias), **c)
-    return out
-
-
 def dequant(p: Prepared, dtype: torch.dtype, device: torch.device | None = None,
             block_n: int = 128, block_k: int | None = None) -> torch.Tensor:
     """The weight transposed, wt: [K, N] in `dtype` (for cuBLAS)."""

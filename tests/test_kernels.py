@@ -87,9 +87,6 @@ def test_kernels_match_reference(case):
             "gemm-swap": dispatch.gemm(prep, x, bias, {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": bk, "SPLIT_K": 1,
                                                        "SWAP": True}),
             "dequant": dispatch.dequant_matmul(prep, x, bias),
-            "gemm-h2": dispatch.gemm_h2(prep, x, bias, {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": bk, "SPLIT_K": 1}),
-            "gemm-h2-splitk": dispatch.gemm_h2(prep, x, bias, {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 32,
-                                                               "SPLIT_K": 2}),
         }
         # the decode paths, one program per row (the interpreter's slowest part): the fp32 GEMV at M = 1,
         # the half2 GEMV (the default decode kernel) at M = 1 and 3
