@@ -180,6 +180,11 @@ class ARCActQuantizer(ActQuantizer):
         return w[:, : self.kp]
 
     def hessian_input(self, x: torch.Tensor) -> torch.Tensor:
+        mode = self.spec.option("gptq_hessian", "quantized")
+        if mode not in ("quantized", "float"):
+            raise QuantkitError(f"activations.gptq_hessian = '{mode}' is unknown: use 'quantized' or 'float'")
+        if mode == "float":  # the plain reordered input, as weight-only GPTQ sees it
+            return self.transform_input(x)[..., : self.kp]
         q = self.quantize_input(self.transform_input(x))
         if not self.residual:
             return q
@@ -215,4 +220,5 @@ class ARCActQuantizer(ActQuantizer):
         return f"format=nvfp4, residual={self.residual}, K'={self.weight_in_features}"
 
 
-register_act_format("nvfp4", 4, 4, 16, options=("residual", "residual_rule", "residual_multiple", "max_residual"))
+register_act_format("nvfp4", 4, 4, 16, options=("residual", "residual_rule", "residual_multiple", "max_residual",
+                                               "gptq_hessian"))
