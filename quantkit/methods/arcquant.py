@@ -19,7 +19,9 @@ Runtime (fake-quant reference; kernels in quantkit.kernels.nvfp4_gemm):
 Kp = K rounded up to 16; its padding columns are zero in X' and W' (so any K works). The weight is stored
 by the `nvfp4` weight format over the K' columns; RTN by default, GPTQ optional: it solves for the Kp main
 columns with the Hessian of X̃ = Q1 + Q2 scattered onto the outlier channels (the input those weights
-effectively meet), and the appended columns are copies of the quantized outlier columns.
+effectively meet), and the appended columns are copies of the quantized outlier columns;
+`gptq_hessian: float` takes the Hessian over the plain reordered input instead (measured worse still,
+docs/ARCQUANT.md).
 
 `residual: false` gives plain NVFP4 W4A4 (recipe nvfp4-rtn): no reorder, no residual channels.
 """
