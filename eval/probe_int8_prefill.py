@@ -136,15 +136,11 @@ def _probe_tma(args, add, rows, checks, qa, s, qa4, s4, w6, w4, wt6, wt4, ws6, w
             continue
         add(f"TMA GEMM w6 {bm}x{bn} w{nw} s{ns}", us, tma=True, **cfg)
     for tma in (False, True):  # the ceiling without the per-block promotion (wrong results, timing only)
-        add(f"{'TMA' if tma else 'pointer'} GEMM mode 0 (no promotion) 64x128 w4 s3", time_rotated(
-            [lambda tma=tma: kp.prefill_gemm(qa, s, wt6, w6, w_scale=ws6, mode=0, tma=tma,
-                                             config={"BLOCK_M": 64, "BLOCK_N": 128})]))
-        add(f"{'TMA' if tma else 'pointer'} GEMM mode 0 (no promotion) 128x128 w8 s3", time_rotated(
-            [lambda tma=tma: kp.prefill_gemm(qa, s, wt6, w6, w_scale=ws6, mode=0, tma=tma,
-                                             config={"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8})]))
-        add(f"{'TMA' if tma else 'pointer'} GEMM mode 0 (no promotion) 128x256 w8 s3", time_rotated(
-            [lambda tma=tma: kp.prefill_gemm(qa, s, wt6, w6, w_scale=ws6, mode=0, tma=tma,
-                                             config={"BLOCK_M": 128, "BLOCK_N": 256, "num_warps": 8})]))
+        for bm, bn, nw in ((64, 128, 4), (128, 128, 8), (128, 256, 8)):
+            cfg = {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": nw}
+            add(f"{'TMA' if tma else 'pointer'} GEMM mode 0 (no promotion) {bm}x{bn} w{nw} s3", time_rotated(
+                [lambda tma=tma, cfg=cfg: kp.prefill_gemm(qa, s, wt6, w6, w_scale=ws6, mode=0, tma=tma,
+                                                          config=cfg)]))
     add("TMA GEMM w4 (COMET weights), autotuned", time_rotated(
         [lambda: kp.prefill_gemm(qa4, s4, wt4, w4, w_scale=ws4, tma=True)]))
     for mm in [int(v) for v in args.sweep_ms.split(",")]:

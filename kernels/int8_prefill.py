@@ -135,7 +135,7 @@ def _gemm_kernel(qa_ptr, as_ptr, w_ptr, ws_ptr, bias_ptr, out_ptr, M, N, KB, str
 
 
 @triton.jit
-def _gemm_tma_kernel(qa_ptr, w_ptr, as_ptr, ws_ptr, bias_ptr, out_ptr, M, N, KB, stride_qa, stride_w, stride_as,
+def _gemm_tma_kernel(qa_ptr, as_ptr, w_ptr, ws_ptr, bias_ptr, out_ptr, M, N, KB, stride_qa, stride_as, stride_w,
                      stride_out, MB, WGB: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
                      BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr, MODE: tl.constexpr = 1):
     """`_gemm_kernel` with both int8 operands read by TMA (descriptors built in the kernel): the copy
@@ -259,15 +259,12 @@ def prefill_gemm(qa: torch.Tensor, a_scale: torch.Tensor, wt: torch.Tensor, w: L
     ws = scales_f32(w) if w_scale is None else w_scale
     if tma is None:
         tma = mode == 1 and tma_available(qa.device)
-    bias_arg = bias if bias is not None else out
+    args = (qa, a_scale, wt, ws, bias if bias is not None else out, out, m, w.n, w.blocks, qa.stride(0),
+            a_scale.stride(0), wt.stride(0), out.stride(0), _bucket(m))
     if tma:
         _ensure_allocator()
-        args = (qa, wt, a_scale, ws, bias_arg, out, m, w.n, w.blocks, qa.stride(0), wt.stride(0),
-                a_scale.stride(0), out.stride(0), _bucket(m))
         kernel, tuned = _gemm_tma_kernel, gemm_tma_tuned
     else:
-        args = (qa, a_scale, wt, ws, bias_arg, out, m, w.n, w.blocks, qa.stride(0), a_scale.stride(0),
-                wt.stride(0), out.stride(0), _bucket(m))
         kernel, tuned = _gemm_kernel, gemm_tuned
     if config is None and mode == 1:
         tuned[lambda a: (triton.cdiv(m, a["BLOCK_M"]) * triton.cdiv(w.n, a["BLOCK_N"]),)](

@@ -109,6 +109,10 @@ class ARCActQuantizer(ActQuantizer):
         if spec.group_size != BLOCK:
             raise QuantkitError(f"activations.group_size = {spec.group_size}: NVFP4 blocks are {BLOCK} channels; "
                                 f"set group_size: {BLOCK}")
+        self.gptq_hessian = spec.option("gptq_hessian", "quantized")
+        if self.gptq_hessian not in ("quantized", "float"):
+            raise QuantkitError(f"activations.gptq_hessian = '{self.gptq_hessian}' is unknown: use 'quantized' "
+                                f"or 'float'")
         if residual % BLOCK or not 0 <= residual <= in_features:
             raise QuantkitError(f"ARCQuant residual channels = {residual} must be a multiple of {BLOCK} in "
                                 f"[0, {in_features}]")
@@ -182,10 +186,7 @@ class ARCActQuantizer(ActQuantizer):
         return w[:, : self.kp]
 
     def hessian_input(self, x: torch.Tensor) -> torch.Tensor:
-        mode = self.spec.option("gptq_hessian", "quantized")
-        if mode not in ("quantized", "float"):
-            raise QuantkitError(f"activations.gptq_hessian = '{mode}' is unknown: use 'quantized' or 'float'")
-        if mode == "float":  # the plain reordered input, as weight-only GPTQ sees it
+        if self.gptq_hessian == "float":  # the plain reordered input, as weight-only GPTQ sees it
             return self.transform_input(x)[..., : self.kp]
         q = self.quantize_input(self.transform_input(x))
         if not self.residual:
