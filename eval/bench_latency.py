@@ -83,6 +83,7 @@ class LatencyConfig:
     dtype: str = "bfloat16"
     seed: int = 0
     fit_budget_s: float | None = None  # on-the-fly fitting: past this, later layers reuse fitted codes
+    outlier_share: float | None = None  # activation recipes on the fly: made-up outlier share (None: default)
     lm_head_bits: int | None = None  # also measure each on-the-fly variant with an int (g128) lm_head
     fuse: bool = True  # q/k/v and gate/up as one Linear each (quantkit.nn.fused), every model alike
     pdl: bool = False  # decode GEMVs with programmatic dependent launch (QUANTKIT_PDL=1 for this run)
@@ -162,20 +163,26 @@ def _set_module(root: nn.Module, name: str, new: nn.Module) -> None:
 
 @torch.no_grad()
 def quantize_on_the_fly(model: nn.Module, recipe, fit_budget_s: float | None = None,
-                        log: Callable[[str], None] = print) -> dict:
+                        log: Callable[[str], None] = print, outlier_share: float | None = None,
+                        seed: int = 0) -> dict:
     """Replace every Linear the recipe targets by a QuantLinear of its weight format (RTN fit), in place, on the
     model's device. Past `fit_budget_s` seconds of fitting, each later layer gets copies of the last fitted
     layer's packed tensors (same shapes, formats and bytes: the same speed; recorded in the result).
-    Weight-only recipes only: activation-quantized ones are refused (quantize a checkpoint instead)."""
+    Activation-quantized recipes get a made-up calibration (`ActQuantizer.for_speed`: `outlier_share` of the
+    channels, at random positions, as outliers; None = the format's default), since there is no data here:
+    the timing holds for that layout, the model's outputs mean nothing."""
+    import copy
+
     from quantkit.formats import make_format
     from quantkit.methods import rtn_quantize
     from quantkit.nn import KERNELS, QuantLinear
+    from quantkit.nn.act_quant import ACT_QUANTIZERS
 
-    if recipe.activations is not None or any(o.activations for o in recipe.overrides):
-        raise QuantkitError(
-            f"recipe '{recipe.name}' quantizes activations: bench latency quantizes on the fly only weight-only "
-            f"recipes; write a checkpoint with `quantkit quantize` and pass its folder instead")
+    if outlier_share is not None and not 0.0 <= outlier_share <= 1.0:
+        raise QuantkitError(f"--outlier-share {outlier_share:g} must be in [0, 1]")
     notes = []
+    gen = torch.Generator().manual_seed(seed)
+    act_layouts: dict[str, list[int]] = {}
     if recipe.method.name != "rtn":
         notes.append(f"weights fitted by RTN in the recipe's format ({recipe.method.name} would give the same "
                      f"format, bytes and kernels)")
@@ -196,21 +203,29 @@ def quantize_on_the_fly(model: nn.Module, recipe, fit_budget_s: float | None = N
             if isinstance(mod, nn.Linear):
                 spec = recipe.scheme_for(f"{prefix}.{i}.{name}")
                 if spec is not None:
-                    targets.append((name, mod, spec))
-        for name, mod, spec in targets:
+                    targets.append((name, mod, spec, recipe.act_scheme_for(f"{prefix}.{i}.{name}")))
+        for name, mod, spec, aspec in targets:
             src = last.get(name)
             if clone and src is not None and src.spec == spec and (src.in_features, src.out_features) == (
                     mod.in_features, mod.out_features):
                 bias = mod.bias.detach().clone() if mod.bias is not None else None
                 q = QuantLinear(mod.in_features, mod.out_features, spec,
-                                {k: v.clone() for k, v in src.packed().items()}, bias)
+                                {k: v.clone() for k, v in src.packed().items()}, bias,
+                                copy.deepcopy(src.act) if src.act is not None else None)
             else:
+                act, w = None, mod.weight
+                if aspec is not None:
+                    act = ACT_QUANTIZERS[aspec.format].for_speed(aspec, mod.in_features, outlier_share, gen)
+                    act = act.to(mod.weight.device)
+                    w = act.transform_weight(w)
                 fmt = make_format(spec)
                 if hasattr(fmt, "prepare"):  # formats with a whole-matrix parameter bind it first
-                    fmt = fmt.prepare(mod.weight)
-                codes, params = rtn_quantize(mod.weight, fmt)
-                q = QuantLinear.from_codes(mod, spec, codes, params).to(mod.weight.device)
-                del codes, params
+                    fmt = fmt.prepare(w)
+                codes, params = rtn_quantize(w, fmt)
+                q = QuantLinear.from_codes(mod, spec, codes, params, act=act).to(mod.weight.device)
+                del codes, params, w
+            if q.act is not None:
+                act_layouts.setdefault(type(q.act).__name__, []).append(q.weight_in_features - q.in_features)
             _set_module(layer, name, q)
             last[name] = q
             keys.add(q.kernel_key)
@@ -225,14 +240,41 @@ def quantize_on_the_fly(model: nn.Module, recipe, fit_budget_s: float | None = N
         notes.append(f"fitting stopped after {fitted_layers} of {len(layers)} layers (--fit-budget "
                      f"{fit_budget_s:g} s); the other {cloned_layers} hold copies of the last fitted layer's "
                      f"packed tensors (timing-equivalent)")
+    if act_layouts:
+        share = "the format's default" if outlier_share is None else f"{outlier_share:g}"
+        notes.append(f"activation quantizers calibrated on nothing: a made-up layout with outlier share {share} "
+                     f"(--outlier-share) at random channels; timings hold for that layout, outputs are "
+                     f"meaningless")
     no_kernel = sorted(k for k in keys if k not in KERNELS)
     if no_kernel and any(p.is_cuda for p in model.parameters()):
         notes.append(f"no CUDA kernel registered for {', '.join(no_kernel)}: the torch reference "
                      f"(dequantize per call) serves those modules")
     for n in notes:
         log(f"  note: {n}")
-    return {"recipe": recipe.name, "method": "rtn", "modules": n_mod, "fitted_layers": fitted_layers,
-            "cloned_layers": cloned_layers, "seconds": secs, "notes": notes}
+    out = {"recipe": recipe.name, "method": "rtn", "modules": n_mod, "fitted_layers": fitted_layers,
+           "cloned_layers": cloned_layers, "seconds": secs, "notes": notes}
+    if act_layouts:
+        out["act_layout"] = _act_layout_summary(model)
+    return out
+
+
+def _act_layout_summary(model: nn.Module) -> dict:
+    """What the activation quantizers' layouts cost: ARC residual channels, COMET INT8 blocks (size-weighted)."""
+    from quantkit.nn import QuantLinear
+
+    extra = k_total = int8 = blocks = 0
+    for mod in model.modules():
+        if isinstance(mod, QuantLinear) and mod.act is not None:
+            k_total += mod.in_features
+            extra += mod.weight_in_features - mod.in_features
+            bits = getattr(mod.act, "block_bits", None)
+            if bits is not None:
+                int8 += int((bits >= 8).sum())
+                blocks += bits.numel()
+    out = {"extra_input_channels_share": extra / k_total if k_total else 0.0}
+    if blocks:
+        out["int8_block_share"] = int8 / blocks
+    return out
 
 
 @torch.no_grad()
@@ -686,7 +728,7 @@ def _variants(source: str | None, shape: str | None, recipes: list[str], dev: to
 
         def make_q(rec=rec):
             m = make_fp()
-            info = quantize_on_the_fly(m, rec, cfg.fit_budget_s, log)
+            info = quantize_on_the_fly(m, rec, cfg.fit_budget_s, log, cfg.outlier_share, cfg.seed)
             return m, info
 
         out.append(_Variant(rec.name, make_q, recipe=rec.name))

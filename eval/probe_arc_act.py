@@ -1,9 +1,20 @@
 """Probe of the ARC activation kernel (GPU): amax pre-pass settings, the quantization pass at several M, and the
 reciprocal + FMA-correction division against IEEE division (prints a table, writes OUT/probe_arc_act.json)."""
-import json, os
+import json
+import os
+
 import torch
+import triton
+import triton.language as tl
+
 from quantkit.eval.bench_kernels import time_rotated
 from quantkit.kernels import nvfp4_gemm as kg
+
+
+def _write(out: dict) -> None:
+    with open(os.path.join(os.environ.get("OUT", "out"), "probe_arc_act.json"), "w") as f:
+        json.dump(out, f, indent=1)
+
 
 dev = torch.device("cuda")
 k, s = 4096, 256
@@ -17,24 +28,22 @@ for m in (1, 4, 16, 1024, 4096):
         per = -(-(m * k) // 256)
         per = -(-per // blk) * blk
         p = -(-(m * k) // per)
-        rows.append((f"amax_b{blk}_w{nw}", lambda per=per, p=p, blk=blk, nw=nw: kg._amax_kernel[(p,)](x, part, m * k, per, BLOCK=blk, num_warps=nw)))
+        rows.append((f"amax_b{blk}_w{nw}", lambda x=x, part=part, m=m, per=per, p=p, blk=blk, nw=nw: kg._amax_kernel[(p,)](x, part, m * k, per, BLOCK=blk, num_warps=nw)))
     rows += [
-        ("act_packed", lambda: kg.arc_quantize_activation_triton(x, rand, s)),
-        ("act_deq", lambda: kg.arc_quantize_activation_triton(x, rand, s, packed=False, deq_dtype=torch.bfloat16)),
-        ("act_deq_bk512", lambda: kg.arc_quantize_activation_triton(x, rand, s, packed=False, deq_dtype=torch.bfloat16, block_k=512)),
-        ("copy_bf16", lambda: x.clone()),
+        ("act_packed", lambda x=x, rand=rand: kg.arc_quantize_activation_triton(x, rand, s)),
+        ("act_deq", lambda x=x, rand=rand: kg.arc_quantize_activation_triton(x, rand, s, packed=False, deq_dtype=torch.bfloat16)),
+        ("act_deq_bk512", lambda x=x, rand=rand: kg.arc_quantize_activation_triton(x, rand, s, packed=False, deq_dtype=torch.bfloat16, block_k=512)),
+        ("copy_bf16", lambda x=x: x.clone()),
     ]
     for name, fn in rows:
         us = time_rotated([fn] * 4)
         out[f"{m}/{name}"] = us
         print(f"M={m:<5} {name:<18} {us:9.2f} us", flush=True)
-json.dump(out, open(os.path.join(os.environ.get("OUT", "out"), "probe_arc_act.json"), "w"), indent=1)
+_write(out)
 
 # Reciprocal + FMA corrections vs IEEE division on random (x, d) in the domain where the activation kernel's
 # quotient decides a code: d = e4m3 · S ≥ 2^-99 (the kernel takes this path for S ≥ 2^-90) with a random
 # significand, |x/d| in [2^-3, 16) (below 2^-3 every quotient gives code 0).
-import triton
-import triton.language as tl
 
 
 @triton.jit
@@ -66,4 +75,4 @@ for i in range(32):
 print(f"division check: {bad[0].item()} (two corrections) / {bad[1].item()} (one) of {total} quotients differ "
       "from div_rn", flush=True)
 out["div_check"] = {"pairs": total, "mismatches_two_corrections": bad[0].item(), "mismatches_one": bad[1].item()}
-json.dump(out, open(os.path.join(os.environ.get("OUT", "out"), "probe_arc_act.json"), "w"), indent=1)
+_write(out)

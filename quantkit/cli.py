@@ -187,12 +187,16 @@ def bench_kernels(ctx):
 @click.option("--lm-head-bits", type=click.Choice(["2", "3", "4"]), default=None,
               help="Also quantize an untied lm_head of the on-the-fly variants (uniform int, group 128, RTN); "
                    "each recipe is then measured with and without it.")
+@click.option("--outlier-share", type=click.FloatRange(0.0, 1.0), default=None,
+              help="Activation recipes quantized on the fly (no calibration data): share of input channels "
+                   "laid out as outliers (ARC residual channels, COMET INT8 channels). Default: ARC 1/16, "
+                   "COMET the recipe's max_int8_share.")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--json", "json_path", type=click.Path(path_type=Path), default=None, help="Write results here.")
 @click.option("--plot", "plot_path", type=click.Path(path_type=Path), default=None,
               help="Write a PNG bar chart here (needs matplotlib).")
 def bench_latency(model, shape, recipe, batch, prompt, gen, repeats, warmup, device, dtype, no_graphs, compile_,
-                  no_profile, pdl, no_fuse, fit_budget, lm_head_bits, seed, json_path, plot_path):
+                  no_profile, pdl, no_fuse, fit_budget, lm_head_bits, outlier_share, seed, json_path, plot_path):
     """Prefill / decode latency of MODEL_OR_DIR (or --shape) vs its bf16 model: static KV cache, CUDA graphs."""
     import torch
 
@@ -208,7 +212,8 @@ def bench_latency(model, shape, recipe, batch, prompt, gen, repeats, warmup, dev
                         graphs=not no_graphs, compile=compile_, profile=not no_profile,
                         fuse=not no_fuse, pdl=pdl, device=device,
                         dtype=dtype or ("float32" if device == "cpu" else "bfloat16"), seed=seed,
-                        fit_budget_s=fit_budget, lm_head_bits=int(lm_head_bits) if lm_head_bits else None)
+                        fit_budget_s=fit_budget, lm_head_bits=int(lm_head_bits) if lm_head_bits else None,
+                        outlier_share=outlier_share)
     recipes = [r.strip() for r in recipe.split(",") if r.strip()] if recipe else []
     run_latency(model, shape, recipes, cfg, json_path=json_path, plot_path=plot_path, log=click.echo)
 

@@ -82,10 +82,49 @@ def test_checkpoint_folder_and_fit_budget(tmp_path):
         run_latency(str(ckpt), None, ["rtn-w4g128"], LatencyConfig(**QUICK), log=lambda s: None)
 
 
+def test_activation_recipes_on_the_fly_made_up_layout():
+    """ARC / COMET / FlexQ recipes quantize on the fly with a made-up calibration layout of the documented
+    size; weights are stored in the transformed input space, so each module still approximates its Linear."""
+    from quantkit.methods.arcquant import ARCActQuantizer
+    from quantkit.methods.comet import FMPQActQuantizer
+    from quantkit.nn import QuantLinear
+    from quantkit.recipe import load_recipe
+
+    arc_spec = load_recipe("arcquant-nvfp4").activations
+    assert ARCActQuantizer.for_speed(arc_spec, 4096).residual == 256  # default share 1/16
+    assert ARCActQuantizer.for_speed(arc_spec, 4096, 0.1).residual == 416  # 409.6 rounded up to 16
+    q = ARCActQuantizer.for_speed(arc_spec, 1000, 0.05)
+    assert q.residual == 64 and sorted(q.reorder.tolist()) == list(range(1000))
+    comet_spec = load_recipe("comet-w4ax").activations  # group 128, INT8 share capped at 0.2
+    q = FMPQActQuantizer.for_speed(comet_spec, 4096)
+    assert int((q.block_bits == 8).sum()) == 6 and int((q.block_bits == 4).sum()) == 26
+    assert int((FMPQActQuantizer.for_speed(comet_spec, 4096, 0.05).block_bits == 8).sum()) == 2
+
+    torch.manual_seed(0)
+    for name, max_err in (("arcquant-nvfp4", 0.25), ("comet-w4ax", 0.25), ("flexq-w6a8", 0.05)):
+        m = random_model("tiny", "cpu", torch.float32, seed=2)
+        lin = m.model.layers[0].mlp.down_proj
+        x = torch.randn(5, lin.in_features)
+        with torch.no_grad():
+            ref = lin(x)
+        info = quantize_on_the_fly(m, load_recipe(name), log=lambda s: None, outlier_share=0.25)
+        mods = [mod for mod in m.modules() if isinstance(mod, QuantLinear)]
+        assert len(mods) == 4 * 7 and all(mod.act is not None for mod in mods)
+        assert "made-up layout with outlier share 0.25" in " ".join(info["notes"])
+        q = m.model.layers[0].mlp.down_proj
+        with torch.no_grad():
+            err = float((q(x) - ref).norm() / ref.norm())
+        assert err < max_err, (name, err)
+        if name == "arcquant-nvfp4":
+            assert q.weight_in_features == q.in_features + q.act.residual > q.in_features
+            assert info["act_layout"]["extra_input_channels_share"] > 0.2
+    with pytest.raises(QuantkitError, match="--outlier-share 1.5 must be in"):
+        quantize_on_the_fly(random_model("tiny", "cpu", torch.float32), load_recipe("arcquant-nvfp4"),
+                            log=lambda s: None, outlier_share=1.5)
+
+
 def test_refusals():
     cfg = LatencyConfig(**QUICK)
-    with pytest.raises(QuantkitError, match="quantizes activations"):
-        run_latency(None, "tiny", ["w4a8-rtn"], cfg, log=lambda s: None)
     with pytest.raises(QuantkitError, match="either MODEL_OR_DIR or --shape"):
         run_latency("demo", "tiny", ["rtn-w4g128"], cfg, log=lambda s: None)
     with pytest.raises(QuantkitError, match="unknown --shape 'llama9'.*llama3-8b"):

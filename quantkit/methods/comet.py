@@ -97,6 +97,15 @@ class FMPQActQuantizer(ActQuantizer):
         q.score = collected.score  # kept in memory (not saved) so a variant spec can re-plan: `with_spec`
         return q
 
+    @classmethod
+    def for_speed(cls, spec: ActSpec, in_features: int, outlier_share: float | None = None,
+                  generator: torch.Generator | None = None) -> ActQuantizer:
+        # default: as many outlier channels as the INT8 cap allows (the demo model's calibration reaches it)
+        share = float(spec.option("max_int8_share", 1.0)) if outlier_share is None else outlier_share
+        score = torch.zeros(in_features)
+        score[torch.randperm(in_features, generator=generator)[: round(share * in_features)]] = math.inf
+        return cls(spec, in_features, *cls._plan(spec, score))
+
     @staticmethod
     def _plan(spec: ActSpec, score: torch.Tensor):
         return plan_blocks(score, float(spec.option("outlier_threshold", 8.0)),

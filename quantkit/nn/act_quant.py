@@ -98,6 +98,15 @@ class ActQuantizer(nn.Module):
     def from_calibration(cls, spec: ActSpec, linear: nn.Module, collected) -> ActQuantizer:
         return cls(spec, linear.in_features)
 
+    @classmethod
+    def for_speed(cls, spec: ActSpec, in_features: int, outlier_share: float | None = None,
+                  generator: torch.Generator | None = None) -> ActQuantizer:
+        """A quantizer whose calibration-derived layout is made up instead of measured, for timing models
+        quantized without data (`quantkit bench latency --shape`): `outlier_share` of the input channels
+        (None: the format's default) at random positions count as outliers. The kernels' speed depends on
+        that layout's sizes (residual channels, INT8 blocks) only, never on which channels they are."""
+        return cls(spec, in_features)
+
     def with_spec(self, spec: ActSpec) -> ActQuantizer:
         """This quantizer under another spec of the same format, reusing its calibration (eval/act_variants)."""
         return build_act_quantizer(spec, self.in_features, self.extra_state())
