@@ -177,6 +177,7 @@ def quantize_on_the_fly(model: nn.Module, recipe, fit_budget_s: float | None = N
     from quantkit.methods import rtn_quantize
     from quantkit.nn import KERNELS, QuantLinear
     from quantkit.nn.act_quant import ACT_QUANTIZERS
+    from quantkit.nn.fused import SHARED_INPUT_GROUPS
 
     if outlier_share is not None and not 0.0 <= outlier_share <= 1.0:
         raise QuantkitError(f"--outlier-share {outlier_share:g} must be in [0, 1]")
@@ -204,6 +205,7 @@ def quantize_on_the_fly(model: nn.Module, recipe, fit_budget_s: float | None = N
                 spec = recipe.scheme_for(f"{prefix}.{i}.{name}")
                 if spec is not None:
                     targets.append((name, mod, spec, recipe.act_scheme_for(f"{prefix}.{i}.{name}")))
+        layer_layouts: dict = {}
         for name, mod, spec, aspec in targets:
             src = last.get(name)
             if clone and src is not None and src.spec == spec and (src.in_features, src.out_features) == (
@@ -215,8 +217,13 @@ def quantize_on_the_fly(model: nn.Module, recipe, fit_budget_s: float | None = N
             else:
                 act, w = None, mod.weight
                 if aspec is not None:
-                    act = ACT_QUANTIZERS[aspec.format].for_speed(aspec, mod.in_features, outlier_share, gen)
-                    act = act.to(mod.weight.device)
+                    # Linears reading one input share one layout, as calibration gives them (and can fuse)
+                    parent, _, leaf = name.rpartition(".")
+                    key = (parent, next((g for g in SHARED_INPUT_GROUPS if leaf in g), leaf), aspec)
+                    if key not in layer_layouts:
+                        layer_layouts[key] = ACT_QUANTIZERS[aspec.format].for_speed(
+                            aspec, mod.in_features, outlier_share, gen).to(mod.weight.device)
+                    act = copy.deepcopy(layer_layouts[key])
                     w = act.transform_weight(w)
                 fmt = make_format(spec)
                 if hasattr(fmt, "prepare"):  # formats with a whole-matrix parameter bind it first

@@ -8,8 +8,11 @@ replaced by a `LinearSlice` that asks the shared `FusedLinear` for its columns; 
 an input computes the whole product, the others take views of it.
 
 Packed weights are concatenated through their format's unpack / pack (codes and per-group parameters are
-per output feature), so any weight-only format fuses. Linears with an activation quantizer are left alone:
-their calibration (permutation, residual channels, the A6/A8 choice) is per Linear.
+per output feature), so any weight-only format fuses. Linears with an activation quantizer fuse when their
+quantizers are identical (same spec and buffers: the pipeline calibrates q/k/v and gate/up on one shared
+input, so COMET's permutation and FlexQ's bits agree unless the A8 search split them) and the weight format
+can hold the members in one matrix (NVFP4's single fp32 tensor scale per matrix cannot, so ARC stays unfused):
+the input is then quantized once for the group.
 
 This is a runtime transform, like the kernels' repack: a fused model's state dict has the fused names, so
 save the unfused model (`quantkit.save` before fusing).
@@ -17,9 +20,12 @@ save the unfused model (`quantkit.save` before fusing).
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
 
+from quantkit.errors import QuantkitError
 from quantkit.nn.quant_linear import QuantLinear
 
 # Projections that read one input in the Hugging Face decoder layers we support (Llama, Mistral, Qwen2/3,
@@ -98,8 +104,18 @@ def _fusable(mods: list[nn.Module]) -> bool:
     if all(type(m) is nn.Linear for m in mods):
         return all(m.weight.dtype == first.weight.dtype and m.weight.device == first.weight.device for m in mods)
     if all(isinstance(m, QuantLinear) for m in mods):
-        return all(m.act is None and m.spec == first.spec for m in mods)
+        return all(m.spec == first.spec and _same_act(m.act, first.act) for m in mods)
     return False
+
+
+def _same_act(a: nn.Module | None, b: nn.Module | None) -> bool:
+    if a is None or b is None:
+        return a is b
+    if type(a) is not type(b) or a.spec != b.spec or a.weight_in_features != b.weight_in_features:
+        return False
+    sa, sb = dict(a.named_buffers()), dict(b.named_buffers())
+    return sa.keys() == sb.keys() and all(
+        sa[k].shape == sb[k].shape and torch.equal(sa[k].to(sb[k].device), sb[k]) for k in sa)
 
 
 @torch.no_grad()
@@ -109,12 +125,14 @@ def concat_linears(mods: list[nn.Module]) -> nn.Module:
     bias = torch.cat([m.bias for m in mods]) if first.bias is not None else None
     n = sum(m.out_features for m in mods)
     if isinstance(first, QuantLinear):
-        fmt, k = first.fmt, first.in_features
+        fmt, k = first.fmt, first.weight_in_features
         parts = [fmt.unpack(m.packed(), fmt.padded_k(k)) for m in mods]
         codes = torch.cat([c for c, _ in parts])
         params = {name: torch.cat([p[name] for _, p in parts]) for name in parts[0][1]}
-        packed = fmt.pack(codes, params, k)
-        return QuantLinear(k, n, first.spec, packed, bias.clone() if bias is not None else None)
+        packed = fmt.pack(codes, params, k)  # QuantkitError where the format cannot hold them in one matrix
+        act = copy.deepcopy(first.act) if first.act is not None else None
+        return QuantLinear(first.in_features, n, first.spec, packed, bias.clone() if bias is not None else None,
+                           act)
     lin = nn.Linear(first.in_features, n, bias=bias is not None, device=first.weight.device,
                     dtype=first.weight.dtype)
     lin.weight.copy_(torch.cat([m.weight for m in mods]))
@@ -133,7 +151,11 @@ def fuse_shared_input_linears(model: nn.Module,
             mods = [getattr(parent, n, None) for n in names]
             if any(m is None or isinstance(m, LinearSlice) for m in mods) or not _fusable(mods):
                 continue
-            group = FusedLinear(concat_linears(mods), [m.out_features for m in mods])
+            try:
+                linear = concat_linears(mods)
+            except QuantkitError:  # e.g. NVFP4 members with different tensor scales
+                continue
+            group = FusedLinear(linear, [m.out_features for m in mods])
             for i, name in enumerate(names):
                 setattr(parent, name, LinearSlice(group, i, mods[i].in_features))
             # registered once on the parent, so `.to()` / `.cuda()` and named_modules() reach it
