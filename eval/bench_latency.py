@@ -21,9 +21,9 @@ Harness, per model and batch B (prompt P random token ids, G generated tokens, g
   steps are G - 1 graph replays. Where capture fails the harness says why and times eager steps instead
   (and on CPU, where there are no graphs).
 - `--compile` (`LatencyConfig.compile`): the decode step's forward goes through `torch.compile` (inductor,
-  static shapes); each weight-only QuantLinear is one opaque op (`quantkit::wq_matmul`), so the ~45 small
-  norm / rotary / attention / residual kernels per layer fuse into a few, while the Triton weight kernels run
-  as they are (activation-quantized QuantLinears keep a graph break); the compiled
+  static shapes); each QuantLinear is one opaque op (`quantkit::wq_matmul`, or `lowbit_act_linear` /
+  `arc_act_linear` with activation quantization), so the ~45 small norm / rotary / attention / residual
+  kernels per layer fuse into a few, while the Triton kernels run as they are; the compiled
   step is then captured the same way. Same harness for the baseline. (H200, Llama-3-8B, B = 1: bf16 7.56 ->
   5.42 ms/step, rtn-w4g128 5.32 -> 3.28.) A compile failure falls back to the uncompiled step, recorded.
 - Llama-like models (all layers full attention) get an explicit 4-D boolean mask and, for single-token
@@ -64,8 +64,8 @@ METHOD_FUSE = ("; q/k/v and gate/up projections fused into one Linear per group 
 METHOD_PDL = "; decode GEMVs launched with programmatic dependent launch (QUANTKIT_PDL=1)"
 METHOD_COMPILE = ("; the decode step's forward compiled by torch.compile (inductor, default mode, static "
                   "shapes), "
-                  "each weight-only QuantLinear one opaque op (quantkit::wq_matmul: its Triton kernels run as "
-                  "they are)")
+                  "each QuantLinear one opaque op (quantkit::wq_matmul, lowbit_act_linear, arc_act_linear: "
+                  "its Triton kernels run as they are)")
 
 
 @dataclass
@@ -420,21 +420,10 @@ def install_decode_attention(model: nn.Module) -> bool:
 
 
 def _compiled(model: nn.Module):
-    """`torch.compile(model)` for the decode step. Weight-only QuantLinears trace into one opaque op each
-    (`quantkit::wq_matmul`: the Triton kernels and their autotuners run as they are), so inductor fuses the
-    norms, rotary, attention and residual glue across them; QuantLinears with activation quantization keep
-    a graph break (dynamo disabled inside)."""
-    from quantkit.nn import QuantLinear
-
-    for mod in model.modules():
-        if isinstance(mod, QuantLinear) and mod.act is not None and not getattr(mod, "_qk_dynamo_disabled",
-                                                                                False):
-            mod.forward = torch._dynamo.disable(mod.forward)
-            mod._qk_dynamo_disabled = True
-    # the code after each break is one resumed frame per (layer, module): allow that many specializations
-    for knob in ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit", "accumulated_cache_size_limit"):
-        if hasattr(torch._dynamo.config, knob):
-            setattr(torch._dynamo.config, knob, max(getattr(torch._dynamo.config, knob), 4096))
+    """`torch.compile(model)` for the decode step. Every QuantLinear traces into one opaque op
+    (`quantkit::wq_matmul` for weight-only formats, `quantkit::lowbit_act_linear` / `quantkit::arc_act_linear`
+    with activation quantization: the Triton kernels and their autotuners run as they are), so inductor fuses
+    the norms, rotary, attention and residual glue across them."""
     return torch.compile(model, dynamic=False)
 
 
@@ -854,7 +843,7 @@ def run_latency(source: str | None = None, shape: str | None = None, recipes: li
 
         os.environ["QUANTKIT_PDL"] = "1"
     variants, desc = _variants(source, shape, list(recipes or []), dev, dtype, cfg, log)
-    env = environment()
+    env = environment(dev)
     bw = copy_bandwidth(dev)
     graphs_on = dev.type == "cuda" and cfg.graphs
     result = {"env": env, "model": desc, "config": asdict(cfg), "baseline": variants[0].name,

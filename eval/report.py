@@ -71,8 +71,9 @@ def write_json(path: str | os.PathLike, obj: Any, indent: int = 1) -> Path:
     return path
 
 
-def environment() -> dict[str, Any]:
-    """torch / triton / transformers versions and the CUDA device (name, SMs, L2), where present."""
+def environment(device: Any = None) -> dict[str, Any]:
+    """torch / triton / transformers versions and the device measured on: the CUDA device (name, SMs, L2) where
+    present, unless `device` says the run is on the CPU."""
     import torch
 
     env: dict[str, Any] = {"torch": torch.__version__}
@@ -81,8 +82,10 @@ def environment() -> dict[str, Any]:
             env[mod] = __import__(mod).__version__
         except ImportError:
             env[mod] = None
-    if torch.cuda.is_available():
-        p = torch.cuda.get_device_properties(torch.cuda.current_device())
+    if torch.cuda.is_available() and (device is None or torch.device(device).type == "cuda"):
+        p = torch.cuda.get_device_properties(torch.device(device) if device is not None
+                                             and torch.device(device).index is not None
+                                             else torch.cuda.current_device())
         env.update(device=p.name, sms=p.multi_processor_count, l2_bytes=getattr(p, "L2_cache_size", None),
                    gpu_memory_bytes=p.total_memory)
     else:

@@ -9,6 +9,11 @@ A forward returns None (QuantLinear then runs its torch reference) when the modu
 kernels serve: activation quantization switched off (calibration), per-token activation groups other
 than 128, weight groups the int8 kernels cannot read, or unsupported dtypes. Prepared weights are cached
 on the module (`_act_kernel_cache`); the stored buffers are never modified.
+
+Under torch.compile each forward is one opaque custom op (`quantkit::lowbit_act_linear`,
+`quantkit::arc_act_linear`), like the weight-only `quantkit::wq_matmul`: inductor then fuses the glue around
+the Linears instead of breaking the graph at each of them. As there, the prepared weights must exist before
+tracing (any eager forward builds them); a module never run eagerly falls back to the traced torch reference.
 """
 
 from __future__ import annotations
@@ -26,6 +31,43 @@ def _cached(mod, build):
     return c[1]
 
 
+def _prepared_or_none(mod):
+    """While tracing: the cache an eager forward built (None if there is none), never a new build."""
+    c = getattr(mod, "_act_kernel_cache", None)
+    return c[1] if c is not None and c[0] == mod.weight_in_features else None
+
+
+@torch.library.custom_op("quantkit::lowbit_act_linear", mutates_args=())
+def lowbit_act_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
+                      block_bits: torch.Tensor | None, perm: torch.Tensor | None, bias: torch.Tensor | None,
+                      act_bits: int, bits: int, k: int, group_size: int) -> torch.Tensor:
+    """`int8_gemm.lowbit_linear` as one op (FlexQ: act_bits per layer; COMET: block_bits + perm)."""
+    from quantkit.kernels.int8_gemm import lowbit_linear
+    from quantkit.kernels.int8_reference import LowbitWeight
+
+    w = LowbitWeight(bits, k, qweight.shape[0], qweight, scales, zeros, group_size or None)
+    return lowbit_linear(x, w, block_bits if block_bits is not None else act_bits, perm, bias)
+
+
+@lowbit_act_linear.register_fake
+def _lowbit_act_linear_fake(x, qweight, scales, zeros, block_bits, perm, bias, act_bits, bits, k, group_size):
+    return x.new_empty(*x.shape[:-1], qweight.shape[0])
+
+
+@torch.library.custom_op("quantkit::arc_act_linear", mutates_args=())
+def arc_act_linear(x: torch.Tensor, ridx: torch.Tensor, q: torch.Tensor, s: torch.Tensor,
+                   bias: torch.Tensor | None, sw: float, k: int, s_res: int) -> torch.Tensor:
+    """`nvfp4_gemm.arc_linear` as one op."""
+    from quantkit.kernels.nvfp4_gemm import ArcWeight, arc_linear
+
+    return arc_linear(x, ridx, ArcWeight(q, s, sw, k, s_res), bias)
+
+
+@arc_act_linear.register_fake
+def _arc_act_linear_fake(x, ridx, q, s, bias, sw, k, s_res):
+    return x.new_empty(*x.shape[:-1], q.shape[0])
+
+
 def int8_forward(mod, x: torch.Tensor) -> torch.Tensor | None:
     from quantkit.kernels.int8_gemm import lowbit_linear, supports
     from quantkit.kernels.int8_reference import ACT_GROUP, prepare_int4, prepare_int6
@@ -36,6 +78,14 @@ def int8_forward(mod, x: torch.Tensor) -> torch.Tensor | None:
         return None
     if not supports(spec.format, spec.bits, spec.group_size):
         return None
+    if torch.compiler.is_compiling():
+        prepared = _prepared_or_none(mod)
+        if prepared is None:
+            return None
+        w, bits, perm = prepared
+        block_bits, act_bits = (bits, 0) if isinstance(bits, torch.Tensor) else (None, int(bits))
+        return lowbit_act_linear(x, w.qweight, w.scales, w.zeros, block_bits, perm, mod.bias, act_bits, w.bits,
+                                 w.k, w.group_size or 0)
 
     def build():
         packed, k = mod.packed(), mod.weight_in_features
@@ -55,6 +105,12 @@ def nvfp4_forward(mod, x: torch.Tensor) -> torch.Tensor | None:
     act = mod.act
     if act is None or not act.enabled or x.dtype not in _DTYPES:
         return None
+    if torch.compiler.is_compiling():
+        prepared = _prepared_or_none(mod)
+        if prepared is None:
+            return None
+        w, ridx = prepared
+        return arc_act_linear(x, ridx, w.q, w.s, mod.bias, w.sw, w.k, w.s_res)
 
     def build():
         p = mod.packed()

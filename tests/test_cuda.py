@@ -90,3 +90,31 @@ def test_compiled_fused_model_matches_eager_kernels(calib):
             eager = m(x).logits  # also builds every module's kernel-ready weights before tracing
             out = compiled(x).logits
         torch.testing.assert_close(out.float(), eager.float(), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("recipe", ["flexq-w6a8", "comet-w4ax", "arcquant-nvfp4"])
+def test_compiled_activation_quantized_model_traces_kernel_ops(recipe, calib):
+    """torch.compile traces activation-quantized QuantLinears into their custom ops (one graph, no breaks):
+    same logits as the eager kernels at prompt and single-token shapes."""
+    from quantkit.nn.fused import fuse_shared_input_linears
+
+    m = tiny_llama()
+    quantize_model(m, load_recipe(recipe), calib, progress=False)
+    m = m.to("cuda", torch.bfloat16)
+    fuse_shared_input_linears(m)
+    graphs, ops = [], set()
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        ops.update(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+        return gm.forward
+
+    compiled = torch.compile(m, backend=backend)
+    for x in (calib[:2].cuda(), calib[:1, :1].cuda()):
+        with torch.no_grad():
+            eager = m(x).logits  # builds every module's kernel-ready weights before tracing
+            out = compiled(x).logits
+        torch.testing.assert_close(out.float(), eager.float(), rtol=2e-2, atol=2e-2)
+    op = "quantkit.arc_act_linear" if recipe.startswith("arc") else "quantkit.lowbit_act_linear"
+    assert any(op in o for o in ops), sorted(ops)[:20]
+    assert len(graphs) == 2  # one graph per input shape: no graph breaks
