@@ -38,9 +38,14 @@ def main(argv=None) -> None:
     json_path = Path(args.json) if args.json else out_dir / "table.json"
     json_path.parent.mkdir(parents=True, exist_ok=True)
 
+    from quantkit.eval.report import environment
+
+    # library versions: GPTQ results moved with the environment alone (README, demo), so record it
+    env = environment(args.device)
+
     def dump():
         json_path.write_text(json.dumps({"model": args.model, "dataset": args.dataset, "seq_len": args.seq_len,
-                                         "nsamples": args.nsamples, "rows": rows}, indent=2))
+                                         "nsamples": args.nsamples, "env": env, "rows": rows}, indent=2))
 
     if not args.no_fp:
         m, tok = qk.load_model(args.model, device=args.device)
