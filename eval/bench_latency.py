@@ -183,7 +183,7 @@ def quantize_on_the_fly(model: nn.Module, recipe, fit_budget_s: float | None = N
         raise QuantkitError(f"--outlier-share {outlier_share:g} must be in [0, 1]")
     notes = []
     gen = torch.Generator().manual_seed(seed)
-    act_layouts: dict[str, list[int]] = {}
+    made_up_layouts = False
     if recipe.method.name != "rtn":
         notes.append(f"weights fitted by RTN in the recipe's format ({recipe.method.name} would give the same "
                      f"format, bytes and kernels)")
@@ -231,8 +231,7 @@ def quantize_on_the_fly(model: nn.Module, recipe, fit_budget_s: float | None = N
                 codes, params = rtn_quantize(w, fmt)
                 q = QuantLinear.from_codes(mod, spec, codes, params, act=act).to(mod.weight.device)
                 del codes, params, w
-            if q.act is not None:
-                act_layouts.setdefault(type(q.act).__name__, []).append(q.weight_in_features - q.in_features)
+            made_up_layouts |= q.act is not None
             _set_module(layer, name, q)
             last[name] = q
             keys.add(q.kernel_key)
@@ -247,7 +246,7 @@ def quantize_on_the_fly(model: nn.Module, recipe, fit_budget_s: float | None = N
         notes.append(f"fitting stopped after {fitted_layers} of {len(layers)} layers (--fit-budget "
                      f"{fit_budget_s:g} s); the other {cloned_layers} hold copies of the last fitted layer's "
                      f"packed tensors (timing-equivalent)")
-    if act_layouts:
+    if made_up_layouts:
         share = "the format's default" if outlier_share is None else f"{outlier_share:g}"
         notes.append(f"activation quantizers calibrated on nothing: a made-up layout with outlier share {share} "
                      f"(--outlier-share) at random channels; timings hold for that layout, outputs are "
@@ -260,7 +259,7 @@ def quantize_on_the_fly(model: nn.Module, recipe, fit_budget_s: float | None = N
         log(f"  note: {n}")
     out = {"recipe": recipe.name, "method": "rtn", "modules": n_mod, "fitted_layers": fitted_layers,
            "cloned_layers": cloned_layers, "seconds": secs, "notes": notes}
-    if act_layouts:
+    if made_up_layouts:
         out["act_layout"] = _act_layout_summary(model)
     return out
 
