@@ -305,7 +305,7 @@ def quantize_layer(layer: nn.Module, lprefix: str, recipe: Recipe, xs, kwargs: d
                 # of a block share their activation transform: same format, same calibration input)
                 first = acts.get(block[0])
                 k = first.gptq_in_features if first is not None else targets[block[0]][0].in_features
-                acc = HessianAccumulator(k, device)
+                acc = HessianAccumulator(k, device, recipe.method.sink_weight)
                 _run_block_hook(layer, targets[block[-1]][0],
                                 (lambda x, a=acc, f=first: a.add(f.hessian_input(x))) if first is not None else acc.add,
                                 xs, kwargs, device)

@@ -81,6 +81,9 @@ class MethodSpec:
     block_size: int = 128  # GPTQ: columns per lazy-update block
     act_order: bool = False  # GPTQ: columns in descending diag(H) order (groups stay static, see gptq.py)
     true_sequential: bool = True  # GPTQ: re-collect inputs after quantizing each sub-block of a layer
+    # GPTQ: weight of each calibration window's first token (the attention sink) in the Hessian; > 1 keeps
+    # GPTQ from trading that token's error for the others' (docs/ARCQUANT.md)
+    sink_weight: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -299,6 +302,8 @@ def _method_from_dict(d: dict) -> MethodSpec:
         raise QuantkitError(f"method.damping = {spec.damping} is out of range: use 0 <= damping < 1")
     if spec.block_size < 1:
         raise QuantkitError(f"method.block_size = {spec.block_size} must be >= 1")
+    if not spec.sink_weight > 0:
+        raise QuantkitError(f"method.sink_weight = {spec.sink_weight} must be > 0 (1 = every token alike)")
     return spec
 
 

@@ -29,14 +29,20 @@ from quantkit.formats.base import Params, WeightFormat
 
 
 class HessianAccumulator:
-    """Running H = 2/n Σ xᵀx over the rows of every batch passed to `add` (x: [..., K])."""
+    """Running H = 2/n Σ xᵀx over the rows of every batch passed to `add` (x: [..., K]).
 
-    def __init__(self, k: int, device: torch.device | str):
+    sink_weight: the first position of each sequence (x: [batch, seq, K]) counts that many times."""
+
+    def __init__(self, k: int, device: torch.device | str, sink_weight: float = 1.0):
         self.h = torch.zeros(k, k, dtype=torch.float32, device=device)
         self.n = 0
+        self.sink_weight = float(sink_weight)
 
     @torch.no_grad()
     def add(self, x: torch.Tensor) -> None:
+        if self.sink_weight != 1.0 and x.dim() >= 3:
+            x = x.clone()
+            x[..., 0, :] *= self.sink_weight ** 0.5
         x = x.reshape(-1, x.shape[-1]).to(self.h.device, torch.float32)
         m = x.shape[0]
         if m == 0:
