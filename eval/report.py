@@ -82,9 +82,9 @@ def environment(device: Any = None) -> dict[str, Any]:
             env[mod] = __import__(mod).__version__
         except ImportError:
             env[mod] = None
-    if torch.cuda.is_available() and (device is None or torch.device(device).type == "cuda"):
-        p = torch.cuda.get_device_properties(torch.device(device) if device is not None
-                                             and torch.device(device).index is not None
+    dev = torch.device(device) if device is not None else None
+    if torch.cuda.is_available() and (dev is None or dev.type == "cuda"):
+        p = torch.cuda.get_device_properties(dev if dev is not None and dev.index is not None
                                              else torch.cuda.current_device())
         env.update(device=p.name, sms=p.multi_processor_count, l2_bytes=getattr(p, "L2_cache_size", None),
                    gpu_memory_bytes=p.total_memory)

@@ -23,18 +23,16 @@ import torch
 _DTYPES = (torch.bfloat16, torch.float16)
 
 
-def _cached(mod, build):
+def _cached(mod, build=None):
+    """The module's prepared weights; built by `build` when missing or stale. Without `build` (while tracing:
+    no new build) a missing or stale cache gives None."""
     c = getattr(mod, "_act_kernel_cache", None)
     if c is None or c[0] != mod.weight_in_features:
+        if build is None:
+            return None
         c = (mod.weight_in_features, build())
         mod._act_kernel_cache = c
     return c[1]
-
-
-def _prepared_or_none(mod):
-    """While tracing: the cache an eager forward built (None if there is none), never a new build."""
-    c = getattr(mod, "_act_kernel_cache", None)
-    return c[1] if c is not None and c[0] == mod.weight_in_features else None
 
 
 @torch.library.custom_op("quantkit::lowbit_act_linear", mutates_args=())
@@ -79,7 +77,7 @@ def int8_forward(mod, x: torch.Tensor) -> torch.Tensor | None:
     if not supports(spec.format, spec.bits, spec.group_size):
         return None
     if torch.compiler.is_compiling():
-        prepared = _prepared_or_none(mod)
+        prepared = _cached(mod)
         if prepared is None:
             return None
         w, bits, perm = prepared
@@ -106,7 +104,7 @@ def nvfp4_forward(mod, x: torch.Tensor) -> torch.Tensor | None:
     if act is None or not act.enabled or x.dtype not in _DTYPES:
         return None
     if torch.compiler.is_compiling():
-        prepared = _prepared_or_none(mod)
+        prepared = _cached(mod)
         if prepared is None:
             return None
         w, ridx = prepared
