@@ -17,6 +17,13 @@ from quantkit.data import load_text, tokenize
 from quantkit.errors import QuantkitError
 
 
+def _exp(x: float) -> float:
+    try:
+        return math.exp(x)
+    except OverflowError:  # a mean NLL past ~709 nats: report inf (the CLI refuses non-finite results)
+        return math.inf
+
+
 @torch.no_grad()
 def perplexity(model, tokenizer=None, dataset: str = "ptb", seq_len: int = 2048,
                max_windows: int | None = None, split: str = "test", progress: bool = True) -> dict:
@@ -50,12 +57,12 @@ def perplexity(model, tokenizer=None, dataset: str = "ptb", seq_len: int = 2048,
                 logits = model(x, use_cache=False).logits[0, :-1].float()
                 nll += float(F.cross_entropy(logits, x[0, 1:], reduction="sum"))
                 count += seq_len - 1
-                bar.set_postfix(ppl=f"{math.exp(nll / count):.3f}")
+                bar.set_postfix(ppl=f"{_exp(nll / count):.3f}")
     finally:
         set_weight_cache(model, False)
     return {
         "dataset": dataset, "split": split, "seq_len": seq_len, "windows": windows,
         "tokens": windows * seq_len, "predicted_tokens": count, "nll": nll / count,
-        "ppl": math.exp(nll / count), "seconds": round(time.perf_counter() - t0, 2),
+        "ppl": _exp(nll / count), "seconds": round(time.perf_counter() - t0, 2),
         "dtype": str(dtype).replace("torch.", ""), "device": str(device), "kv_cache": kv,
     }

@@ -12,13 +12,16 @@ place only when complete, so an interrupted save never leaves a half-valid check
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import re
 import shutil
+import tempfile
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from quantkit.errors import QuantkitError
@@ -31,9 +34,64 @@ DEFAULT_SHARD_BYTES = 2 * 1024**3
 
 
 def check_out_dir(out: Path, overwrite: bool) -> None:
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+    """Refuse a non-empty `out` without `overwrite`, and an `out` that cannot be written (checked with a
+    probe file next to it, so a read-only location fails before the long part, not after)."""
+    if out.exists() and not out.is_dir() and not overwrite:
+        raise QuantkitError(f"output '{out}' is an existing file; pass --overwrite (overwrite=True) to replace it "
+                            f"or choose another --out")
+    if out.exists() and out.is_dir() and any(out.iterdir()) and not overwrite:
         raise QuantkitError(f"output '{out}' exists and is not empty; pass --overwrite (overwrite=True) "
                             f"or choose another --out")
+    _check_writable(out)
+
+
+def _check_writable(out: Path) -> None:
+    """Create and delete a probe file where `<out>.partial` will be created (the nearest existing folder
+    above `out`): a read-only or full location, or a file in the way, fails here."""
+    anc = out.parent
+    while not anc.exists() and anc != anc.parent:
+        anc = anc.parent
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".quantkit-probe-", dir=anc)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise QuantkitError(f"cannot write --out '{out}': '{anc}' is not a writable folder "
+                            f"({e.strerror or e}); choose another --out or fix its permissions") from None
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def remove_path(path: Path) -> None:
+    """Delete a file, link or folder tree at `path` if there is one."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    elif path.exists() or path.is_symlink():
+        path.unlink(missing_ok=True)
+
+
+def replace_path(src: Path, out: Path) -> None:
+    """Rename the finished folder `src` to `out`, replacing what is at `out` (a folder or a file) through
+    `<out>.old`, which is deleted afterwards."""
+    if out.exists() or out.is_symlink():
+        old = out.with_name(out.name + ".old")
+        remove_path(old)
+        os.replace(out, old)
+        os.replace(src, out)
+        remove_path(old)
+    else:
+        os.replace(src, out)
+
+
+def write_error(e: OSError, what: Path, then: str) -> QuantkitError:
+    """One line for a failed write: disk full, or the OS's reason."""
+    if e.errno == errno.ENOSPC:
+        return QuantkitError(f"disk full while writing '{what}'; free space and {then}")
+    return QuantkitError(f"could not write '{what}' ({e.strerror or e}); fix that and {then}")
 
 
 def _state_for_saving(model) -> dict[str, torch.Tensor]:
@@ -70,8 +128,20 @@ def write_shard(tensors: dict[str, torch.Tensor], path: Path) -> None:
     two keys would make identical tensors give different bytes (the format version lives in the index).
     """
     part = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(part), metadata={"format": "pt"})
-    os.replace(part, path)
+    try:
+        save_file(tensors, str(part), metadata={"format": "pt"})
+        os.chmod(part, 0o666 & ~_umask())  # the writer creates 0600 files; honour the umask as open() does
+        os.replace(part, path)
+    except SafetensorError as e:
+        part.unlink(missing_ok=True)
+        m = re.search(r"os error (\d+)", str(e))  # an I/O failure (disk full, ...): an OSError to the callers
+        if m is None:
+            raise
+        code = int(m.group(1))
+        raise OSError(code, os.strerror(code), str(path)) from None
+    except BaseException:
+        part.unlink(missing_ok=True)
+        raise
 
 
 def make_index(weight_map: dict[str, str], total_bytes: int) -> dict:
@@ -106,8 +176,8 @@ def save(model, out: str | os.PathLike, tokenizer=None, overwrite: bool = False,
     qc = quantization_config(model)
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     try:
+        tmp.mkdir(parents=True)
         tensors = _state_for_saving(model)
         shards = _shards(tensors, max_shard_bytes)
         weight_map, total = {}, 0
@@ -126,17 +196,10 @@ def save(model, out: str | os.PathLike, tokenizer=None, overwrite: bool = False,
             gen.save_pretrained(str(tmp))
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
-        if out.exists():
-            old = out.with_name(out.name + ".old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
+        replace_path(tmp, out)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise QuantkitError(f"could not write checkpoint to '{out}': {e.strerror or e}") from None
+        raise write_error(e, out, "run it again (nothing was left at that path)") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -246,6 +309,15 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: tor
         setattr(model.get_submodule(parent) if parent else model, child,
                 QuantLinear(k, n, spec, packed, bias, act=act))
     expected = set(model.state_dict().keys())
+    unexpected = [k for k in tensors if k not in expected]
+    if unexpected:
+        owner = next((n for n in qc.get("modules", {}) if unexpected[0].startswith(n + ".")), None)
+        what = f" (module '{owner}' is listed as {_scheme_words(qc['modules'][owner])}, which stores no such " \
+               f"tensor)" if owner else ""
+        n = f"{len(unexpected)} tensors" if len(unexpected) > 1 else "a tensor"
+        raise QuantkitError(f"checkpoint holds {n} its quantization_config does not expect ('{unexpected[0]}'"
+                            f"{what}); config.json does not match the shards (edited?): restore it or re-export "
+                            f"the checkpoint")
     missing = [k for k in expected if k not in tensors and not _is_quant_key(model, k)]
     tied = getattr(config, "tie_word_embeddings", False)
     missing = [k for k in missing if not (tied and k.endswith("lm_head.weight"))]
@@ -264,6 +336,11 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: tor
     model.quantkit_recipe = qc.get("recipe")
     model.quantkit_kv_cache = qc.get("kv_cache")
     return model
+
+
+def _scheme_words(entry: dict) -> str:
+    keys = ("format", "bits", "group_size", "symmetric")
+    return ", ".join(f"{k} {entry[k]}" for k in keys if k in entry) or "its scheme"
 
 
 def _is_quant_key(model, key: str) -> bool:

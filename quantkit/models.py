@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
 from quantkit.errors import QuantkitError
 
@@ -265,7 +266,18 @@ def load_fp_model(path: Path, dtype: torch.dtype = torch.float32, device: str = 
             raise QuantkitError(
                 f"'{path}' holds a '{config.model_type}' model, which is not a causal language model"
             )
-    model = AutoModelForCausalLM.from_pretrained(src, dtype=dtype, **kw)
+        if not has_weight_files(path):
+            raise QuantkitError(
+                f"no model weights found in '{path}' (its config.json names a '{config.model_type}' model, but "
+                f"there is no *.safetensors or pytorch_model*.bin file); put the weight files next to config.json "
+                f"or give another folder"
+            )
+    try:
+        model = AutoModelForCausalLM.from_pretrained(src, dtype=dtype, **kw)
+    except (OSError, SafetensorError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise QuantkitError(f"cannot load the model weights in '{path}' ({first}); restore or re-download "
+                            f"them") from None
     if path.is_file():
         model.hf_quantizer = None
         if hasattr(model.config, "quantization_config"):
@@ -274,6 +286,12 @@ def load_fp_model(path: Path, dtype: torch.dtype = torch.float32, device: str = 
     tok = AutoTokenizer.from_pretrained(src, **kw)
     model.eval()
     return model.to(device), tok
+
+
+def has_weight_files(folder: Path) -> bool:
+    """Whether an HF folder holds weight files transformers can load (safetensors or PyTorch .bin)."""
+    return any(True for pat in ("*.safetensors", "*.safetensors.index.json", "pytorch_model*.bin",
+                                "pytorch_model.bin.index.json") for _ in folder.glob(pat))
 
 
 def decoder_layers(model) -> torch.nn.ModuleList:

@@ -32,7 +32,7 @@ process at that point.
 
 from __future__ import annotations
 
-import errno
+import functools
 import hashlib
 import json
 import os
@@ -60,6 +60,8 @@ from quantkit.checkpoint import (
     _packed_names,
     check_out_dir,
     make_index,
+    replace_path,
+    write_error,
     write_shard,
 )
 from quantkit.errors import QuantkitError
@@ -71,10 +73,12 @@ from quantkit.pipeline import (
     _layer_prefix,
     _to,
     capture_layer_inputs,
+    check_finite_tensors,
     kv_cache_entry,
     layer_outputs,
     needs_calibration,
     quantize_layer,
+    quantized_modules,
 )
 from quantkit.recipe import Recipe, load_recipe
 
@@ -176,15 +180,14 @@ def _debug_kill(point: str, layer: int) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def _write_or_fail(what: Path, fn) -> None:
+def _write_or_fail(what: Path, fn, tmp: Path | None = None) -> None:
+    """Run the writer `fn`; an OSError becomes one line (and the writer's temp file `tmp` is deleted)."""
     try:
         fn()
     except OSError as e:
-        if e.errno == errno.ENOSPC:
-            raise QuantkitError(f"disk full while writing '{what}'; free space and rerun the same command: it "
-                                f"resumes after the last finished layer") from None
-        raise QuantkitError(f"could not write '{what}' ({e.strerror or e}); fix that and rerun the same command: "
-                            f"it resumes after the last finished layer") from None
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
+        raise write_error(e, what, "rerun the same command: it resumes after the last finished layer") from None
 
 
 def _save_shard(tensors: dict[str, torch.Tensor], path: Path) -> None:
@@ -202,7 +205,7 @@ def _write_json(path: Path, obj) -> None:
             os.fsync(f.fileno())
         os.replace(tmp, path)
 
-    _write_or_fail(path, go)
+    _write_or_fail(path, go, tmp)
 
 
 def _shard_name(i: int, n: int) -> str:
@@ -344,6 +347,31 @@ def _diff(old: dict, new: dict) -> str:
     return "; ".join(parts)
 
 
+def _drop_partial_without_work(fn):
+    """On a failure (disk full, bad input, Ctrl-C), delete `<out>.partial` if it records no finished unit:
+    nothing there to resume, so nothing is left behind. Finished units are kept for the rerun."""
+
+    @functools.wraps(fn)
+    def wrapper(model, recipe, out, **kwargs):
+        try:
+            return fn(model, recipe, out, **kwargs)
+        except BaseException:
+            partial = Path(out).expanduser()
+            partial = partial.with_name(partial.name + ".partial")
+            mpath = partial / MANIFEST_NAME
+            if partial.is_dir():
+                try:
+                    units = json.loads(mpath.read_text())["units"]
+                except (OSError, ValueError, KeyError, TypeError):
+                    units = None  # no manifest (a finished folder) or a damaged one: the error says what to do
+                if units == {}:
+                    remove_tree(partial)
+            raise
+
+    return wrapper
+
+
+@_drop_partial_without_work
 @torch.no_grad()
 def quantize_streaming(
     model: str | os.PathLike,
@@ -451,6 +479,7 @@ def quantize_streaming(
             continue
         fname = _shard_name(idx, n_shards)
         tensors = src.get(names)  # copied as stored; the biggest is the embedding matrix
+        check_finite_tensors(tensors)
         _save_shard(tensors, partial / fname)
         manifest["units"][unit] = {"file": fname, "tensors": {n: int(t.numel() * t.element_size())
                                                               for n, t in tensors.items()}}
@@ -510,6 +539,8 @@ def quantize_streaming(
             lprefix = f"{prefix}.{li}"
             layer = layers[li]
             _materialize(layer, lprefix, src, device, dtype)
+            check_finite_tensors({f"{lprefix}.{n}": p for n, p in layer.named_parameters()},
+                                 quantized_modules(layer, lprefix, rec))
             report.modules.clear()
             kwargs = _to(layer_kwargs[li], device) if layer_kwargs else {}
             quantize_layer(layer, lprefix, rec, xs, kwargs, device, report, bar, cache_weights=cache_weights,
@@ -530,7 +561,8 @@ def quantize_streaming(
             old_acts = manifest["acts"]
             if ys is not None:
                 afile = f"acts-{li:05d}.bin"
-                _write_or_fail(partial / afile, lambda ys=ys, afile=afile: write_samples(ys, partial / afile))
+                _write_or_fail(partial / afile, lambda ys=ys, afile=afile: write_samples(ys, partial / afile),
+                               partial / f"{afile}.tmp")
                 x0 = ys[0]
                 manifest["acts"] = {"after_layer": li, "file": afile, "n": len(ys), "shape": list(x0.shape),
                                     "dtype": str(x0.dtype).replace("torch.", "")}
@@ -644,10 +676,15 @@ def _open_manifest(partial: Path, settings: dict, n_layers: int) -> dict:
     try:
         partial.mkdir(parents=True)
     except OSError as e:
-        raise QuantkitError(f"cannot create '{partial}' ({e.strerror or e})") from None
+        raise QuantkitError(f"cannot create '{partial}' ({e.strerror or e}); choose another --out or fix its "
+                            f"permissions") from None
     manifest = {"version": MANIFEST_VERSION, "n_layers": n_layers, "settings": settings, "units": {},
                 "acts": None}
-    _write_json(mpath, manifest)
+    try:
+        _write_json(mpath, manifest)
+    except QuantkitError:
+        remove_tree(partial)  # nothing to resume yet
+        raise
     return manifest
 
 
@@ -692,14 +729,10 @@ def _finalize(partial: Path, out: Path, manifest: dict, config, src_path: Path, 
         (partial / manifest["acts"]["file"]).unlink(missing_ok=True)
     (partial / MANIFEST_NAME).unlink()
     remove_tree(partial / "activations")
-    if out.exists():
-        old = out.with_name(out.name + ".old")
-        remove_tree(old)
-        os.replace(out, old)
-        os.replace(partial, out)
-        remove_tree(old)
-    else:
-        os.replace(partial, out)
+    try:
+        replace_path(partial, out)
+    except OSError as e:
+        raise write_error(e, out, f"rerun the same command (the finished checkpoint is in '{partial}')") from None
     log(f"offload: {len(modules)} modules quantized in {seconds:.1f} s; activations on the device peaked at "
         f"{format_size(budget.peak)} -> {out}")
     return out

@@ -62,8 +62,42 @@ def _targets(layer: nn.Module, prefix: str, recipe: Recipe) -> dict[str, tuple[n
 def _check_finite(name: str, w: torch.Tensor) -> None:
     if not torch.isfinite(w).all():
         bad = int((~torch.isfinite(w)).sum())
-        raise QuantkitError(f"weight of '{name}' holds {bad} NaN/Inf values; fix or exclude that layer "
-                            f"(recipe 'ignore')")
+        raise QuantkitError(f"weight of '{name}' holds {bad} NaN/Inf values; the model's weights are damaged: "
+                            f"fix that tensor or re-download / re-convert the model")
+
+
+_FINITE_CHUNK = 1 << 24  # elements per isfinite() pass: a bounded temporary, even for an embedding matrix
+
+
+def _nonfinite(t: torch.Tensor) -> int:
+    if not t.is_floating_point() or t.is_meta:
+        return 0
+    flat = t.detach().reshape(-1)
+    bad = 0
+    for i in range(0, flat.numel(), _FINITE_CHUNK):
+        chunk = flat[i : i + _FINITE_CHUNK]
+        if not torch.isfinite(chunk).all():
+            bad += int((~torch.isfinite(chunk)).sum())
+    return bad
+
+
+def check_finite_tensors(tensors: dict[str, torch.Tensor], quantized: set[str] = frozenset()) -> None:
+    """Refuse a NaN/Inf in any floating-point tensor: one left unquantized (a norm, the embeddings) would
+    make every output NaN. `quantized`: module names whose `.weight` gets quantized (their own message)."""
+    for name, t in tensors.items():
+        bad = _nonfinite(t)
+        if not bad:
+            continue
+        module, _, leaf = name.rpartition(".")
+        if leaf == "weight" and module in quantized:
+            _check_finite(module, t)
+        raise QuantkitError(f"tensor '{name}' holds {bad} NaN/Inf values; the model's weights are damaged "
+                            f"(the result would be NaN): fix that tensor or re-download / re-convert the model")
+
+
+def quantized_modules(layer: nn.Module, prefix: str, recipe: Recipe) -> set[str]:
+    """Full names of the Linears of `layer` (named `prefix`) that `recipe` quantizes."""
+    return {f"{prefix}.{n}" for n in _targets(layer, prefix, recipe)}
 
 
 def _set_module(root: nn.Module, name: str, new: nn.Module) -> None:
@@ -412,6 +446,9 @@ def quantize_model(
     if needs_data and (calibration is None or calibration.numel() == 0):
         raise QuantkitError(f"recipe '{recipe.name}' needs calibration data (method '{recipe.method.name}'"
                             f"{', activation calibration' if recipe.activations is not None else ''}); pass a dataset")
+    quantized = set().union(*(quantized_modules(layer, f"{prefix}.{li}", recipe)
+                              for li, layer in enumerate(layers)))
+    check_finite_tensors(dict(model.named_parameters()), quantized)  # before the long part, not in the output
     report = QuantizeReport(recipe=recipe.name)
     t0 = time.perf_counter()
     set_kv_cache(model, recipe.kv_cache)

@@ -383,7 +383,11 @@ def load_recipe(name_or_path: str | Path | Recipe | dict) -> Recipe:
     if p.suffix in (".yaml", ".yml") or p.exists():
         if not p.is_file():
             raise QuantkitError(f"recipe file '{s}' does not exist")
-        text, default = p.read_text(), p.stem
+        try:
+            text, default = p.read_text(), p.stem
+        except (OSError, UnicodeDecodeError) as e:
+            why = "not a text (YAML) file" if isinstance(e, UnicodeDecodeError) else e.strerror or str(e)
+            raise QuantkitError(f"cannot read recipe file '{s}' ({why})") from None
     else:
         entry = _shipped_dir() / f"{s}.yaml"
         if not entry.is_file():
@@ -393,7 +397,14 @@ def load_recipe(name_or_path: str | Path | Recipe | dict) -> Recipe:
             raise QuantkitError(f"unknown recipe '{s}': {hint}")
         text, default = entry.read_text(), s
     try:
-        data = yaml.safe_load(text) or {}
+        data = yaml.safe_load(text)
     except yaml.YAMLError as e:
         raise QuantkitError(f"recipe '{s}' is not valid YAML: {str(e).splitlines()[0]}") from None
+    if data is None:  # an empty file (or only comments) would silently quantize with every default
+        raise QuantkitError(f"recipe file '{s}' is empty; write at least a 'weights:' section (e.g. "
+                            f"'weights: {{bits: 4, group_size: 128}}') or pass a shipped recipe name "
+                            f"(see 'quantkit recipes')")
+    if not isinstance(data, dict):
+        raise QuantkitError(f"recipe '{s}' must be a YAML mapping (keys such as method:, weights:), not a "
+                            f"{type(data).__name__}")
     return recipe_from_dict(data, default_name=default)
