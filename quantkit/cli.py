@@ -62,6 +62,8 @@ def quantize(model, recipe, out, dataset, nsamples, seq_len, seed, device, overw
     rec = qk.load_recipe(recipe)
     if dry_run and not offload:
         raise QuantkitError("--dry-run estimates a streamed run: add --offload")
+    if not dry_run:
+        check_out_dir(out, overwrite)  # not empty, not writable: fail before the long part, not after
     if offload:
         if needs_calibration(rec) and not dry_run:
             load_text(dataset, "train")
@@ -73,7 +75,6 @@ def quantize(model, recipe, out, dataset, nsamples, seq_len, seed, device, overw
         if not dry_run:
             click.echo(f"quantized with '{rec.name}' (offload) in {time.perf_counter() - t0:.1f} s -> {res}")
         return
-    check_out_dir(out, overwrite)  # fail before the long part, not after
     if needs_calibration(rec):
         load_text(dataset, "train")
     t0 = time.perf_counter()
@@ -99,6 +100,8 @@ def eval_group() -> None:
 @_device_option
 def eval_ppl(model, dataset, split, seq_len, max_windows, json_path, device):
     """Perplexity of MODEL_OR_DIR (a quantkit checkpoint, an HF folder, a .gguf, or 'demo')."""
+    import math
+
     import quantkit as qk
     from quantkit.data import load_text
 
@@ -107,6 +110,10 @@ def eval_ppl(model, dataset, split, seq_len, max_windows, json_path, device):
     m, tok = qk.load_model(model, device=device)
     res = qk.eval.perplexity(m, tok, dataset=dataset, seq_len=seq_len, max_windows=max_windows, split=split)
     res["model"] = str(model)
+    if not math.isfinite(res["ppl"]):
+        raise QuantkitError(f"perplexity of '{model}' is not finite (ppl {res['ppl']}): the model outputs NaN/Inf "
+                            f"logits, so its weights are damaged; check the source model for NaN/Inf tensors and "
+                            f"quantize it again")
     click.echo(f"ppl {res['ppl']:.4f}  ({dataset}/{split}, seq_len {seq_len}, {res['windows']} windows, "
                f"{res['dtype']}, {res['seconds']:.0f} s)")
     if json_path:
