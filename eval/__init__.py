@@ -1,5 +1,10 @@
-"""Evaluation jobs: perplexity (and latency benchmarks as they land). Imported as `quantkit.eval`."""
+"""Evaluation jobs, installed as `quantkit.eval`: perplexity, result tables, kernel and latency benchmarks."""
 
-from quantkit.eval.perplexity import perplexity
+if __name__ != "quantkit.eval":  # imported as a bare `eval` from the repository root
+    from quantkit.shadowing import hand_over
 
-__all__ = ["perplexity"]
+    hand_over(__name__, __file__)
+else:
+    from quantkit.eval.perplexity import perplexity
+
+    __all__ = ["perplexity"]

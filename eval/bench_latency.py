@@ -53,6 +53,7 @@ from torch import nn
 
 from quantkit.errors import QuantkitError
 from quantkit.eval.report import Column, environment, format_table, write_json
+from quantkit.kvcache import cache_argument
 
 LLAMA_LIKE = ("llama", "mistral", "qwen2", "qwen3")
 DECODE_ATTN = "quantkit_gqa_decode"
@@ -524,10 +525,12 @@ def measure(model: nn.Module, batch: int, cfg: LatencyConfig, log: Callable[[str
     tok = torch.zeros(batch, 1, dtype=torch.long, device=dev)
     pos = torch.zeros(1, dtype=torch.long, device=dev)
 
+    kv = cache_argument(model)
+
     def prefill():
         cache.reset()
         out = model(input_ids=prompt, position_ids=pre_pos, attention_mask=pre_mask if custom else None,
-                    past_key_values=cache, use_cache=True, logits_to_keep=1)
+                    use_cache=True, logits_to_keep=1, **{kv: cache})
         tok.copy_(out.logits[:, -1].argmax(-1, keepdim=True))
         pos.fill_(p_len)
 
@@ -536,7 +539,7 @@ def measure(model: nn.Module, batch: int, cfg: LatencyConfig, log: Callable[[str
     def step() -> torch.Tensor:
         mask = (ar <= pos).view(1, 1, 1, total_len) if custom else None
         out = fwd["f"](input_ids=tok, position_ids=pos.view(1, 1).expand(batch, 1), attention_mask=mask,
-                       past_key_values=cache, use_cache=True, logits_to_keep=1)
+                       use_cache=True, logits_to_keep=1, **{kv: cache})
         logits = out.logits[:, -1]
         tok.copy_(logits.argmax(-1, keepdim=True))
         pos.add_(1)

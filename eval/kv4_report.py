@@ -5,7 +5,7 @@
 
 (a) bytes per token (all layers, K and V) of a KV4Cache after a full window, against a bf16 DynamicCache;
 (b) greedy generation of --new-tokens tokens from --prompts PTB-test prompts of --prompt-len tokens with
-    `model.generate(past_key_values=KV4Cache(...))`, against a greedy loop that recomputes the whole sequence
+    `model.generate(cache=KV4Cache(...))`, against a greedy loop that recomputes the whole sequence
     each step under `kv4_enabled` (the evaluation path; no cache carried between steps): per-token agreement,
     and the share of stored 4-bit codes that agree with one eval-path forward over the generated sequence;
     for scale, the share of bitwise-equal K/V between an unquantized DynamicCache filled by generate() and
@@ -24,6 +24,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from quantkit.kvcache import cache_argument
 
 
 def _greedy_recompute(model, prompt: torch.Tensor, new_tokens: int, group: int, rotate: bool = False) -> torch.Tensor:
@@ -50,20 +52,20 @@ def generation_agreement(model, prompts: torch.Tensor, new_tokens: int, group: i
         cache = KV4Cache(model.config, group=group, rotate=rotate)
         t0 = time.perf_counter()
         gen = model.generate(x, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False,
-                             min_new_tokens=new_tokens, past_key_values=cache)
+                             min_new_tokens=new_tokens, **{cache_argument(model): cache})
         t_gen = time.perf_counter() - t0
         t0 = time.perf_counter()
         ref = _greedy_recompute(model, x, new_tokens, group, rotate)
         t_ref = time.perf_counter() - t0
         dyn = DynamicCache(config=model.config)
         fp = model.generate(x, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False,
-                            min_new_tokens=new_tokens, past_key_values=dyn)
+                            min_new_tokens=new_tokens, **{cache_argument(model): dyn})
         a, b, f = gen[0, x.shape[1]:], ref[0, x.shape[1]:], fp[0, x.shape[1]:]
         diff = (a != b).nonzero()
         # stored codes: the cache after generate vs one eval-path forward over the same tokens
         fresh = KV4Cache(model.config, group=group, rotate=rotate)
         with torch.no_grad():
-            model(gen[:, :-1], past_key_values=fresh)
+            model(gen[:, :-1], **{cache_argument(model): fresh})
         same = total = 0
         for la, lb in zip(cache.layers, fresh.layers, strict=True):
             for key in ("k", "v"):
@@ -73,7 +75,7 @@ def generation_agreement(model, prompts: torch.Tensor, new_tokens: int, group: i
         # the unquantized cache shows the same chunking effect: generate's DynamicCache vs one full forward
         full = DynamicCache(config=model.config)
         with torch.no_grad():
-            model(fp[:, :-1], past_key_values=full)
+            model(fp[:, :-1], **{cache_argument(model): full})
         fp_same = fp_total = 0
         for la, lb in zip(dyn.layers, full.layers, strict=True):
             for ta, tb in ((la.keys, lb.keys), (la.values, lb.values)):
@@ -136,7 +138,7 @@ def main(argv=None) -> None:
     for g in groups:
         cache = KV4Cache(cfg, group=g, rotate=gen_rotate)
         with torch.no_grad():
-            model(window, past_key_values=cache)
+            model(window, **{cache_argument(model): cache})
         rep = cache.memory_report()
         assert rep["kv4_bytes"] == rep["tokens"] * cfg.num_hidden_layers * kv4_bytes_per_token(
             cfg.num_key_value_heads, hd, g)

@@ -1,4 +1,4 @@
-"""GPU kernels (imported as `quantkit.kernels`), each next to a torch reference of the same math.
+"""GPU kernels, installed as `quantkit.kernels`, each next to a torch reference of the same math.
 
 - `wq_gemv`    the decode GEMV (M ≤ 2) for uniform-int and HLQ weights in packed half2 arithmetic.
 - `wq_gemm`    Triton weight-only GEMM (fused dequant + tl.dot, dequant-to-workspace) and the earlier fp32
@@ -15,6 +15,11 @@ registers only where CUDA and triton are present, and imports neither triton nor
 from __future__ import annotations
 
 import importlib.util
+
+if __name__ != "quantkit.kernels":  # imported as a bare `kernels` from the repository root
+    from quantkit.shadowing import hand_over
+
+    hand_over(__name__, __file__)
 
 
 def register_kernels(table: dict) -> bool:

@@ -92,9 +92,12 @@ def eval_group() -> None:
 
 @eval_group.command(name="ppl")
 @click.argument("model")
-@click.option("--dataset", default="ptb", show_default=True)
-@click.option("--split", default="test", show_default=True)
-@click.option("--seq-len", default=2048, show_default=True)
+@click.option("--dataset", default="ptb", show_default=True,
+              help="Evaluation text: ptb (offline, shipped with the install), wikitext2 or c4 (through "
+                   "`datasets`, when reachable), or a local .txt / .jsonl / .parquet file.")
+@click.option("--split", default="test", show_default=True, help="Split of --dataset: train, valid or test.")
+@click.option("--seq-len", default=2048, show_default=True,
+              help="Tokens per window: the text is cut into non-overlapping windows of this length.")
 @click.option("--max-windows", type=int, default=None, help="Evaluate at most this many windows.")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), default=None, help="Write results here.")
 @_device_option
@@ -146,20 +149,31 @@ def inspect(path, as_json):
 
 @cli.group()
 def bench() -> None:
-    """Benchmarks (need a CUDA GPU)."""
+    """Benchmarks: kernels (CUDA GPU) and end-to-end latency (GPU, or the CPU with --device cpu)."""
 
 
-@bench.command(name="kernels", context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+@bench.command(name="kernels", add_help_option=False,
+               context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
 @click.pass_context
 def bench_kernels(ctx):
-    """Quantized GEMM kernels vs cuBLAS bf16 / fp8 / tinygemm at Llama-3-8B shapes (see --help of the script)."""
-    import torch
+    """Quantized GEMM kernels vs cuBLAS bf16 / fp8 / tinygemm at Llama-3-8B shapes (needs a CUDA GPU).
 
-    if not torch.cuda.is_available():
-        raise QuantkitError("`quantkit bench kernels` needs a CUDA GPU; torch sees none")
+    Options: --quick, --out FILE, --no-others, ... (`quantkit bench kernels --help` lists them all).
+    """
+    args = list(ctx.args)
+    wants_help = any(a in ("-h", "--help") for a in args)
+    if not wants_help:
+        import torch
+
+        if not torch.cuda.is_available():
+            raise QuantkitError("`quantkit bench kernels` needs a CUDA GPU; torch sees none")
     from quantkit.eval.bench_kernels import main as bench_main
 
-    bench_main(list(ctx.args))
+    try:
+        bench_main(args)
+    except SystemExit as e:  # argparse: --help (status 0) or a usage error (status 2, message printed)
+        if e.code:
+            sys.exit(e.code)
 
 
 @bench.command(name="latency")
@@ -247,33 +261,56 @@ def recipes():
 def demo(recipe, nsamples, seq_len, max_windows, out, device):
     """Built-in model -> quantize -> save -> reload -> perplexity and size, before and after."""
     import quantkit as qk
+    from quantkit.eval import perplexity
     from quantkit.inspect import inspect_checkpoint
     from quantkit.models import cache_dir
 
     _check_device(device)
     out = out or cache_dir() / "demo-out" / recipe
-    click.echo(f"demo: SmolLM2-135M-Instruct, recipe {recipe}, {nsamples} x {seq_len} calibration tokens from "
+    rec = qk.load_recipe(recipe)
+    click.echo(f"demo: SmolLM2-135M-Instruct, recipe {rec.name}, {nsamples} x {seq_len} calibration tokens from "
                f"PTB train; perplexity on the first {max_windows} PTB test windows of {seq_len} tokens "
                f"(capped for speed: `quantkit eval ppl` runs all 47)")
+    stages: list[tuple[str, float]] = []
+
+    def stage(name: str):
+        t = time.perf_counter()
+        click.echo(f"- {name} ...")
+        return lambda: stages.append((name, time.perf_counter() - t))
+
+    done = stage("load the model")
     fp, tok = qk.load_model("demo", device=device)
-    fp_res = qk.eval.perplexity(fp, tok, seq_len=seq_len, max_windows=max_windows)
+    done()
+    done = stage("perplexity, unquantized")
+    fp_res = perplexity(fp, tok, seq_len=seq_len, max_windows=max_windows)
     del fp
-    t0 = time.perf_counter()
-    m = qk.quantize("demo", recipe, nsamples=nsamples, seq_len=seq_len, device=device)
-    qsecs = time.perf_counter() - t0
+    done()
+    done = stage(f"quantize with {rec.name}")
+    m = qk.quantize("demo", rec, nsamples=nsamples, seq_len=seq_len, device=device)
+    done()
+    done = stage("save the checkpoint")
     qk.save(m, out, overwrite=True)
     del m
+    done()
+    done = stage("reload it")
     q = qk.load(out, device=device)
-    q_res = qk.eval.perplexity(q, seq_len=seq_len, max_windows=max_windows)
+    done()
+    done = stage("perplexity, quantized")
+    q_res = perplexity(q, seq_len=seq_len, max_windows=max_windows)
+    done()
     info = inspect_checkpoint(out)["totals"]
     fp_mib = info["quantized_bf16_bytes"] / 2**20  # the same Linears, unquantized, in bf16
     click.echo("")
     click.echo(f"{'model':<24} {'ppl (PTB test)':>15} {'linear weights':>18} {'bits/weight':>12}")
     click.echo(f"{'unquantized (as bf16)':<24} {fp_res['ppl']:>15.3f} {fp_mib:>14.1f} MiB {16:>12.3f}")
-    click.echo(f"{recipe:<24} {q_res['ppl']:>15.3f} {info['quantized_disk_bytes'] / 2**20:>14.1f} MiB "
+    click.echo(f"{rec.name:<24} {q_res['ppl']:>15.3f} {info['quantized_disk_bytes'] / 2**20:>14.1f} MiB "
                f"{info['bits_per_weight']:>12.3f}")
-    click.echo(f"\nquantization took {qsecs:.0f} s; checkpoint in {out} "
-               f"({info['disk_bytes'] / 2**20:.1f} MiB on disk, embeddings included)")
+    click.echo("")
+    w = max(len(n) for n, _ in stages)
+    for name, secs in stages:
+        click.echo(f"{name:<{w}}  {secs:7.1f} s")
+    click.echo(f"{'total':<{w}}  {sum(s for _, s in stages):7.1f} s")
+    click.echo(f"\ncheckpoint in {out} ({info['disk_bytes'] / 2**20:.1f} MiB on disk, embeddings included)")
 
 
 def main() -> None:

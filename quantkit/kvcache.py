@@ -45,7 +45,7 @@ Public API:
 - `quantize_kv(t, group) -> (packed, scale, zero)`, `dequantize_kv(packed, scale, zero, group, dtype)`,
   `fake_quant_kv(t, group)` (== dequantize_kv(*quantize_kv(t, group)), bit for bit).
 - `KV4Cache(model.config, group=None)`: a transformers `Cache` of `KV4Layer`s (a `DynamicLayer` subclass)
-  for `model.generate(..., past_key_values=KV4Cache(model.config))` or any forward; `memory_report()`.
+  for `model.generate(..., cache=KV4Cache(model.config))` (`past_key_values=` before transformers 5.25) or any forward; `memory_report()`.
 - `kv4_enabled(model, group=None)`: context manager; every forward of `model` (and `model.generate`) that
   is given no cache runs with a fresh KV4Cache, so e.g. `quantkit.eval.perplexity` measures KV4.
 """
@@ -206,6 +206,14 @@ class KV4Layer(DynamicLayer):
         self._k: tuple[torch.Tensor, ...] | None = None  # (packed, scale, zero), [B, H, T, ...]
         self._v: tuple[torch.Tensor, ...] | None = None
 
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        # Defined here rather than inherited: which attributes DynamicLayer sets has changed across
+        # transformers 5.x (5.25 no longer sets `dtype`), and this layer needs `dtype` and `device`.
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.keys = torch.tensor([], dtype=key_states.dtype, device=key_states.device)
+        self.values = torch.tensor([], dtype=value_states.dtype, device=value_states.device)
+        self.is_initialized = True
+
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
                ) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.is_initialized:
@@ -270,6 +278,20 @@ class KV4Layer(DynamicLayer):
         return sum(t.numel() * t.element_size() for t in (*self._k, *self._v))
 
 
+def _layer_types(cfg) -> list[str]:
+    """Each decoder layer's attention type, read from the config as transformers' caches read it (the helper
+    transformers has for this is not in every 5.x release)."""
+    try:
+        from transformers.cache_utils import get_layer_types_and_kwargs
+    except ImportError:  # older transformers 5.x
+        types = getattr(cfg, "layer_types", None)
+        if types is None:
+            window = getattr(cfg, "sliding_window", None) or getattr(cfg, "attention_chunk_size", None)
+            types = ["sliding_attention" if window is not None else "full_attention"] * cfg.num_hidden_layers
+        return list(types)
+    return list(get_layer_types_and_kwargs(cfg)[0])
+
+
 class KV4Cache(Cache):
     """A transformers Cache holding K/V as packed INT4 + fp16 scale/zero (see the module docstring).
 
@@ -279,12 +301,10 @@ class KV4Cache(Cache):
     """
 
     def __init__(self, config, group: int | None = None, rotate: bool = False):
-        from transformers.cache_utils import get_layer_types_and_kwargs
-
         cfg = config.get_text_config(decoder=True)
         self.head_dim = head_dim_of(cfg)
         self.group = check_group(self.head_dim, default_group(self.head_dim) if group is None else group)
-        layer_types = get_layer_types_and_kwargs(cfg)[0]
+        layer_types = _layer_types(cfg)
         other = sorted(set(layer_types) - {"full_attention"})
         if other:
             raise KV4Error(f"KV4Cache supports full-attention layers only; this model also has {', '.join(other)}")
@@ -318,6 +338,16 @@ class KV4Cache(Cache):
 # evaluation path
 
 
+# How a model's forward takes its KV cache: `cache` from transformers 5.25 on, `past_key_values` before.
+CACHE_ARGUMENTS = ("cache", "past_key_values")
+
+
+def cache_argument(model) -> str:
+    """The name under which `model.forward` (and `generate`) take a KV cache in this transformers version."""
+    params = inspect.signature(model.forward).parameters
+    return next((k for k in CACHE_ARGUMENTS if k in params), "past_key_values")
+
+
 @contextlib.contextmanager
 def kv4_enabled(model, group: int | None = None, rotate: bool = False) -> Iterator[None]:
     """Inside the block every forward of `model` given no cache runs with a fresh `KV4Cache`.
@@ -333,23 +363,32 @@ def kv4_enabled(model, group: int | None = None, rotate: bool = False) -> Iterat
     KV4Cache(model.config, group, rotate)  # validates the architecture before anything is patched
     sig = inspect.signature(model.forward)
     var_kw = next((p.name for p in sig.parameters.values() if p.kind is p.VAR_KEYWORD), None)
+    name = cache_argument(model)
+
+    def given_cache(kwargs: dict):
+        """The cache a call passes under either name (older callers still say past_key_values)."""
+        found = [kwargs[k] for k in CACHE_ARGUMENTS if kwargs.get(k) is not None]
+        return found[0] if found else None
 
     def pre_hook(module, args, kwargs):
         bound = sig.bind_partial(*args, **kwargs)
-        cache = bound.arguments.get("past_key_values")
+        extra = dict(bound.arguments.pop(var_kw, {})) if var_kw else {}
+        cache = given_cache(bound.arguments) or given_cache(extra)
         if cache is None:
-            bound.arguments["past_key_values"] = KV4Cache(model.config, group, rotate)
+            cache = KV4Cache(model.config, group, rotate)
         elif not isinstance(cache, KV4Cache):
             raise KV4Error(f"kv4_enabled: the forward was given a {type(cache).__name__}; "
-                           f"pass past_key_values=KV4Cache(...) or none")
-        extra = bound.arguments.pop(var_kw, {}) if var_kw else {}
-        return (), {**bound.arguments, **extra}
+                           f"pass {name}=KV4Cache(...) or none")
+        for k in CACHE_ARGUMENTS:
+            bound.arguments.pop(k, None)
+            extra.pop(k, None)
+        return (), {**bound.arguments, **extra, name: cache}
 
     orig_generate = model.generate
 
     def generate(*args, **kwargs):
-        if kwargs.get("past_key_values") is None:
-            kwargs["past_key_values"] = KV4Cache(model.config, group, rotate)
+        if all(kwargs.get(k) is None for k in CACHE_ARGUMENTS):
+            kwargs[name] = KV4Cache(model.config, group, rotate)
         return orig_generate(*args, **kwargs)
 
     hook = model.register_forward_pre_hook(pre_hook, with_kwargs=True)

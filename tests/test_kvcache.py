@@ -7,6 +7,7 @@ from conftest import tiny_llama
 from quantkit.kvcache import (
     KV4Cache,
     KV4Error,
+    cache_argument,
     dequantize_kv,
     fake_quant_kv,
     kv4_bytes_per_token,
@@ -66,7 +67,7 @@ def test_generate_matches_full_recompute_eval_path():
     prompt = torch.randint(0, 512, (2, 8), generator=torch.Generator().manual_seed(0))
     cache = KV4Cache(model.config, group=12)
     out = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=16, do_sample=False,
-                         past_key_values=cache)
+                         **{cache_argument(model): cache})
     assert out.shape == (2, 24) and cache.get_seq_length() == 23
 
     seq = prompt
@@ -79,7 +80,7 @@ def test_generate_matches_full_recompute_eval_path():
     # the eval path stores what the cache stored (per-token groups: nothing depends on the chunking)
     fresh = KV4Cache(model.config, group=12)
     with torch.no_grad():
-        model(out[:, :-1], past_key_values=fresh)
+        model(out[:, :-1], **{cache_argument(model): fresh})
     for a, b in zip(cache.layers, fresh.layers, strict=True):
         for key in ("k", "v"):
             codes_a, codes_b = unpack_int4(a.stored()[key][0]), unpack_int4(b.stored()[key][0])
@@ -106,14 +107,14 @@ def test_kv4_enabled_changes_logits_and_restores():
     with torch.no_grad(), kv4_enabled(model, group=24), pytest.raises(KV4Error, match="DynamicCache"):
         from transformers import DynamicCache
 
-        model(x, past_key_values=DynamicCache(config=model.config))
+        model(x, **{cache_argument(model): DynamicCache(config=model.config)})
 
 
 def test_bytes_per_token_at_most_0_3_of_bf16():
     model = tiny_llama(hidden=256, layers=2)  # head_dim 64 as SmolLM2; default group 64
     cache = KV4Cache(model.config)
     with torch.no_grad():
-        model(torch.randint(0, 512, (2, 40)), past_key_values=cache)
+        model(torch.randint(0, 512, (2, 40)), **{cache_argument(model): cache})
     rep = cache.memory_report()
     assert rep["group"] == 64 and rep["tokens"] == 40 and rep["batch"] == 2
     assert rep["bf16_bytes"] == 2 * 2 * 2 * 2 * 40 * 64 * 2  # layers·(K,V)·batch·kv_heads·tokens·hd·2 B
@@ -163,7 +164,7 @@ def test_rotated_cache_generate_matches_eval_path_and_recipe_round_trip(tmp_path
     prompt = torch.randint(0, 512, (2, 8), generator=torch.Generator().manual_seed(2))
     cache = KV4Cache(model.config, group=16, rotate=True)
     out = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=12, do_sample=False,
-                         past_key_values=cache)
+                         **{cache_argument(model): cache})
     assert cache.memory_report()["rotate"] is True
     seq = prompt
     with torch.no_grad(), kv4_enabled(model, group=16, rotate=True):
