@@ -4,10 +4,10 @@ do not import torch, and the base install declares what the demo needs."""
 import importlib.metadata as md
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -36,8 +36,9 @@ def test_hf_kernels_package_is_the_one_imported_from_the_repo_root():
 def test_cli_runs_from_the_repo_root_with_transformers_kernels_integration(tmp_path):
     """transformers' hub-kernels integration imports the HF `kernels` package; a CLI started in the repository
     root must still quantize (the project's kernels/ folder once shadowed that package there)."""
-    from conftest import tiny_llama
     from test_offload import word_tokenizer
+
+    from conftest import tiny_llama
 
     tiny_llama().save_pretrained(tmp_path / "model")
     word_tokenizer(tmp_path / "model")
