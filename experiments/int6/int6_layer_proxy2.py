@@ -3,7 +3,7 @@ windows, damping 0.003 / 0.01 / 0.03 / 0.1, plain order, fixed scale headroom c 
 `clip_search: mse`; held-out relative output error of each Linear vs the shipped setting (32 windows,
 damping 0.01), geometric means last.
 
-    OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 python docs/experiments/int6_layer_proxy2.py 0,15,29
+    OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 python experiments/int6/int6_layer_proxy2.py 0,15,29
 """
 import math
 import sys

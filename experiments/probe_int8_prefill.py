@@ -1,9 +1,9 @@
 """Probe of the large-M int8 prefill GEMM (kernels/int8_prefill.py): modes × tile configs at M = 4096, K = 4096,
 N = 14336, next to cuBLAS bf16, torch._int_mm and the current `int8_gemm` kernel, in one process.
 
-    python -m quantkit.eval.probe_int8_prefill [--json PATH] [--m 4096] [--tma]
+    python experiments/probe_int8_prefill.py [--json PATH] [--m 4096] [--tma]
 
-Timing: eval/bench_kernels.time_rotated (CUDA-graph replays over rotated weight copies). Checks every mode-1/2
+Timing: quantkit.eval.bench_kernels.time_rotated (CUDA-graph replays over rotated weight copies). Checks every mode-1/2
 result against the float64 reference at M = 256 first.
 """
 

@@ -3,7 +3,7 @@ in the given decoder layers of the demo model, E = W − Ŵ, H over 8 held-out P
 Hessians GPTQ uses come from the first NCAL windows of the usual calibration draw (seed 0); inputs are the FP
 model's (no sequential quantization). Minutes instead of the tens of minutes of a GPTQ + perplexity run.
 
-    OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 python docs/experiments/int6_layer_proxy.py 0,15,29 8
+    OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 python experiments/int6/int6_layer_proxy.py 0,15,29 8
 
 Prints each Linear's errors relative to GPTQ act-order with the plain scale rule and the geometric means
 (README, FlexQ). Variants: RTN and GPTQ with `clip_search: mse` / `mse_h` (clip_min 0.7 / 0.85 / 0.5), and

@@ -1,9 +1,9 @@
 """Where a streamed layer's peak VRAM goes: run `quantize_streaming` under torch's memory history recorder
 and write the snapshot (open it in https://pytorch.org/memory_viz, or summarize with --summarize).
 
-    python -m quantkit.eval.offload_vram_profile MODEL_DIR --recipe hlq-w3g128 --out /tmp/o --dataset calib.txt \
+    python experiments/offload_vram_profile.py MODEL_DIR --recipe hlq-w3g128 --out /tmp/o --dataset calib.txt \
         --nsamples 32 --snapshot $OUT/vram.pickle
-    python -m quantkit.eval.offload_vram_profile --summarize vram.pickle      # live blocks at the peak
+    python experiments/offload_vram_profile.py --summarize vram.pickle      # live blocks at the peak
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ Hessian of the ARC-quantized input, `gptq`, or of the float input, `gptqF`), und
 tokens. Inputs come from the FP model (calibration: 3 train windows; evaluation: a 4th). Prints one line per
 Linear, then geometric means per Linear type. About 20 minutes on 2 cores:
 
-    python -m quantkit.eval.diag_arc_weights
+    python experiments/diag_arc_weights.py
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """GPTQ's damped inverse Cholesky on a GPU at down_proj width (K = 14336): time, extra peak VRAM over the
 Hessian and agreement of the in-place factorization (used for wide Hessians on GPUs) with the reference.
 
-    python3 -m quantkit.eval.bench_gptq_factor
+    python3 experiments/bench_gptq_factor.py
 """
 
 import time

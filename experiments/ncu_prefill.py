@@ -1,5 +1,5 @@
 """One launch of each prefill GEMM variant (explicit config, no autotuning) for Nsight Compute:
-    ncu --clock-control none -k regex:_gemm_kernel python3 -m quantkit.eval.ncu_prefill"""
+    ncu --clock-control none -k regex:_gemm_kernel python3 experiments/ncu_prefill.py"""
 
 import torch
 
