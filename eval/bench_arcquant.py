@@ -1,4 +1,4 @@
-"""ARCQuant kernel benchmark (DESIGN.md protocol): the full ARC linear vs cuBLAS bf16, on a CUDA GPU.
+"""ARCQuant kernel benchmark (protocol in docs/performance.md): the full ARC linear vs cuBLAS bf16, on a CUDA GPU.
 
     python -m quantkit.eval.bench_arcquant [--shapes 4096x14336,...] [--ms 1,16,128,1024,4096]
                                            [--s 256,0] [--json out/bench_arcquant.json] [--no-check]

@@ -1,4 +1,4 @@
-"""Benchmark of the int8-tensor-core W{4,6}A{4,6,8} kernels (kernels/int8_gemm.py), DESIGN.md's kernel protocol.
+"""Benchmark of the int8-tensor-core W{4,6}A{4,6,8} kernels (kernels/int8_gemm.py), the kernel protocol of docs/performance.md.
 
     python -m quantkit.eval.bench_int8_gemm [--json PATH] [--shapes 4096x14336,...] [--ms 1,16,...]
 

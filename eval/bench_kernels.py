@@ -1,4 +1,4 @@
-"""Kernel benchmark (DESIGN.md protocol): weight-only Triton GEMMs vs cuBLAS bf16 / fp8 and torch's tinygemm.
+"""Kernel benchmark (protocol in docs/performance.md): weight-only Triton GEMMs vs cuBLAS bf16 / fp8 and torch's tinygemm.
 
 Imported as `quantkit.eval.bench_kernels`; `main(argv)` is the entry point (`quantkit bench kernels`).
 

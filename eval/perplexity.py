@@ -1,4 +1,4 @@
-"""Perplexity by the fixed protocol of DESIGN.md.
+"""Perplexity by the fixed protocol of docs/design.md (section "Evaluation protocol").
 
 Tokenize the whole split (no BOS), cut it into non-overlapping windows of `seq_len`, drop the remainder,
 ppl = exp(mean NLL over every predicted token (seq_len − 1 per window)).

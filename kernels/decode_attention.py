@@ -2,7 +2,7 @@
 
 A decode step's attention per layer was three kernels (two batched cuBLAS matmuls with M = 4 query heads per
 KV head, and a softmax): ~8 µs per layer on an H200 for 2.6 MB of K/V at 640 positions
-(docs/bench/latency_notes.md). Here a program per (batch row, KV head, slice of positions) reads that head's
+(experiments/bench_history/latency_notes.md). Here a program per (batch row, KV head, slice of positions) reads that head's
 keys and values once, scores its G query heads (padded to 16 rows for `tl.dot`) and keeps an online softmax
 (running max and sum, fp32) over blocks of 64 positions; with several slices (flash-decoding: about two
 programs per SM) a second small kernel merges the slices' partial results. Torch reference:

@@ -4,7 +4,7 @@ Imports only torch at module level; triton (and `wq_gemm`) is imported on the fi
 that imports quantkit never loads triton.
 
 Paths, chosen per M by measurement (eval/bench_kernels.py and kernels/bench_decode.py on an H200, torch 2.11 /
-triton 3.6, weights rotated over > 2.5x L2, CUDA-graph replays; JSON in docs/bench/kernels_h200.json):
+triton 3.6, weights rotated over > 2.5x L2, CUDA-graph replays; JSON in docs/results/kernels_h200.json):
 - M <= GEMV_MAX_M (2):           `wq_gemv._gemv_h2_kernel`, split-K GEMV in packed half2 arithmetic (int4 g128,
                                  4096x14336: 11.8 us vs 14.9 us for the fp32 `_gemv_kernel`, still reachable as
                                  path "gemv_f32", and 26.8 us for the tl.dot kernel). Its cost grows ~linearly
@@ -113,7 +113,7 @@ def _consts(p: Prepared, bias) -> dict:
 def _use_pdl(device: torch.device) -> bool:
     """Programmatic dependent launch for the decode GEMV (QUANTKIT_PDL=1, Hopper and newer): its launch and
     first weight loads overlap the tail of the kernel before it (in CUDA graphs too, as a programmatic edge).
-    Off by default: on an H200 (Llama-3-8B shape, B = 1, CUDA graphs; docs/bench/latency_notes.md) it took the
+    Off by default: on an H200 (Llama-3-8B shape, B = 1, CUDA graphs; experiments/bench_history/latency_notes.md) it took the
     decode step from 2.317 to 2.190 ms with an int4 lm_head but slowed it from 2.511 to 2.578 ms with the bf16
     (cuBLAS) lm_head, a slowdown we have not explained."""
     if device.type != "cuda" or os.environ.get("QUANTKIT_PDL", "0") != "1":

@@ -9,7 +9,7 @@ Kp = G·128 (zero-padded), a_sum[m, g] = Σ_{k∈g} qa[m, k] (used to remove the
 
 Weights (`LowbitWeight`): unsigned codes c ∈ [0, 2^b) with a zero point z (per (group, column), or the
 symmetric constant 2^(b−1)) and fp16 scales, w[n, k] = w_scale[g, n] · (c[n, k] − z[g, n]):
-- INT6 (`prepare_int6`): the `int6` format's stored tensors, used as they are (docs/FORMAT.md, `int6`).
+- INT6 (`prepare_int6`): the `int6` format's stored tensors, used as they are (docs/format.md, `int6`).
 - INT4 (`prepare_int4`): the `int` format's 4-bit bitstream repacked once into nibble planes (below).
 
 GEMM, per 128-channel block g of the activations (weight groups must be whole multiples of 128, or per-channel):
@@ -23,7 +23,7 @@ then the slices in order), so they differ from this reference by fp32 rounding o
 INT4 kernel layout (`pack_nibble_planes`): `uint8 [N, ceil(K/128)·64]`, rows contiguous along K; per block of
 128 K, 64 bytes; byte 32·j + i (j ∈ {0, 1}, i ∈ [0, 32)) holds c[32·j + i] in its low nibble and
 c[64 + 32·j + i] in its high nibble, so the kernel gets four K-contiguous [BLOCK_N, 32] code tiles from two byte
-tiles with one mask or shift each (K-contiguous as the int6 layout, for the same reason: see docs/FORMAT.md).
+tiles with one mask or shift each (K-contiguous as the int6 layout, for the same reason: see docs/format.md).
 """
 
 from __future__ import annotations

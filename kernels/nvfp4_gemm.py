@@ -120,7 +120,7 @@ def _quant_blocks(v, S):
         # correction q1 = RN(q0 + r0·y) (r0 = v − q0·d, exact in an FMA) brings it within an ulp, and then
         # Markstein's theorem gives RN(q1 + r1·y) = RN(v/d). On an H200, 2^31 random quotients in the domain
         # that decides codes (|v/d| in [2^-3, 16), d ≥ 2^-99) matched the IEEE division bit for bit with one
-        # correction and with two (eval/probe_arc_act.py); the second is kept for the proof. No underflow:
+        # correction and with two (experiments/probe_arc_act.py); the second is kept for the proof. No underflow:
         # d ≥ 2^-9·S, so the residuals of every v that can round to a nonzero code are normal. Replaces an
         # IEEE division per element (~15 instructions and a slow-path branch).
         d = safe[:, None]

@@ -228,7 +228,7 @@ def _gemv_h2_kernel(x_ptr, q0_ptr, q1_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, ws_p
     """Grid (cdiv(N, BLOCK_N), SPLIT_K, M). One program: BLOCK_N columns × a slice of runs (32 codes) of one
     row; the next run's words are loaded into registers before the current run is computed. (Leaving the
     word loads to the compiler's cp.async pipeline instead, with fewer and longer programs, was 1.2-2x slower
-    on every decode shape: docs/bench/decode_notes.md.)
+    on every decode shape: experiments/bench_history/decode_notes.md.)
 
     PDL (launched with programmatic dependent launch): the kernel may start while the kernel before it is
     still finishing; the first weight words (never written by anyone) are requested before `gdc_wait`, which
@@ -290,7 +290,7 @@ def _c(num_warps, maxnreg=None, **kw):
 
 # Few warps with many columns per thread amortize the x side (per x value, shared by a thread's columns).
 # kernels/bench_decode.py on an H200 (K = 4096, N = 14336, g128, rotated weights, CUDA graphs;
-# docs/bench/decode_h2_h200.json): 256 columns / 1 warp won for every format but hlq3 (512 / 2); capping the
+# experiments/bench_history/decode_h2_h200.json): 256 columns / 1 warp won for every format but hlq3 (512 / 2); capping the
 # registers (maxnreg) raised occupancy and took 1-1.7 us off (int4 13.5 -> 11.8 us); split = PPS · SMs /
 # column tiles (capped at 64): int4 32, int2 48, the rest 64.
 GEMV_H2_CONFIGS = [

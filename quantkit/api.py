@@ -76,7 +76,7 @@ def quantize_streaming(model: str | os.PathLike, recipe, out: str | os.PathLike,
 
 
 def save(model: nn.Module, out: str | os.PathLike, tokenizer=None, overwrite: bool = False):
-    """Write a packed checkpoint folder (see docs/FORMAT.md)."""
+    """Write a packed checkpoint folder (see docs/format.md)."""
     return checkpoint.save(model, out, tokenizer=tokenizer, overwrite=overwrite)
 
 

@@ -1,4 +1,4 @@
-"""Packed checkpoints: save and load (format described in docs/FORMAT.md).
+"""Packed checkpoints: save and load (format described in docs/format.md).
 
 A checkpoint is an HF-style folder: `config.json` (the model config + `quantization_config`), sharded
 `model-0000i-of-0000n.safetensors` + `model.safetensors.index.json`, tokenizer files. Quantized Linears

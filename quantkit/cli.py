@@ -198,7 +198,7 @@ def bench_kernels(ctx):
 @click.option("--no-profile", is_flag=True, help="Skip the torch.profiler breakdown of decode steps.")
 @click.option("--pdl", is_flag=True,
               help="Launch the decode GEMVs with programmatic dependent launch (Hopper+; = QUANTKIT_PDL=1): "
-                   "faster with a quantized lm_head, slower with a bf16 one on an H200 (docs/bench).")
+                   "faster with a quantized lm_head, slower with a bf16 one on an H200 (docs/performance.md).")
 @click.option("--no-fuse", is_flag=True,
               help="Keep q/k/v and gate/up as separate Linears (by default each group runs as one Linear over "
                    "the concatenated outputs, in every model measured, the baseline included).")

@@ -7,7 +7,7 @@
   both splits.
 
 Calibration = N random windows of seq_len tokens from the train split (seeded); evaluation uses test.
-Tokenization adds no BOS/EOS (the evaluation protocol in DESIGN.md).
+Tokenization adds no BOS/EOS (the evaluation protocol in docs/design.md).
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ Numerics (one definition, used by the cache and by evaluation alike):
 - Why fp16 and not bf16 for scale/zero: same size, 3 more mantissa bits (zero is exact to 2^-11 of its
   magnitude); K/V magnitudes sit far below fp16's 65504 (values beyond it are clamped there).
 - Group size: `DEFAULT_GROUP = 64` (the whole head_dim when it is not a multiple of 64), measured with
-  `python -m quantkit.eval.kv4_report` (docs/KVCACHE.md): 64 is the smallest group that stays within 0.3×
+  `python -m quantkit.eval.kv4_report` (docs/methods/comet.md): 64 is the smallest group that stays within 0.3×
   of a bf16 cache with fp16 scale and zero (needs group >= 40). On SmolLM2 (PTB, 4 windows) KV4 costs
   +11.1 % perplexity at group 64, +5.7 % at 32 (0.3125×), +2.9 % at 16 (0.375×): pass `group=32` when
   quality matters more than the last 11 % of bytes.
@@ -25,7 +25,7 @@ Optional rotation (`rotate=True`, recipe `kv_cache.rotate: true`): each row is m
 Hadamard matrix H (head_dim a power of two) before the groups are cut, and dequantized rows are multiplied by
 H again (H·H = I) — both as a fast Walsh-Hadamard transform (`rotate_rows`), whose rounding, unlike a
 BLAS `x @ H`, does not depend on how many tokens are rotated at once. It spreads K's outlier channels over the row; same bytes, still per-token statistics. On
-SmolLM2 (4 windows, group 64) it takes KV4's cost from +11.1 % to +4.7 % perplexity (docs/KVCACHE.md).
+SmolLM2 (4 windows, group 64) it takes KV4's cost from +11.1 % to +4.7 % perplexity (docs/methods/comet.md).
 
 Why the cache and the full-window evaluation agree token for token: the scale and zero of a token depend
 only on that token's own channels (per-token groups, never statistics across tokens), so a token's stored
@@ -39,7 +39,7 @@ causal mask. The only remaining difference is floating-point rounding of the pro
 
 Pre-RoPE K quantization is not done: the attention applies RoPE before `Cache.update`, which receives
 neither positions nor cos/sin; storing pre-RoPE K would mean patching every attention class (or inverting
-RoPE from positions the cache would have to guess, wrong under left padding). See docs/KVCACHE.md.
+RoPE from positions the cache would have to guess, wrong under left padding). See docs/methods/comet.md.
 
 Public API:
 - `quantize_kv(t, group) -> (packed, scale, zero)`, `dequantize_kv(packed, scale, zero, group, dtype)`,

@@ -15,7 +15,7 @@
 
 Output layout: one shard per unit, planned up front so names never change: `model-00001` holds the
 embeddings, `model-00002 .. model-<L+1>` decoder layers 0..L-1, the last one the final norm (and lm_head
-when untied). The format is the one `quantkit.checkpoint.load` reads (docs/FORMAT.md).
+when untied). The format is the one `quantkit.checkpoint.load` reads (docs/format.md).
 
 Resume. Everything goes to `<out>.partial/`. After layer i is quantized, in this order: its shard is written
 (temp + rename), its outputs (= layer i+1's inputs, all samples) are written to `acts-<i>.bin` (temp +

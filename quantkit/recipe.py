@@ -82,7 +82,7 @@ class MethodSpec:
     act_order: bool = False  # GPTQ: columns in descending diag(H) order (groups stay static, see gptq.py)
     true_sequential: bool = True  # GPTQ: re-collect inputs after quantizing each sub-block of a layer
     # GPTQ: weight of each calibration window's first token (the attention sink) in the Hessian; > 1 keeps
-    # GPTQ from trading that token's error for the others' (docs/ARCQUANT.md)
+    # GPTQ from trading that token's error for the others' (docs/methods/arcquant.md)
     sink_weight: float = 1.0
 
 

@@ -9,7 +9,7 @@ A format turns float weights into integer codes plus per-group parameters and ba
 `params` is a dict of float32 tensors whose leading dims match `w`'s (one entry per group). Parameters are
 rounded to their storage dtype inside `fit`, so the values GPTQ quantizes against are the values saved.
 `pack` / `unpack` convert (codes [N, K], params stacked per group [N, G, ...]) to the tensors stored in a
-checkpoint and held by the runtime module. Group-size padding rule (docs/FORMAT.md): groups run along K from
+checkpoint and held by the runtime module. Group-size padding rule (docs/format.md): groups run along K from
 column 0; when the group size does not divide K, the last group is short. Parameters are fitted on its real
 columns only; in packed form K is padded with zero codes up to a whole number of groups (and of 32-code
 runs) and consumers pad activations with zeros, so padding never contributes to a product.

@@ -3,7 +3,7 @@
     w ≈ z + Σ_{b=0}^{n-1} s_b · β_b,   β_b ∈ {0, 1},   code c = Σ_b β_b · 2^b ∈ [0, 2^n)
 
 n ∈ {2, 3, 4}; (s_0..s_{n-1}, z) are free floats per group (uniform asymmetric is the special case
-s_b = s · 2^b). Stored (see docs/FORMAT.md, section HLQ): `qweight int32 [ceil(Kp/32)·n, N]` (packing.py),
+s_b = s · 2^b). Stored (see docs/format.md, section HLQ): `qweight int32 [ceil(Kp/32)·n, N]` (packing.py),
 `scales fp16 [groups, n, N]` (plane b's scale at [g, b, :]), `offsets fp16 [groups, N]`. Parameters are
 rounded to fp16 inside `fit`, so RTN and GPTQ quantize against exactly the stored values.
 
@@ -47,7 +47,7 @@ def _plane_bits(bits: int, device: torch.device) -> torch.Tensor:
 def value_table(scale: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
     """Representable values: scale [..., n], offset [...] → [..., 2^n] float32, entry c = value of code c.
 
-    Summed as z + s_0·β_0 + s_1·β_1 + ... in fp32, the order docs/FORMAT.md specifies."""
+    Summed as z + s_0·β_0 + s_1·β_1 + ... in fp32, the order docs/format.md specifies."""
     n = scale.shape[-1]
     bits = _plane_bits(n, scale.device)
     vals = offset.float().unsqueeze(-1).expand(*offset.shape, 1 << n)

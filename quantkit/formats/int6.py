@@ -13,7 +13,7 @@
   convention, zero point 32 implied); dequantize is (c − 32) · scale. The range is symmetric ±31 as in FlexQ:
   code 0 (q = −32) is never produced, and it is the padding code.
 
-Stored (docs/FORMAT.md, section `int6`): `qweight uint8 [N, ceil(Kp/128)·96]` and `scales fp16 [groups, N]`.
+Stored (docs/format.md, section `int6`): `qweight uint8 [N, ceil(Kp/128)·96]` and `scales fp16 [groups, N]`.
 Each output row's codes are contiguous along K, cut into blocks of 128 (96 bytes each): the codes c[0..128) of
 a block form four planes of 32 (plane j = c[32j .. 32j+32)); byte 32·r + i of the block (r ∈ {0, 1, 2}) holds
 plane r's code in its low 6 bits and two bits of plane 3's code in its top 2 bits:

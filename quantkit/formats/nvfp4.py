@@ -1,6 +1,6 @@
 """NVFP4: e2m1 elements, one e4m3 scale per block of 16 along K, one fp32 scale per tensor. Exact, pure torch.
 
-Numerics (what every function here, the Triton kernels and docs/FORMAT.md agree on, bit for bit):
+Numerics (what every function here, the Triton kernels and docs/format.md agree on, bit for bit):
 
 - e2m1 code (4 bits, sign in bit 3): magnitudes by code 0..7 = {0, 0.5, 1, 1.5, 2, 3, 4, 6}; codes 8..15 are
   the negatives (code 8 = −0 decodes to 0; the quantizer never emits it).

@@ -29,7 +29,7 @@ def packed_rows(k: int, bits: int) -> int:
 
 
 # int64 temporaries per row block: ~8M codes (64 MiB each). Packing a whole 14336 x 4096 weight at once kept
-# ~2.2 GiB of them alive, the largest item of a streamed layer's peak VRAM (eval/offload_vram_profile.py).
+# ~2.2 GiB of them alive, the largest item of a streamed layer's peak VRAM (experiments/offload_vram_profile.py).
 _BLOCK_CODES = 1 << 23
 
 

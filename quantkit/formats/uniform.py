@@ -3,7 +3,7 @@
 - asymmetric: q ∈ [0, 2^b − 1], scale = (max − min)/(2^b − 1), integer zero = round(−min/scale) clamped;
 - symmetric:  q − 2^(b−1) ∈ [−2^(b−1), 2^(b−1) − 1], scale = absmax/(2^(b−1) − 1), zero = 2^(b−1) implied.
 
-Stored (see docs/FORMAT.md): `qweight int32 [ceil(Kp/32)·b, N]` (packing.py), `scales fp16 [groups, N]`,
+Stored (see docs/format.md): `qweight int32 [ceil(Kp/32)·b, N]` (packing.py), `scales fp16 [groups, N]`,
 `zeros uint8 [groups, N]` (asymmetric only). Scales are rounded to fp16 in `fit`, so quantization (RTN and
 GPTQ alike) uses exactly the stored values.
 """

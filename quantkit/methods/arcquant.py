@@ -10,7 +10,7 @@ and hence one shared reorder and residual count):
     `layer_max` (the paper's text): every entry against the layer-wide max |x| over all calibration tokens.
   The layer variant needs the global max before counting, so entries are binned into a log2 histogram
   (64 bins per octave) and counted above τ at bin resolution (≤ 1.1% off in the threshold).
-  `residual_rule` picks the variant (default per_token, the authors' code; docs/ARCQUANT.md).
+  `residual_rule` picks the variant (default per_token, the authors' code; docs/methods/arcquant.md).
 - `max_residual` (fraction of K, default 1) caps s.
 
 Runtime (fake-quant reference; kernels in quantkit.kernels.nvfp4_gemm):
@@ -21,7 +21,7 @@ by the `nvfp4` weight format over the K' columns; RTN by default, GPTQ optional:
 columns with the Hessian of X̃ = Q1 + Q2 scattered onto the outlier channels (the input those weights
 effectively meet), and the appended columns are copies of the quantized outlier columns;
 `gptq_hessian: float` takes the Hessian over the plain reordered input instead (measured worse still,
-docs/ARCQUANT.md).
+docs/methods/arcquant.md).
 
 `residual: false` gives plain NVFP4 W4A4 (recipe nvfp4-rtn): no reorder, no residual channels.
 """
@@ -93,7 +93,7 @@ def _residual_count(k: int, ratio: float, multiple: int, cap: float) -> int:
 
 
 # bench latency's made-up layout: s = 256 residual channels at K = 4096, the kernel benchmark's setting
-# (the demo model's calibration gives 3-50% per Linear, 14% size-weighted; docs/ARCQUANT.md)
+# (the demo model's calibration gives 3-50% per Linear, 14% size-weighted; docs/methods/arcquant.md)
 SPEED_OUTLIER_SHARE = 1 / 16
 
 
@@ -151,7 +151,7 @@ class ARCActQuantizer(ActQuantizer):
             return cls(spec, linear.in_features)
         reorder = torch.argsort(collected.chan_max, stable=True)
         q = cls(spec, linear.in_features, reorder, collected.residual_channels(rule, mult, cap))
-        q.collected = collected  # in memory only: lets eval/act_variants re-plan under another rule
+        q.collected = collected  # in memory only: lets quantkit.eval.act_variants re-plan under another rule
         return q
 
     @classmethod
@@ -197,7 +197,7 @@ class ARCActQuantizer(ActQuantizer):
     # quantized outlier columns. Then y = Q1·Ŵᵀ + Q2·Ŵ[:, out]ᵀ = X̃·Ŵᵀ with X̃ = Q1 + Q2 scattered back onto
     # the outlier channels, so X̃ is the input GPTQ's Hessian is taken over. (Measured on the demo model:
     # 74.7 PTB, vs 73.0 solving for all Kp + s columns and 65.3 with RTN weights: GPTQ still hurts here,
-    # see docs/ARCQUANT.md.)
+    # see docs/methods/arcquant.md.)
     @property
     def gptq_in_features(self) -> int:
         return self.kp

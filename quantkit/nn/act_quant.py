@@ -108,7 +108,7 @@ class ActQuantizer(nn.Module):
         return cls(spec, in_features)
 
     def with_spec(self, spec: ActSpec) -> ActQuantizer:
-        """This quantizer under another spec of the same format, reusing its calibration (eval/act_variants)."""
+        """This quantizer under another spec of the same format, reusing its calibration (quantkit.eval.act_variants)."""
         return build_act_quantizer(spec, self.in_features, self.extra_state())
 
     def extra_state(self) -> dict[str, Any]:

@@ -2,7 +2,7 @@
 
 At decode time (one token) each projection is a GEMV whose fixed cost — launch, ramp-up, the split-K
 reduction — is a large part of its time on the small shapes (k_proj / v_proj of Llama-3-8B are 4096 × 1024:
-5.5 µs for 0.5 µs of int4 weights, docs/bench/kernels_h200.json). One Linear over the concatenated output
+5.5 µs for 0.5 µs of int4 weights, docs/results/kernels_h200.json). One Linear over the concatenated output
 features reads the same bytes in one launch. The model code is left untouched: each original projection is
 replaced by a `LinearSlice` that asks the shared `FusedLinear` for its columns; the first slice called with
 an input computes the whole product, the others take views of it.
