@@ -1,0 +1,416 @@
+"""Render every measured number in README.md and docs/ from the result JSON in docs/results.
+
+    python -m quantkit.eval.render_docs            # rewrite the tables in place (run from the repository root)
+    python -m quantkit.eval.render_docs --check    # exit 1 and name the pages that differ from the JSON
+
+A table lives between two marker comments in a Markdown page:
+
+    <!-- results:NAME -->
+    ...generated, do not edit...
+    <!-- /results -->
+
+NAME is one of `TABLES` below. Each table is followed by a line naming its JSON file(s), the command that
+produced them and the library versions they record. Rendering is pure (JSON in, Markdown out, no torch), so
+running it twice changes nothing; tests/test_docs.py checks that the committed pages equal the rendered ones.
+To add a measurement: write its JSON into docs/results (with "command" and "env"), add a table function here,
+and put its markers into the page.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import yaml
+
+MARKER = re.compile(r"(<!-- results:(?P<name>[a-z0-9-]+) -->\n)(?P<body>.*?)(<!-- /results -->)", re.S)
+PAGES = ("README.md", "docs/*.md", "docs/methods/*.md")
+
+
+# ---------------------------------------------------------------------------------------------- formatting
+def _ppl(v: float | None) -> str:
+    if v is None:
+        return "–"
+    return f"{v:,.0f}" if v >= 1000 else f"{v:.2f}"
+
+
+def _x(v: float | None) -> str:
+    if v is None:
+        return "–"
+    return f"{v:,.1f}" if v >= 100 else f"{v:.3f}"
+
+
+def _f(v: float | None, spec: str = ".2f") -> str:
+    return "–" if v is None else format(v, spec)
+
+
+def _pct(v: float | None) -> str:
+    return "–" if v is None else f"{100 * v:.1f}%"
+
+
+def _table(header: list[str], align: str, rows: list[list[str]]) -> str:
+    rule = ["---:" if a == "r" else "---" for a in align]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(rule) + "|"]
+    lines += ["| " + " | ".join(c.replace("|", "\\|") for c in r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def _env(env: dict | None) -> str:
+    if not env or env.get("recorded") is False:
+        dev = (env or {}).get("device")
+        return "library versions not recorded" + (f"; device {dev}" if dev else "")
+    parts = [f"{k} {env[k]}" for k in ("torch", "triton", "transformers") if env.get(k)]
+    if env.get("device"):
+        parts.append(f"device {env['device']}")
+    return ", ".join(parts)
+
+
+class Results:
+    """The JSON files of one results folder, loaded once."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.dir = root / "docs" / "results"
+        self._cache: dict[str, dict] = {}
+
+    def __call__(self, name: str) -> dict:
+        if name not in self._cache:
+            self._cache[name] = json.loads((self.dir / f"{name}.json").read_text())
+        return self._cache[name]
+
+    def source(self, *names: str) -> str:
+        """The provenance line under a table: file, command, versions."""
+        out = []
+        for n in names:
+            d = self(n)
+            cmd = d.get("command", "")
+            env = d.get("env") or {k: d[k] for k in ("torch", "triton", "transformers", "device") if k in d}
+            out.append(f"`docs/results/{n}.json`: `{cmd}` ({_env(env)})")
+        return "Source: " + "; ".join(out) + "."
+
+    @property
+    def fp_ppl(self) -> float:
+        return next(r["ppl"] for r in self("backbone_ptb")["rows"] if r["recipe"] == "fp")
+
+
+def _label(r: dict) -> str:
+    name = r["recipe"]
+    if name.startswith("experiments/recipes/"):
+        name = f"`{name}`"
+    lab = r.get("label")
+    if r.get("variant") == "superseded":
+        return f"{name} (superseded: {lab})" if lab else f"{name} (superseded)"
+    if r.get("variant") == "re-measured":
+        return f"{name} (re-measured: {_env(r.get('env'))})"
+    return f"{name} ({lab})" if lab and not name.startswith("`") else (f"{name}: {lab}" if lab else name)
+
+
+# --------------------------------------------------------------------------------------------- tables
+PPL_FILES = ("backbone_ptb", "hlq_ptb", "flexq_ptb", "arcquant_ptb", "comet_ptb")
+
+
+def _primary(res: Results, recipe: str) -> dict | None:
+    for f in PPL_FILES:
+        for r in res(f)["rows"]:
+            if r["recipe"] == recipe and "variant" not in r and "label" not in r:
+                return r
+    return None
+
+
+def _bits(spec: dict | None, default: str) -> str:
+    if not spec:
+        return default
+    g = spec.get("group_size")
+    g = "" if g is None else {"channel": " per channel", "token": " per token"}.get(g, f" g{g}")
+    return f"{spec.get('format', 'int')} {spec.get('bits', '')}-bit{g}"
+
+
+def t_recipes(res: Results) -> str:
+    import quantkit.recipes as shipped
+
+    fp = res.fp_ppl
+    rows = []
+    family = ("rtn-", "gptq-", "hlq-", "int6-", "flexq-", "nvfp4-", "arcquant-", "w4a", "comet-")
+
+    def order(p: Path):
+        return (next((i for i, f in enumerate(family) if p.stem.startswith(f)), len(family)), p.stem)
+
+    for path in sorted(Path(shipped.__file__).parent.glob("*.yaml"), key=order):
+        y = yaml.safe_load(path.read_text())
+        r = _primary(res, y["name"])
+        kv = y.get("kv_cache")
+        acts = _bits(y.get("activations"), "16-bit")
+        if kv:
+            acts += f", KV cache {kv.get('format', 'int4')}"
+        rows.append([f"`{y['name']}`", y.get("method", {}).get("name", "rtn"), _bits(y.get("weights"), "–"), acts,
+                     y.get("description", "").split(" - ")[-1] if " - " in y.get("description", "")
+                     else y.get("description", ""),
+                     _ppl(r["ppl"]) if r else "not measured", _x(r["ppl"] / fp) if r else "–"])
+    t = _table(["recipe", "method", "weights", "activations", "what it is", "PTB ppl", "× FP"], "lllllrr", rows)
+    return (t + f"\n\nFP (unquantized) PTB perplexity: {_ppl(fp)}. Demo model (SmolLM2-135M-Instruct), PTB test, "
+            "sequence length 2048, all full windows, calibration 32 × 2048 tokens of PTB train. "
+            "Sources: " + ", ".join(f"`docs/results/{f}.json`" for f in PPL_FILES)
+            + " (commands and library versions: docs/results.md).")
+
+
+def t_backbone(res: Results) -> str:
+    fp = res.fp_ppl
+    rows = []
+    for r in res("backbone_ptb")["rows"]:
+        name = "FP (unquantized, fp32)" if r["recipe"] == "fp" else _label(r)
+        rows.append([name, _ppl(r["ppl"]), _x(r["ppl"] / fp), _f(r["bits_per_weight"], ".3f"),
+                     "–" if r["recipe"] == "fp" else f"{r['quant_seconds']:.0f} s"])
+    t = _table(["recipe", "PTB ppl", "× FP", "bits/weight", "quantize time"], "lrrrr", rows)
+    return t + "\n\n" + res.source("backbone_ptb")
+
+
+HLQ_TWIN = {"hlq-w2g64": "gptq-w2g64", "hlq-rtn-w2g64": "rtn-w2g64", "hlq-w3g128": "gptq-w3g128",
+            "hlq-rtn-w3g128": "rtn-w3g128"}
+
+
+def t_hlq(res: Results) -> str:
+    fp = res.fp_ppl
+    d = res("hlq_ptb")
+    rows = []
+    for r in d["rows"] + [dict(x, variant="superseded") for x in d.get("superseded", [])]:
+        twin = _primary(res, HLQ_TWIN.get(r["recipe"], ""))
+        rows.append([_label(r), _ppl(r["ppl"]), _x(r["ppl"] / fp), _f(r["bits_per_weight"], ".3f"),
+                     f"{_x(r['ppl'] / twin['ppl'])} × {twin['recipe']}" if twin else "–"])
+    t = _table(["recipe", "PTB ppl", "× FP", "bits/weight", "vs uniform INT, same bits and group"], "lrrrr", rows)
+    return t + "\n\n" + res.source("hlq_ptb")
+
+
+def t_flexq(res: Results) -> str:
+    d = res("flexq_ptb")
+    fp = d["fp_ppl"]
+    plain = {r["recipe"]: r["ppl"] for r in d.get("superseded", {}).get("rows", [])}
+    rows = [["FP", "–", _ppl(fp), _x(1.0), "–"]]
+    for r in d["rows"]:
+        rows.append([f"`{r['recipe']}`", f"{r['a8_linears']}/{r['quantized_linears']}", _ppl(r["ppl"]),
+                     _x(r["ppl"] / fp), _ppl(plain.get(r["recipe"]))])
+    t = _table(["recipe", "Linears with 8-bit inputs", "PTB ppl", "× FP", "PTB ppl, plain-order GPTQ"], "lrrrr", rows)
+    return t + "\n\n" + res.source("flexq_ptb")
+
+
+def t_int6_proxy(res: Results) -> str:
+    w = res("flexq_ptb")["int6_weight_experiments"]
+    rows = []
+    for key in ("proxy_clip_search", "proxy_gptq_knobs"):
+        for name, v in w[key]["geomean"].items():
+            rows.append([name, _f(v, ".3f") if isinstance(v, (int, float)) else str(v)])
+    t = _table(["INT6 weight variant", "output error vs shipped GPTQ (geometric mean)"], "lr", rows)
+    cmds = "; ".join(f"`{w[k]['command']}`" for k in ("proxy_clip_search", "proxy_gptq_knobs"))
+    return t + f"\n\nSource: `docs/results/flexq_ptb.json` (`int6_weight_experiments`): {cmds}."
+
+
+def t_arcquant(res: Results) -> str:
+    d = res("arcquant_ptb")
+    fp = d["fp_ppl"]
+    base = next(r["ppl"] for r in d["rows"] if r["recipe"] == "nvfp4-rtn")
+    rows = [["FP", _ppl(fp), _x(1.0), "–", "–"]]
+    for r in d["rows"]:
+        rows.append([_label(r), _ppl(r["ppl"]), _x(r["ppl"] / fp), _f(r["bits_per_weight"], ".2f"),
+                     _pct((base - r["ppl"]) / (base - fp))])
+    t = _table(["recipe", "PTB ppl", "× FP", "bits/weight", "share of the nvfp4-rtn → FP gap closed"], "lrrrr", rows)
+    return t + "\n\n" + res.source("arcquant_ptb")
+
+
+def t_arcquant_gemma3(res: Results) -> str:
+    d = res("arcquant_gemma3")
+    e = d["earlier_rows"]
+    fp, base = e["fp"], e["nvfp4-rtn"]
+    vals = [("FP", fp), ("nvfp4-w4a16", e["nvfp4-w4a16"]), ("nvfp4-rtn", base)]
+    vals += [(r["recipe"], r["ppl"]) for r in d["rows"]]
+    rows = [[n, _ppl(v), _x(v / fp), _pct((base - v) / (base - fp)) if n != "FP" else "–"] for n, v in vals]
+    t = _table(["recipe", "PTB ppl (first 20 windows)", "× FP", "share of the nvfp4-rtn → FP gap closed"], "lrrr", rows)
+    return t + "\n\n" + res.source("arcquant_gemma3")
+
+
+def t_comet(res: Results) -> str:
+    d = res("comet_ptb")
+    fp = d["fp_ppl"]
+    ref = next(r["ppl"] for r in d["rows"] if r["recipe"] == "w4a8-gptq")
+    rows = []
+    extra = []
+    for e in d.get("int8_share_experiments", []):
+        for r in [e["row"]] if "row" in e else e.get("rows", []):
+            name = r["recipe"].split(" ")[0]
+            name = name if name.startswith("experiments/") else f"experiments/recipes/{name}.yaml"
+            extra.append(dict(r, recipe=name))
+    for r in d["rows"] + extra:
+        share = (r.get("int8_block_share") or {}).get("all") if isinstance(r.get("int8_block_share"), dict) else None
+        rows.append([_label(r), _ppl(r["ppl"]), _x(r["ppl"] / fp), _x(r["ppl"] / ref), _pct(share)])
+    t = _table(["recipe", "PTB ppl", "× FP", "× w4a8-gptq", "INT8 activation blocks"], "lrrrr", rows)
+    return t + "\n\n" + res.source("comet_ptb")
+
+
+def t_kv4_bytes(res: Results) -> str:
+    rows = [[str(b["group"]), f"{b['kv4_bytes_per_token']:,.0f}", f"{b['bf16_bytes_per_token']:,.0f}",
+             _f(b["ratio"], ".3f")] for b in res("kv4_smollm2")["bytes"]]
+    t = _table(["group", "KV4 bytes/token", "bf16 bytes/token", "ratio"], "rrrr", rows)
+    return t + "\n\n" + res.source("kv4_smollm2")
+
+
+def t_kv4_ppl(res: Results) -> str:
+    rows, seen = [], set()
+    for f in ("kv4_smollm2", "kv4_rotate_smollm2"):
+        for p in res(f)["ppl"]:
+            key = (p["kv"], p["group"])
+            if key in seen:
+                continue
+            seen.add(key)
+            fp = next(q["ppl"] for q in res(f)["ppl"] if q["kv"] == "fp")
+            kv = {"fp": "FP", "kv4": "KV4", "kv4+rot": "KV4, rotated"}.get(p["kv"], p["kv"])
+            rows.append([kv, "–" if p["group"] is None else str(p["group"]), _f(p["ppl"], ".3f"), _x(p["ppl"] / fp)])
+    t = _table(["KV cache", "group", "PTB ppl (first 4 windows)", "× FP"], "lrrr", rows)
+    return t + "\n\n" + res.source("kv4_smollm2", "kv4_rotate_smollm2")
+
+
+def t_kv4_generate(res: Results) -> str:
+    rows = []
+    for f in ("kv4_smollm2", "kv4_rotate_generate_smollm2"):
+        for g in res(f)["generation"]:
+            rows.append(["yes" if g.get("rotate") else "no", g["dtype"], f"{g['agree']} / {g['tokens']}",
+                         _f(g["code_agreement_pct"], ".1f") + "%", _f(g["fp_cache_bitwise_pct"], ".1f") + "%"])
+    t = _table(["rotated", "dtype", "greedy tokens agreeing", "stored codes equal",
+                "unquantized cache bitwise equal to one full forward"], "llrrr", rows)
+    return t + "\n\n" + res.source("kv4_smollm2", "kv4_rotate_generate_smollm2")
+
+
+def t_kernels_wq(res: Results) -> str:
+    d = res("kernels_h200")
+    fmts = ["int4_g128", "int3_g128", "int2_g128", "hlq4_g128", "hlq3_g128", "hlq2_g128"]
+    rows = []
+    for m in sorted({s["M"] for s in d["summary"]}):
+        ss = {s["format"]: s for s in d["summary"] if s["M"] == m and s["K"] == 4096 and s["N"] == 14336}
+        if not ss:
+            continue
+        any_ = next(iter(ss.values()))
+        cells = [str(m), _f(any_["bf16_us"], ".1f"), _f(any_.get("tinygemm_us"), ",.1f")]
+        for f in fmts:
+            s = ss.get(f)
+            cells.append(f"{s['dispatch_us']:.1f} ({s['dispatch_us'] / s['bf16_us']:.2f})" if s else "–")
+        rows.append(cells)
+    hdr = ["M", "cuBLAS bf16", "tinygemm int4"] + [f.split("_")[0] for f in fmts]
+    t = _table(hdr, "r" * len(hdr), rows)
+    return (t + "\n\nµs per call, K = 4096, N = 14336, group 128; in parentheses × cuBLAS bf16. "
+            + res.source("kernels_h200"))
+
+
+def t_kernels_act(res: Results) -> str:
+    d, a = res("int8_gemm_h200"), res("arcquant_h200")
+
+    def us(m, c):
+        return next((r["us"] for r in d["rows"] if r["M"] == m and r["contender"] == c and r["N"] == 14336), None)
+
+    arc = {s["M"]: s for s in a["summary"] if s["N"] == 14336}
+    rows = []
+    for m in sorted({r["M"] for r in d["rows"]} | set(arc)):
+        b = us(m, "bf16")
+        cells = [str(m), _f(b, ".2f")]
+        for c in ("w6a8_linear", "comet_linear"):
+            v = us(m, c)
+            cells.append(f"{v:.2f} ({v / b:.2f})" if v is not None and b else "–")
+        s = arc.get(m)
+        cells += [_f(s["bf16_us"], ".2f") if s else "–",
+                  f"{s['arc_us']:.2f} ({s['arc_vs_bf16']:.2f})" if s else "–"]
+        rows.append(cells)
+    t = _table(["M", "cuBLAS bf16", "FlexQ W6A8 linear", "COMET W4A4/A8 linear (20% INT8 blocks)",
+                "cuBLAS bf16 (ARC run)", "ARCQuant linear (s = 256)"], "rrrrrr", rows)
+    return (t + "\n\nµs per call including activation quantization, K = 4096, N = 14336; in parentheses × cuBLAS "
+            "bf16 of the same run. " + res.source("int8_gemm_h200", "arcquant_h200"))
+
+
+def _latency(res: Results, name: str) -> str:
+    d = res(name)
+    rows = [[r["variant"], _f(r["decode_ms_per_token"], ".3f"), _f(r["decode_tok_s"], ".1f"), _f(r["decode_x"], ".2f"),
+             _f(r["decode_x_limit"], ".2f"), f"{r['prefill_tok_s']:,.0f}", _f(r["peak_gib"], ".2f"),
+             _f(r["model_gib"], ".2f")] for r in d["summary"]]
+    t = _table(["model", "decode ms/token", "decode tok/s", "× bf16", "bandwidth limit (× bf16)", "prefill tok/s",
+                "peak GiB", "model GiB"], "lrrrrrrr", rows)
+    c = d["config"]
+    return (t + f"\n\nLlama-3-8B shape, random weights, batch {c['batches'][0]}, prompt {c['prompt']}, "
+            f"{c['gen']} new tokens, {c['dtype']}, CUDA graphs{', torch.compile' if c.get('compile') else ''}; "
+            "`+head4`: lm_head quantized to int4. " + res.source(name))
+
+
+def t_latency_wq(res: Results) -> str:
+    return _latency(res, "latency_fused_h200")
+
+
+def t_latency_act(res: Results) -> str:
+    return _latency(res, "latency_act_compiled_h200")
+
+
+def t_offload(res: Results) -> str:
+    g, c = res("offload_gpu_h100"), res("offload_cpu")
+    gib = 2**30
+    rows = [[f"GPU ({g['gpu']})", g["recipe"], f"{g['nsamples']} × {g['seq_len']}",
+             f"Llama-3-8B shape, {g['source_bytes'] / gib:.2f} GiB bf16", _f(g["peak_vram_allocated_bytes"] / gib),
+             _f(g["peak_rss_bytes"] / gib), "–"]]
+    for r in c["rows"]:
+        rows.append(["CPU", r["recipe"], "4 × 512", c["checkpoint"].split(": ")[-1], "–", _f(r["peak_rss_gib"]),
+                     r["wall"]])
+    t = _table(["device", "recipe", "calibration tokens", "checkpoint", "peak VRAM GiB", "peak RSS GiB", "wall (m:s)"],
+               "lllllrr", rows)
+    return t + "\n\n" + res.source("offload_gpu_h100", "offload_cpu")
+
+
+TABLES: dict[str, Callable[[Results], str]] = {
+    "recipes": t_recipes, "backbone": t_backbone, "hlq": t_hlq, "flexq": t_flexq, "int6-proxy": t_int6_proxy,
+    "arcquant": t_arcquant, "arcquant-gemma3": t_arcquant_gemma3, "comet": t_comet, "kv4-bytes": t_kv4_bytes,
+    "kv4-ppl": t_kv4_ppl, "kv4-generate": t_kv4_generate, "kernels-wq": t_kernels_wq, "kernels-act": t_kernels_act,
+    "latency-wq": t_latency_wq, "latency-act": t_latency_act, "offload": t_offload,
+}
+
+
+# -------------------------------------------------------------------------------------------- driver
+def render_text(text: str, res: Results, where: str = "") -> str:
+    """`text` with every marked table re-rendered."""
+
+    def sub(m: re.Match) -> str:
+        name = m.group("name")
+        if name not in TABLES:
+            raise SystemExit(f"{where}: unknown results table {name!r} (known: {', '.join(TABLES)})")
+        return f"{m.group(1)}{TABLES[name](res)}\n{m.group(4)}"
+
+    return MARKER.sub(sub, text)
+
+
+def pages(root: Path) -> list[Path]:
+    return sorted({p for pat in PAGES for p in root.glob(pat)})
+
+
+def render(root: str | Path = ".", check: bool = False) -> list[Path]:
+    """Render every page under `root`; returns the pages that changed (with `check`, that would change)."""
+    root = Path(root)
+    res = Results(root)
+    changed = []
+    for p in pages(root):
+        old = p.read_text()
+        new = render_text(old, res, str(p))
+        if new != old:
+            changed.append(p)
+            if not check:
+                p.write_text(new)
+    return changed
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--root", default=".", help="repository root (default: the current folder)")
+    ap.add_argument("--check", action="store_true", help="change nothing; exit 1 if a page is out of date")
+    args = ap.parse_args(argv)
+    changed = render(args.root, check=args.check)
+    for p in changed:
+        print(f"{'out of date' if args.check else 'rendered'}: {p}")
+    if args.check and changed:
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
