@@ -1,4 +1,4 @@
-"""Quantize a model with several recipes and evaluate each: the perplexity table of the README.
+"""Quantize a model with several recipes and evaluate each: the perplexity tables in docs/results.md.
 
     python -m quantkit.eval.ppl_table --recipes rtn-w4g128,gptq-w4g128 --nsamples 32 --json out/table.json
 

@@ -1,6 +1,6 @@
 """COMET's FMPQ: fine-grained mixed-precision activations (INT4 blocks, INT8 blocks for outlier channels).
 
-COMET's calibration code is not public; this is our design (measurements: the README's COMET table and
+COMET's calibration code is not public; this is our design (measurements: docs/methods/comet.md and
 docs/results/comet_ptb.json).
 
 Statistic. For every input channel c of a Linear, over all calibration tokens t:
