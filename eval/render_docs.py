@@ -27,7 +27,7 @@ from pathlib import Path
 
 import yaml
 
-MARKER = re.compile(r"(<!-- results:(?P<name>[a-z0-9-]+) -->\n)(?P<body>.*?)(<!-- /results -->)", re.S)
+MARKER = re.compile(r"^(<!-- results:(?P<name>[a-z0-9-]+) -->\n)(?P<body>.*?)^(<!-- /results -->)$", re.S | re.M)
 PAGES = ("README.md", "docs/*.md", "docs/methods/*.md")
 
 
@@ -155,6 +155,27 @@ def t_recipes(res: Results) -> str:
             "sequence length 2048, all full windows, calibration 32 × 2048 tokens of PTB train. "
             "Sources: " + ", ".join(f"`docs/results/{f}.json`" for f in PPL_FILES)
             + " (commands and library versions: docs/results.md).")
+
+
+def _flow(d: dict | None) -> str:
+    if not d:
+        return "–"
+    return "`{" + ", ".join(f"{k}: {'null' if v is None else v}" for k, v in d.items()) + "}`"
+
+
+def t_recipe_list(res: Results) -> str:
+    """Every shipped recipe's sections, read from its YAML (no measurements)."""
+    import quantkit.recipes as shipped
+
+    rows = []
+    for path in sorted(Path(shipped.__file__).parent.glob("*.yaml")):
+        y = yaml.safe_load(path.read_text())
+        rows.append([f"`{y['name']}`", y.get("description", ""), _flow(y.get("method")), _flow(y.get("weights")),
+                     _flow(y.get("activations")), _flow(y.get("kv_cache")),
+                     ", ".join(f"`{o['match']}` → {_flow({k: v for k, v in o.items() if k != 'match'})}"
+                               for o in y.get("overrides") or []) or "–"])
+    return _table(["recipe", "description", "method", "weights", "activations", "kv_cache", "overrides"],
+                  "lllllll", rows) + "\n\nRead from `recipes/*.yaml`."
 
 
 def t_backbone(res: Results) -> str:
@@ -361,7 +382,7 @@ def t_offload(res: Results) -> str:
 
 
 TABLES: dict[str, Callable[[Results], str]] = {
-    "recipes": t_recipes, "backbone": t_backbone, "hlq": t_hlq, "flexq": t_flexq, "int6-proxy": t_int6_proxy,
+    "recipes": t_recipes, "recipe-list": t_recipe_list, "backbone": t_backbone, "hlq": t_hlq, "flexq": t_flexq, "int6-proxy": t_int6_proxy,
     "arcquant": t_arcquant, "arcquant-gemma3": t_arcquant_gemma3, "comet": t_comet, "kv4-bytes": t_kv4_bytes,
     "kv4-ppl": t_kv4_ppl, "kv4-generate": t_kv4_generate, "kernels-wq": t_kernels_wq, "kernels-act": t_kernels_act,
     "latency-wq": t_latency_wq, "latency-act": t_latency_act, "offload": t_offload,
