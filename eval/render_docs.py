@@ -160,7 +160,7 @@ def t_recipes(res: Results) -> str:
 def _flow(d: dict | None) -> str:
     if not d:
         return "–"
-    return "`{" + ", ".join(f"{k}: {'null' if v is None else v}" for k, v in d.items()) + "}`"
+    return "`" + yaml.safe_dump(d, default_flow_style=True, sort_keys=False, width=10**6).strip() + "`"
 
 
 def t_recipe_list(res: Results) -> str:
@@ -172,8 +172,7 @@ def t_recipe_list(res: Results) -> str:
         y = yaml.safe_load(path.read_text())
         rows.append([f"`{y['name']}`", y.get("description", ""), _flow(y.get("method")), _flow(y.get("weights")),
                      _flow(y.get("activations")), _flow(y.get("kv_cache")),
-                     ", ".join(f"`{o['match']}` → {_flow({k: v for k, v in o.items() if k != 'match'})}"
-                               for o in y.get("overrides") or []) or "–"])
+                     "<br>".join(_flow(o) for o in y.get("overrides") or []) or "–"])
     return _table(["recipe", "description", "method", "weights", "activations", "kv_cache", "overrides"],
                   "lllllll", rows) + "\n\nRead from `recipes/*.yaml`."
 
