@@ -114,5 +114,9 @@ def test_the_format_example_in_design_md_runs(tmp_path):
         assert r.model.layers[0].mlp.down_proj.exps.dtype == torch.int8
         with pytest.raises(Exception, match="round_up"):
             qk.quantize(tiny_llama(), {**recipe, "weights": {**recipe["weights"], "round_up": "yes"}})
-    finally:
+    finally:  # leave the registries as the other tests expect them
+        import quantkit.recipe as rec
+
         FORMATS.pop("pot", None)
+        for table in ("_FORMAT_LIMITS", "_FORMAT_CHOICES", "_FORMAT_CHECKS"):
+            getattr(rec, table, {}).pop("pot", None)
