@@ -65,10 +65,10 @@ from quantkit.checkpoint import (
     write_shard,
 )
 from quantkit.errors import QuantkitError
-from quantkit.methods.gptq import LOWMEM_MIN_BYTES
+from quantkit.methods import algorithm_for
 from quantkit.models import decoder_layers
+from quantkit.nn import ACT_QUANTIZERS
 from quantkit.pipeline import (
-    HOST_FACTOR_MIN_BYTES,
     QuantizeReport,
     _layer_prefix,
     _to,
@@ -238,7 +238,8 @@ def estimate(src: SourceCheckpoint, config, recipe: Recipe, prefix: str, n_layer
     inter = int(getattr(config, "intermediate_size", 4 * hidden))
     heads = int(getattr(config, "num_attention_heads", 1))
     layer_src = layer_compute = 0
-    gptq_work = host_factor = 0
+    algo = algorithm_for(recipe.method)
+    algo_work = host_factor = 0
     out_bytes = 0
     for li in range(n_layers):
         lp = f"{prefix}.{li}."
@@ -255,18 +256,9 @@ def estimate(src: SourceCheckpoint, config, recipe: Recipe, prefix: str, n_layer
                 continue
             nout, k = shape
             out_bytes += sum(_nbytes(s, d) for s, d in _packed_names(spec, k, nout).values())
-            if needs_calibration(recipe):
-                # H (handed over to GPTQ) and its Cholesky factor (wide Hessians on a GPU: factorized in
-                # place, plus K x block panels), W in fp32, codes in uint8; with host_factorization, wide
-                # Hessians are factorized on the host
-                kk = k * k * 4
-                host = host_factorization and device.type == "cuda" and kk >= HOST_FACTOR_MIN_BYTES
-                inplace = device.type == "cuda" and kk >= LOWMEM_MIN_BYTES and not host
-                factor = kk if host else kk + 2 * k * 1024 * 4 if inplace else 2 * kk
-                gptq_work = max(gptq_work, factor + nout * k * (4 + 1))
-                host_factor = max(host_factor, 3 * kk if host else 0)
-            else:
-                gptq_work = max(gptq_work, nout * k * (4 + 8))
+            dev_work, host_work = algo.work_bytes(nout, k, device, host_factorization)
+            algo_work = max(algo_work, dev_work)
+            host_factor = max(host_factor, host_work)
     other = [n for n in src.meta if not n.startswith(f"{prefix}.")]
     tied = bool(getattr(config, "tie_word_embeddings", False))
     out_bytes += sum(src.nbytes(n) for n in other if not (tied and n == "lm_head.weight"))
@@ -277,11 +269,11 @@ def estimate(src: SourceCheckpoint, config, recipe: Recipe, prefix: str, n_layer
     acts_dev = min(acts, max_act)
     spill = acts - acts_dev
     fwd = (seq_len * inter * ec * 3 + heads * seq_len * seq_len * 4 + 4 * sample) if data else 0
-    # layer (+ its dequantized QuantLinear weights when cached) + GPTQ temporaries + one forward
-    layer_peak = (2 if cache_weights else 1) * layer_compute + gptq_work + fwd
+    # layer (+ its dequantized QuantLinear weights when cached) + the algorithm's temporaries + one forward
+    layer_peak = (2 if cache_weights else 1) * layer_compute + algo_work + fwd
     dev_peak = max(embed + fwd, layer_peak) + acts_dev
     base_ram = 600 * 1024**2  # python + torch + transformers + tokenizer, measured ~0.5 GB
-    staging = layer_src + out_bytes // max(n_layers, 1) + host_factor  # + host-side GPTQ factorization
+    staging = layer_src + out_bytes // max(n_layers, 1) + host_factor  # + the algorithm's host-side work
     if device.type == "cpu":
         ram, vram = base_ram + dev_peak + staging, 0
     else:
@@ -698,9 +690,10 @@ def _finalize(partial: Path, out: Path, manifest: dict, config, src_path: Path, 
             weight_map[name] = units[u]["file"]
             total += nb
         modules.update(units[u].get("modules", {}))
-    from quantkit.methods.flexq import select_high_precision_entries
-
-    select_high_precision_entries(modules)  # activation-precision search (FlexQ): needs every layer's score
+    # each activation scheme's model-wide step (FlexQ's A8 search needs every layer's score)
+    with_act = {n: e for n, e in modules.items() if e.get("act")}
+    for fmt in dict.fromkeys(e["act"]["format"] for e in with_act.values()):
+        ACT_QUANTIZERS[fmt].finalize_entries({n: e for n, e in with_act.items() if e["act"]["format"] == fmt})
     _write_json(partial / INDEX_NAME, make_index(weight_map, total))
     cfg = config.to_dict()
     recipe = manifest["settings"]["recipe"]

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from quantkit.errors import QuantkitError
 from quantkit.formats import make_format
-from quantkit.methods import HessianAccumulator, gptq_quantize, rtn_quantize
+from quantkit.methods import WeightAlgorithm, algorithm_for
 from quantkit.models import decoder_layers
 from quantkit.nn import ACT_QUANTIZERS, QuantLinear, set_weight_cache
 from quantkit.recipe import ActSpec, Recipe, WeightSpec, _acts_from_dict
@@ -235,38 +235,23 @@ def _sub_blocks(layer: nn.Module, targets: dict, x: torch.Tensor, kwargs: dict) 
     return blocks
 
 
-# Hessians at least this large are factorized on the host when the pipeline runs with host_factorization
-HOST_FACTOR_MIN_BYTES = 256 * 2**20
-
-
-def _quantize_linear(name: str, mod: nn.Linear, spec: WeightSpec, recipe: Recipe,
-                     hessian, act=None, host_factorization: bool = False) -> QuantLinear:
-    """hessian: None (RTN), a tensor (kept), or a one-element list (handed over, see gptq_quantize)."""
+def _quantize_linear(name: str, mod: nn.Linear, spec: WeightSpec, algo: WeightAlgorithm,
+                     stats, act=None, host_factorization: bool = False) -> QuantLinear:
+    """stats: what `algo.statistics` collected for this Linear: None, the result (kept), or a one-element
+    list handing it over (the algorithm may free it as it goes)."""
     _check_finite(name, mod.weight)
     fmt = make_format(spec)
     weight = act.transform_weight(mod.weight) if act is not None else mod.weight
     if hasattr(fmt, "prepare"):  # formats with a whole-matrix parameter (nvfp4's tensor scale) bind it first
         fmt = fmt.prepare(weight)
-    if recipe.method.name == "gptq" and hessian is not None:
-        m = recipe.method
-        h0 = hessian[0] if isinstance(hessian, list) else hessian
-        host = host_factorization and h0.is_cuda and h0.numel() * 4 >= HOST_FACTOR_MIN_BYTES
-        del h0
-        solve = act.gptq_weight(weight) if act is not None else weight
-        codes, params = gptq_quantize(solve, hessian, fmt, damping=m.damping,
-                                      block_size=m.block_size, act_order=m.act_order,
-                                      factor_device="cpu" if host else None)
-        if act is not None:
-            codes, params = act.complete_gptq(codes, params, fmt)
-    else:
-        codes, params = rtn_quantize(weight, fmt)
+    codes, params = algo.quantize(weight, fmt, stats, act=act, host_factorization=host_factorization)
     q = QuantLinear.from_codes(mod, spec, codes, params, act=act)
     if act is not None:
         act.enabled = False  # calibration propagates activation-float outputs (see finalize_activations)
     return q.to(mod.weight.device)
 
 
-def _scheme_entry(mod: QuantLinear, recipe: Recipe) -> dict:
+def _scheme_entry(mod: QuantLinear, recipe: Recipe) -> dict:  # "method": the algorithm's name
     return {**mod.scheme_entry(), "method": recipe.method.name}
 
 
@@ -319,40 +304,40 @@ def quantize_layer(layer: nn.Module, lprefix: str, recipe: Recipe, xs, kwargs: d
     keyword arguments the model passes its layers, on `device`. Scheme entries go to `report.modules`.
     cache_weights: keep each new QuantLinear's dequantized weight for the rest of the layer (faster CPU
     forwards, one more float copy of the layer in memory; the values are the same either way).
-    host_factorization: factorize wide GPTQ Hessians (>= HOST_FACTOR_MIN_BYTES) on the host, not the GPU
+    host_factorization: let the algorithm factorize wide statistics on the host, not the GPU
     (the streaming pipeline's VRAM bound; same result up to the devices' float rounding).
     """
     targets = _targets(layer, lprefix, recipe)
     act_specs = {n: recipe.act_scheme_for(f"{lprefix}.{n}") for n in targets}
-    gptq = recipe.method.name == "gptq"
+    algo = algorithm_for(recipe.method)
     act_data = any(s is not None and _act_class(s).wants_calibration(s) for s in act_specs.values())
-    if (gptq or act_data) and targets and len(xs):
+    if (algo.needs_data or act_data) and targets and len(xs):
         blocks = _sub_blocks(layer, targets, xs[0].to(device), kwargs) \
-            if recipe.method.true_sequential else [list(targets)]
+            if algo.sequential else [list(targets)]
         for block in blocks:
             if bar is not None:
                 bar.set_postfix_str(",".join(n.rsplit(".", 1)[-1] for n in block))
             acts = _calibrate_acts(layer, block, targets, act_specs, xs, kwargs, device)
-            acc = None
-            if gptq:
-                # every module of a sub-block reads the same tensor: one Hessian serves them all (modules
-                # of a block share their activation transform: same format, same calibration input)
-                first = acts.get(block[0])
-                k = first.gptq_in_features if first is not None else targets[block[0]][0].in_features
-                acc = HessianAccumulator(k, device, recipe.method.sink_weight)
+            # every module of a sub-block reads the same tensor: one set of statistics serves them all
+            # (modules of a block share their activation transform: same format, same calibration input)
+            first = acts.get(block[0])
+            k = first.gptq_in_features if first is not None else targets[block[0]][0].in_features
+            acc = algo.statistics(k, device)
+            if acc is not None:
                 _run_block_hook(layer, targets[block[-1]][0],
                                 (lambda x, a=acc, f=first: a.add(f.hessian_input(x))) if first is not None else acc.add,
                                 xs, kwargs, device)
-            hess = acc.h if acc is not None else None
+            stats = acc.result() if acc is not None else None
             del acc
             for j, n in enumerate(block):
                 mod, spec = targets.pop(n)  # drop the float module as soon as its QuantLinear exists
-                # the block's last module takes the Hessian over: used as scratch, freed during the factorization
-                # (no K x K copy, and no K x K kept alive for the sweep: that decides a streamed 8B layer's VRAM)
-                arg = hess
-                if hess is not None and j == len(block) - 1:
-                    arg, hess = [hess], None
-                q = _quantize_linear(f"{lprefix}.{n}", mod, spec, recipe, arg, act=acts.get(n),
+                # the block's last module takes the statistics over: the algorithm may use them as scratch and
+                # free them as it goes (GPTQ: no K x K copy kept alive for the sweep, which decides a streamed
+                # 8B layer's VRAM)
+                arg = stats
+                if stats is not None and j == len(block) - 1:
+                    arg, stats = [stats], None
+                q = _quantize_linear(f"{lprefix}.{n}", mod, spec, algo, arg, act=acts.get(n),
                                      host_factorization=host_factorization)
                 del arg
                 q.cache_weight = cache_weights  # later sub-blocks and the output pass reuse it
@@ -363,7 +348,7 @@ def quantize_layer(layer: nn.Module, lprefix: str, recipe: Recipe, xs, kwargs: d
         for n, (mod, spec) in list(targets.items()):
             a = act_specs.get(n)
             act = _act_class(a).from_calibration(a, mod, None) if a is not None else None
-            q = _quantize_linear(f"{lprefix}.{n}", mod, spec, recipe, None, act=act)
+            q = _quantize_linear(f"{lprefix}.{n}", mod, spec, algo, None, act=act)
             _set_module(layer, n, q)
             report.modules[f"{lprefix}.{n}"] = _scheme_entry(q, recipe)
             del targets[n], mod
@@ -380,7 +365,7 @@ def needs_calibration(recipe: Recipe) -> bool:
     specs = [recipe.activations] + [
         _acts_from_dict({**recipe.activations.to_dict(), **o.activations})
         for o in recipe.overrides if o.activations and recipe.activations is not None]
-    return recipe.method.name == "gptq" or any(
+    return algorithm_for(recipe.method).needs_data or any(
         s is not None and _act_class(s).wants_calibration(s) for s in specs)
 
 
@@ -412,12 +397,13 @@ def kv_cache_context(model: nn.Module):
 
 
 def finalize_activations(model: nn.Module, report: QuantizeReport | None = None) -> list[str]:
-    """After all layers: run the activation-precision search (FlexQ), switch activation quantization on
-    for inference, and refresh the report's entries. Returns the names given high-precision inputs."""
-    from quantkit.methods.flexq import select_high_precision
-
+    """After all layers: run each activation scheme's model-wide step (`ActQuantizer.finalize_model`, e.g.
+    FlexQ's A8 search), switch activation quantization on for inference, and refresh the report's entries.
+    Returns the names the steps changed."""
     modules = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear) and m.act is not None}
-    chosen = select_high_precision(modules)
+    chosen: list[str] = []
+    for cls in dict.fromkeys(type(m.act) for m in modules.values()):
+        chosen += cls.finalize_model({n: m for n, m in modules.items() if type(m.act) is cls})
     for n, m in modules.items():
         m.act.enabled = True
         if report is not None and n in report.modules:

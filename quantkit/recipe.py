@@ -29,8 +29,6 @@ import yaml
 
 from quantkit.errors import QuantkitError
 
-METHODS = ("rtn", "gptq")
-
 
 @dataclass(frozen=True)
 class WeightSpec:
@@ -76,14 +74,21 @@ class ActSpec:
 
 @dataclass(frozen=True)
 class MethodSpec:
+    """The recipe's weight algorithm: its registered name and its own settings (a dataclass declared by the
+    algorithm, see quantkit.methods.base)."""
+
     name: str = "rtn"
-    damping: float = 0.01  # GPTQ: fraction of mean(diag H) added to the diagonal
-    block_size: int = 128  # GPTQ: columns per lazy-update block
-    act_order: bool = False  # GPTQ: columns in descending diag(H) order (groups stay static, see gptq.py)
-    true_sequential: bool = True  # GPTQ: re-collect inputs after quantizing each sub-block of a layer
-    # GPTQ: weight of each calibration window's first token (the attention sink) in the Hessian; > 1 keeps
-    # GPTQ from trading that token's error for the others' (docs/methods/arcquant.md)
-    sink_weight: float = 1.0
+    settings: Any = None  # the algorithm's Settings; None = its defaults
+
+    def to_dict(self) -> dict[str, Any]:
+        settings = dataclasses.asdict(self.settings) if self.settings is not None else {}
+        return {"name": self.name, **RECORDED_METHOD_KEYS, **settings}
+
+
+# Checkpoints (format_version 1) record a recipe's method with these keys; an algorithm without one of them
+# records this value. Reading such a record back accepts them at exactly these values.
+RECORDED_METHOD_KEYS: dict[str, Any] = {"damping": 0.01, "block_size": 128, "act_order": False,
+                                        "true_sequential": True, "sink_weight": 1.0}
 
 
 @dataclass(frozen=True)
@@ -130,7 +135,7 @@ class Recipe:
     def to_dict(self) -> dict[str, Any]:
         return {
             "name": self.name, "description": self.description,
-            "method": dataclasses.asdict(self.method), "weights": self.weights.to_dict(),
+            "method": self.method.to_dict(), "weights": self.weights.to_dict(),
             "activations": self.activations.to_dict() if self.activations else None,
             "targets": list(self.targets), "ignore": list(self.ignore), "kv_cache": self.kv_cache,
             "overrides": [{"match": list(o.match), "weights": o.weights,
@@ -288,23 +293,24 @@ def _kv_from_dict(d) -> dict[str, Any] | None:
 
 
 def _method_from_dict(d: dict) -> MethodSpec:
-    valid = {f.name for f in dataclasses.fields(MethodSpec)}
-    _check_keys(d, valid, "method")
+    from quantkit.methods import ALGORITHMS, settings_from_dict  # the registry (imports torch)
+
+    _check_keys(d, {"name"} | set(RECORDED_METHOD_KEYS) | {k for a in ALGORITHMS.values()
+                                                            for k in (f.name for f in dataclasses.fields(a.Settings))},
+                "method")
     name = d.get("name", "rtn")
-    if name not in METHODS:
-        raise _unknown_key(str(name), METHODS, "method.name (a method)")
-    kw = {"name": name}
-    for f in dataclasses.fields(MethodSpec):
-        if f.name != "name" and f.name in d:
-            kw[f.name] = _typed(d[f.name], type(f.default), f.name, "method")
-    spec = MethodSpec(**kw)
-    if not 0 <= spec.damping < 1:
-        raise QuantkitError(f"method.damping = {spec.damping} is out of range: use 0 <= damping < 1")
-    if spec.block_size < 1:
-        raise QuantkitError(f"method.block_size = {spec.block_size} must be >= 1")
-    if not spec.sink_weight > 0:
-        raise QuantkitError(f"method.sink_weight = {spec.sink_weight} must be > 0 (1 = every token alike)")
-    return spec
+    if name not in ALGORITHMS:
+        raise _unknown_key(str(name), ALGORITHMS, "method.name (a method)")
+    algo = ALGORITHMS[name]
+    own = {f.name for f in dataclasses.fields(algo.Settings)}
+    for k, v in d.items():
+        if k != "name" and k not in own and not (k in RECORDED_METHOD_KEYS and v == RECORDED_METHOD_KEYS[k]
+                                                 and type(v) is type(RECORDED_METHOD_KEYS[k])):
+            settings = ", ".join(sorted(own)) or "none"
+            raise QuantkitError(f"recipe key '{k}' in method is not a setting of method '{name}' "
+                                f"(its settings: {settings})")
+    return MethodSpec(name=name, settings=settings_from_dict(algo, {k: v for k, v in d.items() if k in own},
+                                                             _typed))
 
 
 def _patterns(value, key: str) -> tuple[str, ...]:

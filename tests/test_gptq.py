@@ -132,8 +132,8 @@ def test_sink_weight_reaches_the_pipeline_and_protects_the_first_token():
     errs = {}
     for w in (1.0, 1e4):
         ref, m = tiny_llama(), tiny_llama()
-        quantize_model(m, dataclasses.replace(base, method=dataclasses.replace(base.method, sink_weight=w)),
-                       calib, progress=False)
+        method = dataclasses.replace(base.method, settings=dataclasses.replace(base.method.settings, sink_weight=w))
+        quantize_model(m, dataclasses.replace(base, method=method), calib, progress=False)
         with torch.no_grad():
             a, b = ref(calib).logits, m(calib).logits
         errs[w] = float((a[:, 0] - b[:, 0]).norm() / a[:, 0].norm())

@@ -72,3 +72,23 @@ def test_bad_override_is_rejected_early():
 def test_bad_regex():
     with pytest.raises(QuantkitError, match="bad regular expression"):
         recipe_from_dict({"targets": ["re:(("]})
+
+
+def test_method_settings_belong_to_the_algorithm():
+    """Each algorithm parses its own settings; another algorithm's key is refused with the owner's list,
+    except the recorded defaults a checkpoint's recipe echo carries (so that echo parses back)."""
+    from quantkit.methods import ALGORITHMS, GPTQ, RTN
+    from quantkit.recipe import recipe_from_dict
+
+    assert {"rtn", "gptq"} <= set(ALGORITHMS) and ALGORITHMS["gptq"] is GPTQ and ALGORITHMS["rtn"] is RTN
+    g = recipe_from_dict({"name": "x", "method": {"name": "gptq", "damping": 0.05, "act_order": True}})
+    assert isinstance(g.method.settings, GPTQ.Settings)
+    assert (g.method.settings.damping, g.method.settings.act_order, g.method.settings.block_size) == (0.05, True, 128)
+    with pytest.raises(QuantkitError, match=r"'damping' in method is not a setting of method 'rtn' \(its settings: none\)"):
+        recipe_from_dict({"name": "x", "method": {"name": "rtn", "damping": 0.05}})
+    for name in ("rtn-w4g128", "gptq-w4g128", "flexq-w6a8"):
+        r = load_recipe(name)
+        echo = r.to_dict()
+        assert list(echo["method"]) == ["name", "damping", "block_size", "act_order", "true_sequential",
+                                        "sink_weight"]
+        assert recipe_from_dict(echo) == r

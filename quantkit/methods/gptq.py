@@ -22,10 +22,13 @@ the layer's output on its own is e_j² · H_jj, so that is what its group-scale 
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 
 import torch
 
+from quantkit.errors import QuantkitError
 from quantkit.formats.base import Params, WeightFormat
+from quantkit.methods.base import WeightAlgorithm, register_algorithm
 
 
 class HessianAccumulator:
@@ -51,6 +54,9 @@ class HessianAccumulator:
         self.n += m
         x = x * (2.0 / self.n) ** 0.5
         self.h.addmm_(x.t(), x)
+
+    def result(self) -> torch.Tensor:
+        return self.h
 
 
 def _inverse_cholesky(h: torch.Tensor, damping: float) -> torch.Tensor:
@@ -292,3 +298,67 @@ def _sweep(w, u, codes, params, fmt, bounds, group_of, perm_cpu, block_size, act
             w1[:, i:] -= e_col.unsqueeze(1) * u1[i, i:].unsqueeze(0)
             err1[:, i] = e_col
         w[:, i2:] -= err1 @ u[i1:i2, i2:]
+
+
+# Hessians at least this large are factorized on the host when the pipeline runs with host_factorization
+HOST_FACTOR_MIN_BYTES = 256 * 2**20
+
+
+@dataclass(frozen=True)
+class GPTQSettings:
+    damping: float = 0.01  # fraction of mean(diag H) added to the diagonal
+    block_size: int = 128  # columns per lazy-update block
+    act_order: bool = False  # columns in descending diag(H) order (groups stay static, see above)
+    true_sequential: bool = True  # re-collect inputs after quantizing each sub-block of a layer
+    # weight of each calibration window's first token (the attention sink) in the Hessian; > 1 keeps GPTQ
+    # from trading that token's error for the others'
+    sink_weight: float = 1.0
+
+    def validate(self) -> None:
+        if not 0 <= self.damping < 1:
+            raise QuantkitError(f"method.damping = {self.damping} is out of range: use 0 <= damping < 1")
+        if self.block_size < 1:
+            raise QuantkitError(f"method.block_size = {self.block_size} must be >= 1")
+        if not self.sink_weight > 0:
+            raise QuantkitError(f"method.sink_weight = {self.sink_weight} must be > 0 (1 = every token alike)")
+
+
+@register_algorithm
+class GPTQ(WeightAlgorithm):
+    """GPTQ over a Hessian of each Linear's calibration inputs, in any weight format."""
+
+    name = "gptq"
+    Settings = GPTQSettings
+    needs_data = True
+
+    @property
+    def sequential(self) -> bool:
+        return self.settings.true_sequential
+
+    def statistics(self, in_features: int, device: torch.device) -> HessianAccumulator:
+        return HessianAccumulator(in_features, device, self.settings.sink_weight)
+
+    def quantize(self, weight, fmt, stats, act=None, host_factorization=False):
+        """stats: None (no data reached this Linear: RTN), the Hessian, or a one-element list handing it over
+        (see gptq_quantize). With an activation scheme, GPTQ solves for the columns it names."""
+        if stats is None:
+            return fmt.quantize_rtn(weight.detach().float())
+        h0 = stats[0] if isinstance(stats, list) else stats
+        host = host_factorization and h0.is_cuda and h0.numel() * 4 >= HOST_FACTOR_MIN_BYTES
+        del h0
+        s = self.settings
+        solve = act.gptq_weight(weight) if act is not None else weight
+        codes, params = gptq_quantize(solve, stats, fmt, damping=s.damping, block_size=s.block_size,
+                                      act_order=s.act_order, factor_device="cpu" if host else None)
+        if act is not None:
+            codes, params = act.complete_gptq(codes, params, fmt)
+        return codes, params
+
+    def work_bytes(self, n_out, k, device, host_factorization):
+        # H (handed over) and its Cholesky factor (wide Hessians on a GPU: factorized in place, plus K x block
+        # panels), W in fp32, codes in uint8; with host_factorization, wide Hessians are factorized on the host
+        kk = k * k * 4
+        host = host_factorization and device.type == "cuda" and kk >= HOST_FACTOR_MIN_BYTES
+        inplace = device.type == "cuda" and kk >= LOWMEM_MIN_BYTES and not host
+        factor = kk if host else kk + 2 * k * 1024 * 4 if inplace else 2 * kk
+        return factor + n_out * k * (4 + 1), (3 * kk if host else 0)

@@ -99,6 +99,19 @@ class ActQuantizer(nn.Module):
         return cls(spec, linear.in_features)
 
     @classmethod
+    def finalize_model(cls, modules: dict[str, nn.Module]) -> list[str]:
+        """After the last layer, the model-wide step of this scheme over its QuantLinears (name ->
+        QuantLinear, in model order), e.g. a search that gives some Linears more activation bits. Returns
+        the names it changed."""
+        return []
+
+    @classmethod
+    def finalize_entries(cls, entries: dict[str, dict]) -> list[str]:
+        """The same step on checkpoint entries (name -> `quantization_config.modules` entry), edited in
+        place: the streaming pipeline's finalize, which holds no model."""
+        return []
+
+    @classmethod
     def for_speed(cls, spec: ActSpec, in_features: int, outlier_share: float | None = None,
                   generator: torch.Generator | None = None) -> ActQuantizer:
         """A quantizer whose calibration-derived layout is made up instead of measured, for timing models
@@ -165,6 +178,18 @@ class IntActQuantizer(ActQuantizer):
         q = cls(spec, in_features)
         q.sensitivity = extra.get("sensitivity")
         return q
+
+    @classmethod
+    def finalize_model(cls, modules: dict[str, nn.Module]) -> list[str]:
+        from quantkit.methods.flexq import select_high_precision  # FlexQ's measured A8 search
+
+        return select_high_precision(modules)
+
+    @classmethod
+    def finalize_entries(cls, entries: dict[str, dict]) -> list[str]:
+        from quantkit.methods.flexq import select_high_precision_entries
+
+        return select_high_precision_entries(entries)
 
     def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
         return fake_quant_act_int(x, self.spec.bits, self.spec.group_size or x.shape[-1])
