@@ -1,6 +1,6 @@
 """Kernel dispatch for activation-quantized `QuantLinear`s (FlexQ, COMET, ARCQuant) on CUDA.
 
-`QuantLinear.kernel_key` is "<act format>:<weight format>"; `register_kernels` maps
+`QuantLinear.kernel_key` is "<act format>:<weight format>"; `registry.register_kernels` maps
 - "int:int6", "int:int"  → FlexQ W6A6/W6A8 (and INT4-weight A8/A6) through `int8_gemm.lowbit_linear`
                            (per-token activations in groups of 128 channels, int8 tensor cores);
 - "fmpq:int"             → COMET: channel gather + per-block INT4/INT8 activations, same GEMM;

@@ -3,7 +3,7 @@
 Imports only torch at module level; triton (and `wq_gemm`) is imported on the first call, so CPU-only code
 that imports quantkit never loads triton.
 
-Paths, chosen per M by measurement (eval/bench_kernels.py and kernels/bench_decode.py on an H200, torch 2.11 /
+Paths, chosen per M by measurement (eval/bench_kernels.py and eval/bench_decode.py on an H200, torch 2.11 /
 triton 3.6, weights rotated over > 2.5x L2, CUDA-graph replays; JSON in docs/results/kernels_h200.json):
 - M <= GEMV_MAX_M (2):           `wq_gemv._gemv_h2_kernel`, split-K GEMV in packed half2 arithmetic (int4 g128,
                                  4096x14336: 11.8 us vs 14.9 us for the fp32 `_gemv_kernel`, still reachable as
@@ -80,33 +80,18 @@ def prepare(fmt: str, bits: int, group_size: int | None, k: int, n: int,
                     zeros, has_zero)
 
 
-# fp32 workspace (kept all-zero) and per-tile counters for split-K, per device
-_WORKSPACE: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+def launch_args(p: Prepared, x: torch.Tensor, out: torch.Tensor, bias: torch.Tensor | None) -> tuple:
+    """The positional arguments of the weight-only kernels (`wq_gemm`, `wq_gemv`) for x [M, K] → out [M, N]."""
+    from quantkit.kernels.triton_common import bucket, workspace
 
-
-def _workspace(device: torch.device, floats: int, tiles: int) -> tuple[torch.Tensor, torch.Tensor]:
-    ws, cnt = _WORKSPACE.get(device, (None, None))
-    if ws is None or ws.numel() < floats or cnt.numel() < tiles:
-        floats = max(floats, ws.numel() if ws is not None else 0, 1 << 20)
-        tiles = max(tiles, cnt.numel() if cnt is not None else 0, 1 << 14)
-        ws = torch.zeros(floats, dtype=torch.float32, device=device)
-        cnt = torch.zeros(tiles, dtype=torch.int32, device=device)
-        _WORKSPACE[device] = (ws, cnt)
-    return ws, cnt
-
-
-def _bucket(m: int) -> int:
-    return 1 << max(0, (m - 1).bit_length())
-
-
-def _args(p: Prepared, x: torch.Tensor, out: torch.Tensor, bias: torch.Tensor | None):
     m = x.shape[0]
-    ws, cnt = _workspace(x.device, m * p.n, m * p.n // 16 + 1)
+    ws, cnt = workspace(x.device, m * p.n, m * p.n // 16 + 1)
     return (x, p.q0, p.q1, p.scales, p.zeros, bias if bias is not None else out, out, ws, cnt,
-            m, p.n, p.k, p.q0.shape[0], p.q1.shape[0], x.stride(0), out.stride(0), _bucket(m), ONE)
+            m, p.n, p.k, p.q0.shape[0], p.q1.shape[0], x.stride(0), out.stride(0), bucket(m), ONE)
 
 
-def _consts(p: Prepared, bias) -> dict:
+def launch_consts(p: Prepared, bias) -> dict:
+    """The compile-time (constexpr) arguments of the weight-only kernels."""
     return {"GS": p.gs, "FMT": p.fmt, "BITS": p.bits, "HAS_ZERO": p.has_zero, "HAS_BIAS": bias is not None}
 
 
@@ -126,32 +111,26 @@ def _major(index: int) -> int:
     return torch.cuda.get_device_capability(index)[0]
 
 
-def _set_sms(device: torch.device) -> None:
-    from quantkit.kernels import wq_gemm
-
-    if device.type == "cuda":
-        wq_gemm.NUM_SMS[0] = torch.cuda.get_device_properties(device).multi_processor_count
-
-
 def gemv(p: Prepared, x: torch.Tensor, bias: torch.Tensor | None = None, config: dict | None = None):
     """x: [M, K] bf16/fp16 (row-contiguous) → [M, N], split-K GEMV. `config`: explicit meta-parameters
     (BLOCK_N, BLOCK_K, SPLIT_K, num_warps) instead of the autotuned choice (tests, interpreter)."""
     import triton
 
     from quantkit.kernels import wq_gemm
+    from quantkit.kernels.triton_common import set_sms
 
     m = x.shape[0]
     out = torch.empty(m, p.n, dtype=x.dtype, device=x.device)
-    args = _args(p, x, out, bias)
+    args = launch_args(p, x, out, bias)
     if config is None:
-        _set_sms(x.device)
+        set_sms(x.device)
         grid = lambda a: (triton.cdiv(p.n, a["BLOCK_N"]), a["SPLIT_K"], m)
-        wq_gemm.gemv_tuned[grid](*args, **_consts(p, bias))
+        wq_gemm.gemv_tuned[grid](*args, **launch_consts(p, bias))
     else:
         c = dict(config)
         c.setdefault("EVEN_K", p.k % (32 * c["RUNS"]) == 0)
         grid = (triton.cdiv(p.n, c["BLOCK_N"]), c["SPLIT_K"], m)
-        wq_gemm._gemv_kernel[grid](*args, **_consts(p, bias), **c)
+        wq_gemm._gemv_kernel[grid](*args, **launch_consts(p, bias), **c)
     return out
 
 
@@ -161,22 +140,23 @@ def gemv_h2(p: Prepared, x: torch.Tensor, bias: torch.Tensor | None = None, conf
     import triton
 
     from quantkit.kernels import wq_gemv
+    from quantkit.kernels.triton_common import set_sms
 
     m = x.shape[0]
     out = torch.empty(m, p.n, dtype=x.dtype, device=x.device)
-    args = _args(p, x, out, bias)
+    args = launch_args(p, x, out, bias)
     use_asm = os.environ.get("TRITON_INTERPRET") != "1"
     if config is None:
-        _set_sms(x.device)
+        set_sms(x.device)
         grid = lambda a: (triton.cdiv(p.n, a["BLOCK_N"]), a["SPLIT_K"], m)
         pdl = _use_pdl(x.device) and wq_gemv.gdc_wait is not None
-        wq_gemv.gemv_h2_tuned[grid](*args, **_consts(p, bias), USE_ASM=use_asm, PDL=pdl, launch_pdl=pdl)
+        wq_gemv.gemv_h2_tuned[grid](*args, **launch_consts(p, bias), USE_ASM=use_asm, PDL=pdl, launch_pdl=pdl)
     else:
         c = dict(config)
         c.setdefault("EVEN_K", p.k % 32 == 0)
         c.setdefault("USE_ASM", use_asm)
         grid = (triton.cdiv(p.n, c["BLOCK_N"]), c["SPLIT_K"], m)
-        wq_gemv._gemv_h2_kernel[grid](*args, **_consts(p, bias), **c)
+        wq_gemv._gemv_h2_kernel[grid](*args, **launch_consts(p, bias), **c)
     return out
 
 
@@ -185,23 +165,24 @@ def gemm(p: Prepared, x: torch.Tensor, bias: torch.Tensor | None = None, config:
     import triton
 
     from quantkit.kernels import wq_gemm
+    from quantkit.kernels.triton_common import set_sms
 
     m = x.shape[0]
     out = torch.empty(m, p.n, dtype=x.dtype, device=x.device)
-    args = _args(p, x, out, bias)
+    args = launch_args(p, x, out, bias)
 
     def grid(a):
         return (triton.cdiv(m, a["BLOCK_M"]) * triton.cdiv(p.n, a["BLOCK_N"]), a["SPLIT_K"])
 
     if config is None:
-        _set_sms(x.device)
+        set_sms(x.device)
         fn = wq_gemm.gemm_small_tuned if m <= 64 else wq_gemm.gemm_large_tuned
-        fn[grid](*args, **_consts(p, bias))
+        fn[grid](*args, **launch_consts(p, bias))
     else:
         c = dict(config)
         c.setdefault("GROUP_M", 1)
         c.setdefault("DOT_F32", os.environ.get("TRITON_INTERPRET") == "1")
-        wq_gemm._gemm_kernel[grid(c)](*args, **_consts(p, bias), **c)
+        wq_gemm._gemm_kernel[grid(c)](*args, **launch_consts(p, bias), **c)
     return out
 
 

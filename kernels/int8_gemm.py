@@ -35,21 +35,25 @@ with `w` a `LowbitWeight` from `int8_reference.prepare_int6` / `prepare_int4` (c
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
+from quantkit.kernels.int8_common import MAGIC, MAGIC_F, load_codes
 from quantkit.kernels.int8_reference import ACT_GROUP, LowbitWeight
-from quantkit.kernels.wq_gemm import _grouped_tile, _split_range
+from quantkit.kernels.triton_common import (
+    bucket,
+    finish_tile,
+    grouped_tile,
+    interpreting,
+    quick_bench,
+    split_range,
+)
 
-MAGIC = tl.constexpr(0x4B400000)  # bits of 1.5·2^23
-MAGIC_F = tl.constexpr(12582912.0)
 SMALL_M = 16  # M <= SMALL_M: the decode configurations (BLOCK_M = 16, split-K)
 SPLIT_MAX = 8
 SPLIT_GEMV_MAX = 16
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+_INTERPRET = interpreting()
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -120,70 +124,6 @@ def quantize_act(x: torch.Tensor, bits: int | torch.Tensor, perm: torch.Tensor |
 # GEMM
 
 
-# Weight unpack on packed bytes: every op below is bytewise-correct on a 32-bit word (the masks drop what a
-# shift carries over from the neighbouring byte), so one instruction handles four codes and the bytes stay
-# packed from the 128-bit load to the shared-memory store of the dot operand. In plain Triton each uint8 lane
-# is unpacked to a register, shifted and re-packed (~4 instructions per weight instead of ~0.5).
-_LO6_ASM: tl.constexpr = tl.constexpr("and.b32 $0, $1, 0x3F3F3F3F;")
-_HI6_ASM: tl.constexpr = tl.constexpr(
-    "{ .reg .b32 a, b, c; shr.b32 a, $1, 6; and.b32 a, a, 0x03030303; shr.b32 b, $2, 4; and.b32 b, b, 0x0C0C0C0C;"
-    " shr.b32 c, $3, 2; and.b32 c, c, 0x30303030; or.b32 a, a, b; or.b32 $0, a, c; }")
-_LO4_ASM: tl.constexpr = tl.constexpr("and.b32 $0, $1, 0x0F0F0F0F;")
-_HI4_ASM: tl.constexpr = tl.constexpr("{ .reg .b32 a; shr.b32 a, $1, 4; and.b32 $0, a, 0x0F0F0F0F; }")
-
-
-@triton.jit
-def _bytes_op(src, ASM: tl.constexpr):
-    return tl.inline_asm_elementwise(ASM, "=r,r", [src], dtype=tl.int8, is_pure=True, pack=4)
-
-
-@triton.jit
-def _int6_planes(x0, x1, x2, USE_ASM: tl.constexpr):
-    """Three [BLOCK_N, 32] uint8 tiles of the int6 layout → four int8 code tiles (k 0-31, 32-63, 64-95, 96-127)."""
-    if USE_ASM:
-        c0 = _bytes_op(x0, _LO6_ASM)
-        c1 = _bytes_op(x1, _LO6_ASM)
-        c2 = _bytes_op(x2, _LO6_ASM)
-        c3 = tl.inline_asm_elementwise(_HI6_ASM, "=r,r,r,r", [x0, x1, x2], dtype=tl.int8, is_pure=True, pack=4)
-    else:
-        c0 = (x0 & 63).to(tl.int8)
-        c1 = (x1 & 63).to(tl.int8)
-        c2 = (x2 & 63).to(tl.int8)
-        c3 = ((x0 >> 6) | ((x1 >> 4) & 12) | ((x2 >> 2) & 48)).to(tl.int8)
-    return c0, c1, c2, c3
-
-
-@triton.jit
-def _int4_planes(x0, x1, USE_ASM: tl.constexpr):
-    """Two [BLOCK_N, 32] uint8 tiles of the nibble-plane layout → four int8 code tiles."""
-    if USE_ASM:
-        return _bytes_op(x0, _LO4_ASM), _bytes_op(x1, _LO4_ASM), _bytes_op(x0, _HI4_ASM), _bytes_op(x1, _HI4_ASM)
-    else:
-        return (x0 & 15).to(tl.int8), (x1 & 15).to(tl.int8), (x0 >> 4).to(tl.int8), (x1 >> 4).to(tl.int8)
-
-
-@triton.jit
-def _stack4(c0, c1, c2, c3, BLOCK_N: tl.constexpr):
-    """Four [BLOCK_N, 32] tiles → [BLOCK_N, 128], c0 first along K (join + permute + reshape: register moves;
-    each thread keeps its K-contiguous runs, so the K-major shared-memory store of the dot operand is wide)."""
-    c = tl.join(tl.join(c0, c1), tl.join(c2, c3))  # [BLOCK_N, 32, q, p]: element of c_(2p+q)
-    return tl.reshape(tl.permute(c, (0, 3, 2, 1)), (BLOCK_N, 128))
-
-
-@triton.jit
-def _load_codes(wb, nmask, WBITS: tl.constexpr, BLOCK_N: tl.constexpr, USE_ASM: tl.constexpr):
-    """One 128-block of BLOCK_N weight rows (`wb`: [BLOCK_N, 32] byte pointers at the block's first byte of
-    each row) → unsigned codes int8 [BLOCK_N, 128], K in natural order."""
-    x0 = tl.load(wb, mask=nmask[:, None], other=0)  # [BLOCK_N, 32] uint8, K contiguous
-    x1 = tl.load(wb + 32, mask=nmask[:, None], other=0)
-    if WBITS == 6:
-        x2 = tl.load(wb + 64, mask=nmask[:, None], other=0)
-        c0, c1, c2, c3 = _int6_planes(x0, x1, x2, USE_ASM)
-    else:
-        c0, c1, c2, c3 = _int4_planes(x0, x1, USE_ASM)
-    return _stack4(c0, c1, c2, c3, BLOCK_N)
-
-
 @triton.jit
 def _accumulate_block(acc, d, sa, asum, g, wz_ptr, ws_ptr, N, cols, cmask,
                       HAS_ZERO: tl.constexpr, WGB: tl.constexpr, ZC: tl.constexpr):
@@ -205,30 +145,6 @@ def _accumulate_block(acc, d, sa, asum, g, wz_ptr, ws_ptr, N, cols, cmask,
 
 
 @triton.jit
-def _finish_tile(acc, o_ptrs, omask, tile, bias_ptrs, bmask, part_ptr, MN, pid_k, cnt,
-                 HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr):
-    """Write one output tile (+ bias). Split-K: each slice stores its fp32 partial at part[pid_k, tile]; the
-    slice that moves the tile's counter last adds the partials in slice order (deterministic), writes the
-    output and resets the counter (one launch, no memset). bias_ptrs / bmask broadcast to acc."""
-    if SPLIT_K == 1:
-        if HAS_BIAS:
-            acc += tl.load(bias_ptrs, mask=bmask, other=0).to(tl.float32)
-        tl.store(o_ptrs, acc.to(o_ptrs.dtype.element_ty), mask=omask)
-    else:
-        tl.store(part_ptr + pid_k * MN + tile, acc, mask=omask)
-        tl.debug_barrier()  # every thread's partial is written before the counter moves
-        old = tl.atomic_add(cnt, 1, sem="acq_rel")
-        if old == SPLIT_K - 1:  # the last slice of this tile: sum the partials in slice order
-            tot = tl.zeros_like(acc)
-            for s in range(SPLIT_K):
-                tot += tl.load(part_ptr + s * MN + tile, mask=omask, other=0, cache_modifier=".cg")
-            if HAS_BIAS:
-                tot += tl.load(bias_ptrs, mask=bmask, other=0).to(tl.float32)
-            tl.store(o_ptrs, tot.to(o_ptrs.dtype.element_ty), mask=omask)
-            tl.atomic_xchg(cnt, 0)
-
-
-@triton.jit
 def _gemm_kernel(qa_ptr, as_ptr, qs_ptr, w_ptr, ws_ptr, wz_ptr, bias_ptr, out_ptr, part_ptr, cnt_ptr,
                  M, N, KB, stride_qa, stride_as, stride_out, stride_w, MB,
                  WBITS: tl.constexpr, WGB: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr,
@@ -238,7 +154,7 @@ def _gemm_kernel(qa_ptr, as_ptr, qs_ptr, w_ptr, ws_ptr, wz_ptr, bias_ptr, out_pt
     MB (bucketed M) is only an autotuning key."""
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
-    pid_m, pid_n = _grouped_tile(pid, M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    pid_m, pid_n = grouped_tile(pid, M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -250,11 +166,11 @@ def _gemm_kernel(qa_ptr, as_ptr, qs_ptr, w_ptr, ws_ptr, wz_ptr, bias_ptr, out_pt
     ROWS: tl.constexpr = 16 * WBITS  # bytes per 128-block and row
     ZC: tl.constexpr = 1 << (WBITS - 1)
 
-    b0, b1 = _split_range(pid_k, KB, SPLIT_K)
+    b0, b1 = split_range(pid_k, KB, SPLIT_K)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for b in range(b0, b1):
         a = tl.load(a_ptrs + b * 128, mask=mmask[:, None], other=0)  # [BLOCK_M, 128]
-        c = tl.trans(_load_codes(w_ptrs + b * ROWS, nmask, WBITS, BLOCK_N, USE_ASM))  # [128, BLOCK_N]
+        c = tl.trans(load_codes(w_ptrs + b * ROWS, nmask, WBITS, BLOCK_N, USE_ASM))  # [128, BLOCK_N]
         d = tl.dot(a, c, out_dtype=tl.int32)
         sa = tl.load(as_ptr + offs_m * stride_as + b, mask=mmask, other=0)
         asum = tl.load(qs_ptr + offs_m * stride_as + b, mask=mmask, other=0)
@@ -265,7 +181,7 @@ def _gemm_kernel(qa_ptr, as_ptr, qs_ptr, w_ptr, ws_ptr, wz_ptr, bias_ptr, out_pt
         sw = tl.load(ws_ptr + offs_n, mask=nmask, other=0).to(tl.float32)
         acc = acc * sw[None, :]
 
-    _finish_tile(acc, out_ptr + offs_m.to(tl.int64)[:, None] * stride_out + offs_n[None, :],
+    finish_tile(acc, out_ptr + offs_m.to(tl.int64)[:, None] * stride_out + offs_n[None, :],
                  mmask[:, None] & nmask[None, :], offs_m[:, None] * N + offs_n[None, :], bias_ptr + offs_n[None, :],
                  nmask[None, :], part_ptr, M * N, pid_k, cnt_ptr + pid, HAS_BIAS, SPLIT_K)
 
@@ -313,7 +229,7 @@ def _gemv_kernel(qa_ptr, as_ptr, qs_ptr, w_ptr, ws_ptr, wz_ptr, bias_ptr, out_pt
     w_rows = w_ptr + offs_n.to(tl.int64) * stride_w + i8  # [BN, 8]: a 32-byte sector per row and plane
     WORDS: tl.constexpr = 4 * WBITS  # 32-bit words per 128-block and row
     ZC: tl.constexpr = 1 << (WBITS - 1)
-    b0, b1 = _split_range(pid_k, KB, SPLIT_K)
+    b0, b1 = split_range(pid_k, KB, SPLIT_K)
     acc = tl.zeros([BLOCK_N, 1], dtype=tl.float32)
     for b in range(b0, b1):
         wb = w_rows + b * WORDS
@@ -343,7 +259,7 @@ def _gemv_kernel(qa_ptr, as_ptr, qs_ptr, w_ptr, ws_ptr, wz_ptr, bias_ptr, out_pt
     if WGB == 0:
         acc = acc * tl.load(ws_ptr + offs_n, mask=nmask, other=0).to(tl.float32)
 
-    _finish_tile(acc, out_ptr + m.to(tl.int64) * stride_out + offs_n, nmask, m * N + offs_n, bias_ptr + offs_n,
+    finish_tile(acc, out_ptr + m.to(tl.int64) * stride_out + offs_n, nmask, m * N + offs_n, bias_ptr + offs_n,
                  nmask, part_ptr, M * N, pid_k, cnt_ptr + m * tl.num_programs(0) + pid_n, HAS_BIAS, SPLIT_K)
 
 
@@ -367,11 +283,6 @@ def _large_configs():
     return out
 
 
-def _bench(fn, quantiles=None):
-    # short autotuning runs (the default 25 + 100 ms per config adds up over many shapes)
-    return triton.testing.do_bench(fn, warmup=5, rep=20, quantiles=quantiles)
-
-
 def _gemv_configs():
     return [triton.Config({"BLOCK_N": bn, "SPLIT_K": sk}, num_warps=w, num_stages=st)
             for bn, sk, w, st in ((64, 8, 1, 1), (128, 8, 2, 1), (256, 8, 2, 1), (128, 16, 2, 1), (256, 16, 4, 1),
@@ -380,9 +291,9 @@ def _gemv_configs():
 
 
 _KEY = ["MB", "N", "KB", "WBITS", "WGB", "HAS_ZERO"]
-gemm_small_tuned = triton.autotune(_small_configs(), key=_KEY, do_bench=_bench)(_gemm_kernel)
-gemm_large_tuned = triton.autotune(_large_configs(), key=_KEY, do_bench=_bench)(_gemm_kernel)
-gemv_tuned = triton.autotune(_gemv_configs(), key=_KEY, do_bench=_bench)(_gemv_kernel)
+gemm_small_tuned = triton.autotune(_small_configs(), key=_KEY, do_bench=quick_bench)(_gemm_kernel)
+gemm_large_tuned = triton.autotune(_large_configs(), key=_KEY, do_bench=quick_bench)(_gemm_kernel)
+gemv_tuned = triton.autotune(_gemv_configs(), key=_KEY, do_bench=quick_bench)(_gemv_kernel)
 GEMV_MAX_M = 2  # M up to this: the dp4a GEMV (CUDA cores, one program per row); above: int8 tensor cores
 # M from this: the prefill path (kernels/int8_prefill.py: weight unpacked to int8 once per call, then a GEMM
 # that streams both operands into the tensor cores). H200, K = 4096, N = 14336, full W6A8 linear
@@ -400,10 +311,6 @@ def _counters(device: torch.device, tiles: int) -> torch.Tensor:
         c = torch.zeros(max(tiles, 1 << 16), dtype=torch.int32, device=device)
         _COUNTERS[device] = c
     return c
-
-
-def _bucket(m: int) -> int:
-    return 1 << max(0, (m - 1).bit_length())
 
 
 def lowbit_gemm(qa: torch.Tensor, a_scale: torch.Tensor, a_sum: torch.Tensor, w: LowbitWeight,
@@ -431,7 +338,7 @@ def lowbit_gemm(qa: torch.Tensor, a_scale: torch.Tensor, a_sum: torch.Tensor, w:
     if path not in ("gemv", "mma", "prefill"):
         raise ValueError(f"unknown path {path!r}: use 'gemv', 'mma' or 'prefill'")
     if path == "prefill":
-        from quantkit.kernels.int8_prefill import prefill_linear_gemm  # (it imports this module)
+        from quantkit.kernels.int8_prefill import prefill_linear_gemm  # its kernels compile on first use
 
         return prefill_linear_gemm(qa, a_scale, w, bias, out_dtype, config)
     gemv = path == "gemv"
@@ -449,7 +356,7 @@ def lowbit_gemm(qa: torch.Tensor, a_scale: torch.Tensor, a_sum: torch.Tensor, w:
     qa_k, qw_k = (qa.view(torch.int32), w.qweight.view(torch.int32)) if gemv else (qa, w.qweight)
     args = (qa_k, a_scale, a_sum, qw_k, w.scales, w.zeros if w.zeros is not None else w.scales,
             bias if bias is not None else out, out, part, cnt, m, w.n, kb, qa_k.stride(0), a_scale.stride(0),
-            out.stride(0), qw_k.stride(0), _bucket(m))
+            out.stride(0), qw_k.stride(0), bucket(m))
     consts = {"WBITS": w.bits, "WGB": wgb, "HAS_ZERO": w.zeros is not None, "HAS_BIAS": bias is not None,
               "USE_ASM": not _INTERPRET}
 

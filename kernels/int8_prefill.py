@@ -13,8 +13,7 @@ unpacked 32 times and every K step waits on a register → shared-memory round t
                     per 128-block of K one int8 `tl.dot` into int32, promoted into the fp32 accumulator:
                         acc += (bitcast_f32(I + 0x4B400000) − 1.5·2^23) · a_scale[m] · w_scale[n]
                     (exact int → float for |I| < 2^22 without the slow I2F; the compiler folds the integer
-                    add into the dot's accumulator initialisation). MODE 0 is a timing-only ceiling (one
-                    int32 sum over all of K, wrong for real scales).
+                    add into the dot's accumulator initialisation).
 - `_gemm_tma_kernel` the same math with both operands read by TMA (in-kernel descriptors; Hopper+, compiled):
                     no pointer tiles or masks in the K loop, bit-identical results, 18% faster at M = 4096 on
                     an H200. `prefill_gemm` picks it where `tma_available`. (Triton 3.6's Hopper warp
@@ -31,9 +30,11 @@ import torch
 import triton
 import triton.language as tl
 
-from quantkit.kernels.int8_gemm import _INTERPRET, MAGIC, MAGIC_F, _bench, _bucket, _load_codes
+from quantkit.kernels.int8_common import MAGIC, MAGIC_F, load_codes
 from quantkit.kernels.int8_reference import ACT_GROUP, LowbitWeight
-from quantkit.kernels.wq_gemm import _grouped_tile
+from quantkit.kernels.triton_common import bucket, grouped_tile, interpreting, quick_bench
+
+_INTERPRET = interpreting()
 
 
 @triton.jit
@@ -45,7 +46,7 @@ def _unpack_kernel(w_ptr, wz_ptr, out_ptr, N, stride_w, stride_out, WBITS: tl.co
     nmask = offs_n < N
     i32 = tl.arange(0, 32)
     wb = w_ptr + offs_n.to(tl.int64)[:, None] * stride_w + b * (16 * WBITS) + i32[None, :]
-    c = _load_codes(wb, nmask, WBITS, BLOCK_N, USE_ASM).to(tl.int32)  # [BLOCK_N, 128]
+    c = load_codes(wb, nmask, WBITS, BLOCK_N, USE_ASM).to(tl.int32)  # [BLOCK_N, 128]
     if HAS_ZERO:
         g = 0 if WGB == 0 else b // WGB
         z = tl.load(wz_ptr + g * N + offs_n, mask=nmask, other=0).to(tl.int32)
@@ -79,7 +80,7 @@ def _promote(acc, d, sa, sw):
 @triton.jit
 def _tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
     """This program's output tile in the grouped order: first row m0, first column n0, offs_m, offs_n."""
-    pid_m, pid_n = _grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     m0 = pid_m * BLOCK_M
     n0 = pid_n * BLOCK_N
     return m0, n0, m0 + tl.arange(0, BLOCK_M), n0 + tl.arange(0, BLOCK_N)
@@ -101,7 +102,7 @@ def _store_tile(acc, ws_ptr, bias_ptr, out_ptr, offs_m, offs_n, M, N, stride_out
 @triton.jit
 def _gemm_kernel(qa_ptr, as_ptr, w_ptr, ws_ptr, bias_ptr, out_ptr, M, N, KB, stride_qa, stride_as, stride_w,
                  stride_out, MB, WGB: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
-                 BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr, MODE: tl.constexpr = 1):
+                 BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
     """Grid (cdiv(M, BLOCK_M)·cdiv(N, BLOCK_N),). qa int8 [M, KB·128], w int8 [N, KB·128] (signed codes),
     ws fp32 [groups, N]."""
     _, _, offs_m, offs_n = _tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
@@ -111,33 +112,23 @@ def _gemm_kernel(qa_ptr, as_ptr, w_ptr, ws_ptr, bias_ptr, out_ptr, M, N, KB, str
     a_ptrs = qa_ptr + offs_m.to(tl.int64)[:, None] * stride_qa + kk[None, :]
     w_ptrs = w_ptr + offs_n.to(tl.int64)[:, None] * stride_w + kk[None, :]
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    if MODE == 0:  # timing only: one int32 sum over all of K
-        acci = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
-        for b in range(KB):
-            a = tl.load(a_ptrs + b * 128, mask=mmask[:, None], other=0)
-            w = tl.load(w_ptrs + b * 128, mask=nmask[:, None], other=0)
-            acci = tl.dot(a, tl.trans(w), acci, out_dtype=tl.int32)
-        sa, sw = _block_scales(0, KB, as_ptr, ws_ptr, offs_m, offs_n, M, N, stride_as, WGB)
-        acc = _promote(acc, acci, sa, sw)
-    else:
-        # the scales of the next block are loaded one step ahead: their latency hides behind the dot
-        sa, sw = _block_scales(0, KB, as_ptr, ws_ptr, offs_m, offs_n, M, N, stride_as, WGB)
-        for b in range(KB):
-            a = tl.load(a_ptrs + b * 128, mask=mmask[:, None], other=0)
-            w = tl.load(w_ptrs + b * 128, mask=nmask[:, None], other=0)
-            d = tl.dot(a, tl.trans(w), out_dtype=tl.int32)
-            sa_next, sw_next = _block_scales(b + 1, KB, as_ptr, ws_ptr, offs_m, offs_n, M, N, stride_as,
-                                             WGB)
-            acc = _promote(acc, d, sa, sw)
-            sa = sa_next
-            sw = sw_next
+    # the scales of the next block are loaded one step ahead: their latency hides behind the dot
+    sa, sw = _block_scales(0, KB, as_ptr, ws_ptr, offs_m, offs_n, M, N, stride_as, WGB)
+    for b in range(KB):
+        a = tl.load(a_ptrs + b * 128, mask=mmask[:, None], other=0)
+        w = tl.load(w_ptrs + b * 128, mask=nmask[:, None], other=0)
+        d = tl.dot(a, tl.trans(w), out_dtype=tl.int32)
+        sa_next, sw_next = _block_scales(b + 1, KB, as_ptr, ws_ptr, offs_m, offs_n, M, N, stride_as, WGB)
+        acc = _promote(acc, d, sa, sw)
+        sa = sa_next
+        sw = sw_next
     _store_tile(acc, ws_ptr, bias_ptr, out_ptr, offs_m, offs_n, M, N, stride_out, WGB, HAS_BIAS)
 
 
 @triton.jit
 def _gemm_tma_kernel(qa_ptr, as_ptr, w_ptr, ws_ptr, bias_ptr, out_ptr, M, N, KB, stride_qa, stride_as, stride_w,
                      stride_out, MB, WGB: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
-                     BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr, MODE: tl.constexpr = 1):
+                     BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
     """`_gemm_kernel` with both int8 operands read by TMA (descriptors built in the kernel): the copy
     engine computes the addresses and zero-fills past M / N, so the K loop holds no pointer tiles or masks and
     the 64 x 128 tile needs fewer registers and issue slots (H200, M = 4096: 721 instead of 880 us).
@@ -151,24 +142,16 @@ def _gemm_tma_kernel(qa_ptr, as_ptr, w_ptr, ws_ptr, bias_ptr, out_ptr, M, N, KB,
     sa_ptrs = as_ptr + tl.minimum(offs_m, M - 1) * stride_as
     sw_ptrs = ws_ptr + tl.minimum(offs_n, N - 1)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    if MODE == 0:  # timing only, as in `_gemm_kernel`: one int32 sum over all of K
-        acci = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
-        for b in range(KB):
-            a = a_desc.load([m0, b * 128])
-            w = w_desc.load([n0, b * 128])
-            acci = tl.dot(a, w.T, acci, out_dtype=tl.int32)
-        acc = _promote(acc, acci, tl.load(sa_ptrs), tl.load(sw_ptrs))
-    else:
-        for b in range(KB):
-            a = a_desc.load([m0, b * 128])
-            w = w_desc.load([n0, b * 128])
-            d = tl.dot(a, w.T, out_dtype=tl.int32)
-            sa = tl.load(sa_ptrs + b)
-            if WGB == 0:
-                sw = tl.full(offs_n.shape, 1.0, tl.float32)
-            else:
-                sw = tl.load(sw_ptrs + (b // WGB) * N)
-            acc = _promote(acc, d, sa, sw)
+    for b in range(KB):
+        a = a_desc.load([m0, b * 128])
+        w = w_desc.load([n0, b * 128])
+        d = tl.dot(a, w.T, out_dtype=tl.int32)
+        sa = tl.load(sa_ptrs + b)
+        if WGB == 0:
+            sw = tl.full(offs_n.shape, 1.0, tl.float32)
+        else:
+            sw = tl.load(sw_ptrs + (b // WGB) * N)
+        acc = _promote(acc, d, sa, sw)
     _store_tile(acc, ws_ptr, bias_ptr, out_ptr, offs_m, offs_n, M, N, stride_out, WGB, HAS_BIAS)
 
 
@@ -208,8 +191,8 @@ def _tma_configs():
             for bm, bn, w, st in ((64, 128, 4, 3), (64, 128, 4, 2), (64, 64, 4, 3), (64, 256, 8, 3))]
 
 
-gemm_tuned = triton.autotune(_prefill_configs(), key=["MB", "N", "KB", "WGB"], do_bench=_bench)(_gemm_kernel)
-gemm_tma_tuned = triton.autotune(_tma_configs(), key=["MB", "N", "KB", "WGB"], do_bench=_bench)(_gemm_tma_kernel)
+gemm_tuned = triton.autotune(_prefill_configs(), key=["MB", "N", "KB", "WGB"], do_bench=quick_bench)(_gemm_kernel)
+gemm_tma_tuned = triton.autotune(_tma_configs(), key=["MB", "N", "KB", "WGB"], do_bench=quick_bench)(_gemm_tma_kernel)
 
 # one int8 weight workspace per device, grown to the largest Linear seen (reused by every call: calls on one
 # stream are ordered, and the workspace is only read by the GEMM that follows its unpack)
@@ -246,11 +229,11 @@ def unpack_weight(w: LowbitWeight, out: torch.Tensor | None = None) -> torch.Ten
 
 def prefill_gemm(qa: torch.Tensor, a_scale: torch.Tensor, wt: torch.Tensor, w: LowbitWeight,
                  bias: torch.Tensor | None = None, out_dtype: torch.dtype = torch.bfloat16,
-                 config: dict | None = None, mode: int = 1, w_scale: torch.Tensor | None = None,
+                 config: dict | None = None, w_scale: torch.Tensor | None = None,
                  tma: bool | None = None) -> torch.Tensor:
     """(qa int8 [M, Kp], a_scale fp32 [M, G]) × (wt = unpack_weight(w), int8 [N, Kp]) → y [M, N] `out_dtype`.
     `config`: explicit BLOCK_M, BLOCK_N (GROUP_M, num_warps, num_stages) instead of the autotuned choice;
-    `tma`: the TMA kernel (None: where `tma_available`); `mode` 0: the timing-only ceiling (wrong results)."""
+    `tma`: the TMA kernel (None: where `tma_available`)."""
     m = qa.shape[0]
     out = torch.empty(m, w.n, dtype=out_dtype, device=qa.device)
     if m == 0:
@@ -258,21 +241,21 @@ def prefill_gemm(qa: torch.Tensor, a_scale: torch.Tensor, wt: torch.Tensor, w: L
     wgb = (w.group_size // ACT_GROUP) if w.group_size else 0
     ws = scales_f32(w) if w_scale is None else w_scale
     if tma is None:
-        tma = mode == 1 and tma_available(qa.device)
+        tma = tma_available(qa.device)
     args = (qa, a_scale, wt, ws, bias if bias is not None else out, out, m, w.n, w.blocks, qa.stride(0),
-            a_scale.stride(0), wt.stride(0), out.stride(0), _bucket(m))
+            a_scale.stride(0), wt.stride(0), out.stride(0), bucket(m))
     if tma:
         _ensure_allocator()
         kernel, tuned = _gemm_tma_kernel, gemm_tma_tuned
     else:
         kernel, tuned = _gemm_kernel, gemm_tuned
-    if config is None and mode == 1:
+    if config is None:
         tuned[lambda a: (triton.cdiv(m, a["BLOCK_M"]) * triton.cdiv(w.n, a["BLOCK_N"]),)](
             *args, WGB=wgb, HAS_BIAS=bias is not None)
         return out
     c = {"BLOCK_M": 64, "BLOCK_N": 128, "GROUP_M": 8, "num_warps": 4, "num_stages": 3, **(config or {})}
     grid = (triton.cdiv(m, c["BLOCK_M"]) * triton.cdiv(w.n, c["BLOCK_N"]),)
-    kernel[grid](*args, WGB=wgb, HAS_BIAS=bias is not None, MODE=mode, **c)
+    kernel[grid](*args, WGB=wgb, HAS_BIAS=bias is not None, **c)
     return out
 
 

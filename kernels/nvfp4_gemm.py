@@ -1,7 +1,8 @@
 """Triton kernels for ARCQuant (NVFP4 + augmented residual channels) on GPUs without FP4 tensor cores.
 
-Torch reference of the same math: `quantkit/arc_numerics.py` (activation quantization, bit-exact) and
-`nvfp4_reference.py` (the GEMM). Numerics of NVFP4: `quantkit/formats/nvfp4.py`.
+Torch reference of the same math: `nvfp4_reference.py` (the GEMM; activation quantization: its re-export of
+`quantkit/arc_numerics.py`, bit-exact). Numerics of NVFP4: `quantkit/formats/nvfp4.py`. Launch sizes and
+autotuning tables: `nvfp4_tuning.py`; which path serves a call (by M, by shape): `nvfp4_dispatch.py`.
 
 - `_amax_kernel`     partial max |x| over a slice of x per program → `part` [P] (fp32). The tensor scale
                      S = max(part)/2688 is then reduced by every program of the next kernel (P ≤ 256 floats
@@ -22,14 +23,14 @@ Torch reference of the same math: `quantkit/arc_numerics.py` (activation quantiz
                      decoded in registers to fp16 as e2m1·e4m3·2^-7 (≤ 6 significant bits, multiples of
                      2^-17 below 21: exact as fp16 normals or subnormals; _E2M1X4_ASM), `tl.dot` in fp16
                      with fp32 accumulation, S and 2^14 in the epilogue. Small M: BLOCK_M = 16, optionally
-                     transposed (SWAP: acc^T = W'·X'^T), with split-K (one launch: wq_gemm's workspace +
-                     last-program epilogue). Large M: plain tiles with grouped ordering.
+                     transposed (SWAP: acc^T = W'·X'^T), with split-K (one launch: the shared workspace +
+                     last-program epilogue, `triton_common.store_out`). Large M: plain tiles with grouped ordering.
 - `_nvfp4_gemv_kernel` decode path (M ≤ GEMV_MAX_M): CUDA cores, W' read as int64 NVFP4 blocks in
                      [BLOCK_N, NB] tiles (vector loads), up to GEMV_ROWS_MAX rows of X' per program (each
                      weight block decoded once); each block's 16 products summed exactly on packed
                      registers — by default PRMT table lookups to int8 (e2m1 ×2 is an integer ≤ 12) and
                      dp4a, or HFMA2 on fp16 pairs (DOT="f16"; the autotuner tries both) — then scaled once by
-                     the two block scales in fp32; split-K with ordered partials (int8_gemm._finish_tile).
+                     the two block scales in fp32; split-K with ordered partials (`triton_common.finish_tile`).
 - `_nvfp4_decode_kernel` W' → bf16 [N, K'] (e2m1·e4m3, no S) for the "decode + cuBLAS" path:
                      y = addmm(X'_bf16, W'_bf16ᵀ, alpha = Sw) (Sw is a static host float).
 
@@ -46,23 +47,41 @@ microscaling operands take e8m0 scales per 32 elements, not NVFP4's e4m3 per 16.
 
 from __future__ import annotations
 
-import inspect
-import os
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
-from quantkit.kernels.int8_gemm import _finish_tile
-from quantkit.kernels.wq_gemm import NUM_SMS, _grouped_tile, _split_k, _split_range, _store_out
-
-AMAX_PARTS = 256  # programs of the amax pre-pass (and the size every activation program reduces)
-AMAX_BLOCK, AMAX_WARPS = 4096, 8  # elements per load step and warps of a pre-pass program
-FUSED_AMAX_MAX = 1 << 14  # M·K up to which the activation kernel reduces x itself (no pre-pass; H200, K=4096:
-# 2.9 / 3.5 / 4.6 us at M = 1 / 2 / 4, but 7.3 us at M = 8 where every program reduces 32 K elements, vs 4.7 us
-# with the pre-pass at M = 16)
-
+from quantkit.kernels.nvfp4_dispatch import activation_by_reference, gemm_path, linear_path
+from quantkit.kernels.nvfp4_reference import arc_quantize_activation_ref
+from quantkit.kernels.nvfp4_tuning import (
+    AMAX_BLOCK,
+    AMAX_PARTS,
+    AMAX_WARPS,
+    AUTOTUNE_KEY,
+    FUSED_AMAX_MAX,
+    GEMV_CONFIGS,
+    GEMV_SPLIT_MAX,
+    MM_LARGE_CONFIGS,
+    MM_SMALL_CONFIGS,
+    MM_SMALL_MAX_M,
+    act_block_k,
+    gemv_rows,
+    gemv_split,
+    mm_split,
+)
+from quantkit.kernels.triton_common import (
+    AUTOTUNE_CACHE_KW,
+    finish_tile,
+    grouped_tile,
+    interpreting,
+    pow2,
+    set_sms,
+    split_range,
+    store_out,
+    workspace,
+)
 
 # ----------------------------------------------------------------------------------------------------------
 # element helpers (shared by the kernels; the torch reference is quantkit/formats/nvfp4.py)
@@ -335,10 +354,10 @@ def _nvfp4_mm_kernel(xq_ptr, xs_ptr, wq_ptr, ws_ptr, sx_ptr, sw, bias_ptr, out_p
     DOT_F32: the product on fp32 copies of the same (bf16-exact) operands (Triton's CPU interpreter)."""
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
-    pid_m, pid_n = _grouped_tile(pid, M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    pid_m, pid_n = grouped_tile(pid, M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    t0, t1 = _split_range(pid_k, tl.cdiv(KQ, BLOCK_K), SPLIT_K)
+    t0, t1 = split_range(pid_k, tl.cdiv(KQ, BLOCK_K), SPLIT_K)
     if SWAP:
         acc = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
     else:
@@ -364,7 +383,7 @@ def _nvfp4_mm_kernel(xq_ptr, xs_ptr, wq_ptr, ws_ptr, sx_ptr, sw, bias_ptr, out_p
     if SWAP:
         acc = tl.trans(acc)
     acc = acc * (tl.load(sx_ptr) * sw * 16384.0)  # operands carry 2^-7 each
-    _store_out(acc, out_ptr, acc_ptr, cnt_ptr, bias_ptr, offs_m, offs_n, M, N, stride_om, pid, HAS_BIAS,
+    store_out(acc, out_ptr, acc_ptr, cnt_ptr, bias_ptr, offs_m, offs_n, M, N, stride_om, pid, HAS_BIAS,
                SPLIT_K)
 
 
@@ -511,7 +530,7 @@ def _nvfp4_gemv_kernel(xq_ptr, xs_ptr, wq_ptr, ws_ptr, sx_ptr, sw, bias_ptr, out
     s_rows = ws_ptr + offs_n.to(tl.int64) * KB + j
     x_rows = xq_ptr + offs_m.to(tl.int64) * stride_xb + j
     xs_rows = xs_ptr + offs_m.to(tl.int64) * KB + j
-    t0, t1 = _split_range(pid_k, tl.cdiv(KB, NB), SPLIT_K)
+    t0, t1 = split_range(pid_k, tl.cdiv(KB, NB), SPLIT_K)
     acc = tl.zeros((ROWS, BLOCK_N, NB), tl.float32)
     full = KB // NB  # whole steps load unmasked along K (a per-block mask would split the vector loads)
     for t in range(t0, tl.minimum(t1, full)):
@@ -522,7 +541,7 @@ def _nvfp4_gemv_kernel(xq_ptr, xs_ptr, wq_ptr, ws_ptr, sx_ptr, sw, bias_ptr, out
     unit: tl.constexpr = 65536.0 / (_I8_UNIT if DOT == "i8" else _F16_UNIT)
     out = tl.sum(acc, axis=2, keep_dims=True) * (tl.load(sx_ptr) * sw * unit)  # [ROWS, BN, 1]
     omask = mmask & nmask
-    _finish_tile(out, out_ptr + offs_m.to(tl.int64) * stride_om + offs_n, omask, offs_m * N + offs_n,
+    finish_tile(out, out_ptr + offs_m.to(tl.int64) * stride_om + offs_n, omask, offs_m * N + offs_n,
                  bias_ptr + offs_n, nmask, part_ptr, M * N, pid_k, cnt_ptr + pid_m * tl.num_programs(0) + pid_n,
                  HAS_BIAS, SPLIT_K)
 
@@ -541,71 +560,16 @@ def _nvfp4_decode_kernel(q_ptr, s_ptr, out_ptr, R, KQ, BLOCK_R: tl.constexpr, BL
 
 
 # ----------------------------------------------------------------------------------------------------------
-# autotuning (small lists; the chosen config is cached per key)
-
-_KEY = ["M_BUCKET", "N", "KQ"]
-_CACHE_KW = {"cache_results": True} if "cache_results" in inspect.signature(triton.autotune).parameters else {}
-
-
-def _c(num_warps, num_stages, **kw):
-    return triton.Config(kw, num_warps=num_warps, num_stages=num_stages)
-
-
-def _mm_split(a):
-    tiles = triton.cdiv(a["M"], a["BLOCK_M"]) * triton.cdiv(a["N"], a["BLOCK_N"])
-    target = (a.get("PPS", 4) if a["M"] <= 64 else 1) * NUM_SMS[0]
-    return _split_k(tiles, triton.cdiv(a["KQ"], a["BLOCK_K"]), target)
-
-
-def _gemv_rows(a):  # rows per program: every row of M ≤ GEMV_ROWS_MAX in one (the weights are decoded once)
-    return min(_pow2(a["M"]), GEMV_ROWS_MAX)
-
-
-def _gemv_split(a):  # memory-bound: about PPS programs per SM
-    rows = a.get("ROWS") or _gemv_rows(a)
-    return _split_k(triton.cdiv(a["N"], a["BLOCK_N"]) * triton.cdiv(a["M"], rows), triton.cdiv(a["KQ"], 16 * a["NB"]),
-                    a.get("PPS", 8) * NUM_SMS[0], GEMV_SPLIT_MAX)
-
-
-GEMV_SPLIT_MAX = 16  # sizes the partial-sum buffer
-GEMV_ROWS_MAX = 8
-GEMV_CONFIGS = [
-    _c(nw, ns, BLOCK_N=bn, NB=nb, PPS=pps, DOT=dot)
-    for dot in ("i8", "f16")
-    for nw, ns, bn, nb, pps in ((4, 1, 256, 4, 8), (4, 1, 128, 4, 8), (4, 1, 128, 8, 8), (8, 1, 512, 4, 4),
-                                (2, 1, 128, 4, 16), (4, 2, 256, 4, 4), (4, 2, 128, 8, 4), (8, 1, 256, 8, 8))
-]
-MM_SMALL_CONFIGS = [  # M <= 64: BLOCK_M 16 (transposed or not), split-K to fill the GPU
-    _c(4, 3, BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, GROUP_M=1, SWAP=True, PPS=4),
-    _c(4, 3, BLOCK_M=16, BLOCK_N=128, BLOCK_K=128, GROUP_M=1, SWAP=True, PPS=4),
-    _c(4, 3, BLOCK_M=16, BLOCK_N=64, BLOCK_K=256, GROUP_M=1, SWAP=True, PPS=8),
-    _c(8, 3, BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, GROUP_M=1, PPS=2),
-    # W' as the dot's B operand: decoded in a blocked layout and staged through shared memory (as A, the
-    # swapped product decodes straight into the register operand layout: byte loads and repacking)
-    _c(4, 3, BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, GROUP_M=1, SWAP=False, PPS=4),
-    _c(4, 3, BLOCK_M=16, BLOCK_N=128, BLOCK_K=128, GROUP_M=1, SWAP=False, PPS=4),
-    _c(4, 4, BLOCK_M=16, BLOCK_N=64, BLOCK_K=256, GROUP_M=1, SWAP=False, PPS=8),
-    _c(8, 3, BLOCK_M=16, BLOCK_N=256, BLOCK_K=128, GROUP_M=1, SWAP=False, PPS=2),
-    _c(8, 3, BLOCK_M=16, BLOCK_N=128, BLOCK_K=256, GROUP_M=1, SWAP=False, PPS=4),
-    _c(4, 4, BLOCK_M=16, BLOCK_N=128, BLOCK_K=64, GROUP_M=1, SWAP=False, PPS=4),
-    _c(4, 6, BLOCK_M=16, BLOCK_N=128, BLOCK_K=64, GROUP_M=1, SWAP=False, PPS=4),  # won at M = 64
-    _c(4, 3, BLOCK_M=16, BLOCK_N=128, BLOCK_K=128, GROUP_M=1, SWAP=False, PPS=8),
-    _c(4, 2, BLOCK_M=16, BLOCK_N=128, BLOCK_K=128, GROUP_M=1, SWAP=False, PPS=2),
-]
-MM_LARGE_CONFIGS = [
-    _c(8, 3, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8),
-    _c(8, 3, BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8),
-    _c(4, 4, BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, GROUP_M=8),
-]
+# autotuned kernels (tables and heuristics: nvfp4_tuning.py; the chosen config is cached per key)
 
 
 def _tuned(configs):
-    return triton.autotune(configs, key=_KEY, **_CACHE_KW)(triton.heuristics({"SPLIT_K": _mm_split})(
+    return triton.autotune(configs, key=AUTOTUNE_KEY, **AUTOTUNE_CACHE_KW)(triton.heuristics({"SPLIT_K": mm_split})(
         _nvfp4_mm_kernel))
 
 
-gemv_tuned = triton.autotune(GEMV_CONFIGS, key=_KEY, **_CACHE_KW)(triton.heuristics(
-    {"ROWS": _gemv_rows, "SPLIT_K": _gemv_split})(_nvfp4_gemv_kernel))
+gemv_tuned = triton.autotune(GEMV_CONFIGS, key=AUTOTUNE_KEY, **AUTOTUNE_CACHE_KW)(triton.heuristics(
+    {"ROWS": gemv_rows, "SPLIT_K": gemv_split})(_nvfp4_gemv_kernel))
 mm_small_tuned = _tuned(MM_SMALL_CONFIGS)
 mm_large_tuned = _tuned(MM_LARGE_CONFIGS)
 
@@ -646,10 +610,6 @@ def prepare_arc_weight(packed: torch.Tensor, block_scales: torch.Tensor, tensor_
     return ArcWeight(q, bs, float(torch.as_tensor(tensor_scale).reshape(-1)[0]), k, s_res)
 
 
-def _pow2(n: int) -> int:
-    return 1 << max(0, (n - 1).bit_length())
-
-
 def arc_quantize_activation_triton(x: torch.Tensor, ridx: torch.Tensor, s_res: int, packed: bool = True,
                                    deq_dtype: torch.dtype | None = None, block_k: int | None = None,
                                    fallback: bool = True):
@@ -657,15 +617,14 @@ def arc_quantize_activation_triton(x: torch.Tensor, ridx: torch.Tensor, s_res: i
     packed=True:  (q uint8 [M, KQ/2], bs float8_e4m3fn [M, KQ/16], S fp32 [1])  (== arc_quantize_activation)
     deq_dtype:    also / instead the dequantized X' [M, KQ] in that dtype, S folded in (returned last).
     No NaN check (the torch reference raises; the kernel does not look).
-    fallback: K not a multiple of 16 on a GPU is served by the torch reference (the kernel's unaligned
-    residual branch matches it in Triton's interpreter but not yet compiled on an H200: two small-shape GPU
-    tests differed, cause not found); real hidden sizes are multiples of 16."""
+    fallback: where `nvfp4_dispatch.activation_by_reference` says so (K not a multiple of 16 on a GPU), the
+    torch reference serves the call; False: always the kernel."""
     m, k = x.shape
-    if fallback and k % 16 and x.is_cuda:
-        return _reference_activation(x, ridx, s_res, packed, deq_dtype)
+    if fallback and activation_by_reference(k, x.is_cuda):
+        return arc_quantize_activation_ref(x, ridx, s_res, packed, deq_dtype)
     x = x.contiguous()
-    if block_k is None:  # enough work per program at large M, enough programs at small M
-        block_k = 1024 if m >= 64 else 256
+    if block_k is None:
+        block_k = act_block_k(m)
     kp = -(-k // 16) * 16
     kq = kp + s_res
     dev = x.device
@@ -675,14 +634,14 @@ def arc_quantize_activation_triton(x: torch.Tensor, ridx: torch.Tensor, s_res: i
     xd = torch.empty(m, kq, dtype=deq_dtype, device=dev) if deq_dtype is not None else x
     fused = m * k <= FUSED_AMAX_MAX
     if fused:  # one load step per program up to M·K = 4096
-        part, p, pblock = s_out, 1, min(_pow2(m * k), 4096)
+        part, p, pblock = s_out, 1, min(pow2(m * k), 4096)
     else:
         per = -(-(m * k) // AMAX_PARTS)
         per = -(-per // AMAX_BLOCK) * AMAX_BLOCK
         p = -(-(m * k) // per)
         part = torch.empty(p, dtype=torch.float32, device=dev)
         _amax_kernel[(p,)](x, part, m * k, per, BLOCK=AMAX_BLOCK, num_warps=AMAX_WARPS)
-        pblock = _pow2(p)
+        pblock = pow2(p)
     n_main = triton.cdiv(kp, block_k)
     grid = (n_main + triton.cdiv(s_res, block_k), m)
     _arc_act_kernel[grid](x, ridx, part, q, bs, s_out, xd, m, k, kp, s_res, p, n_main, BLOCK_K=block_k,
@@ -692,24 +651,8 @@ def arc_quantize_activation_triton(x: torch.Tensor, ridx: torch.Tensor, s_res: i
     return (*out, xd) if deq_dtype is not None else out
 
 
-def _reference_activation(x, ridx, s_res, packed, deq_dtype):
-    from quantkit.arc_numerics import arc_quantize_activation
-    from quantkit.formats.nvfp4 import nvfp4_dequantize
-
-    q = arc_quantize_activation(x, ridx.long(), s_res)
-    sx = q.tensor_scale.reshape(1)
-    out = (q.packed, q.block_scales, sx) if packed else (sx,)
-    if deq_dtype is None:
-        return out
-    return (*out, nvfp4_dequantize(q.packed, q.block_scales, q.tensor_scale).to(deq_dtype))
-
-
-def _bucket(m: int) -> int:
-    return min(_pow2(m), 8192)
-
-
-def _interpret() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+def _m_bucket(m: int) -> int:  # M as an autotuning key
+    return min(pow2(m), 8192)
 
 
 def nvfp4_mm(xq: torch.Tensor, xs: torch.Tensor, sx: torch.Tensor, w: ArcWeight, bias: torch.Tensor | None = None,
@@ -719,29 +662,27 @@ def nvfp4_mm(xq: torch.Tensor, xs: torch.Tensor, sx: torch.Tensor, w: ArcWeight,
     path: "gemv" (CUDA cores, M ≤ GEMV_MAX_M by default) or "mm" (tl.dot); None = by M, or by `config`.
     config: None = autotuned (GEMV list; tl.dot: small-M list for M ≤ 64, large otherwise); a dict = those
     meta-parameters (BLOCK_N, NB, DOT for the GEMV; BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, SWAP for tl.dot)."""
-    from quantkit.kernels.dispatch import _set_sms, _workspace
-
     m = xq.shape[0]
     n, kq = w.n, w.kq
     out = torch.empty(m, n, dtype=out_dtype, device=xq.device)
-    _set_sms(xq.device)
-    if path is None:  # an explicit config names its kernel (BLOCK_M: the tensor-core one)
-        path = ("mm" if "BLOCK_M" in config else "gemv") if config else ("gemv" if m <= GEMV_MAX_M else "mm")
+    set_sms(xq.device)
+    if path is None:
+        path = gemm_path(m, config)
     gemv = path == "gemv"
     bias_arg = bias if bias is not None else out
     consts = {"HAS_BIAS": bias is not None}
-    if gemv:  # codes as int64 blocks; per-slice partials + counters (int8_gemm._finish_tile)
+    if gemv:  # codes as int64 blocks; per-slice partials + counters (triton_common.finish_tile)
         xw, ww = xq.view(torch.int64), w.q.view(torch.int64)
         part = torch.empty(GEMV_SPLIT_MAX, m, n, dtype=torch.float32, device=xq.device)
-        _, cnt = _workspace(xq.device, 1, m * triton.cdiv(n, 16) + 1)
+        _, cnt = workspace(xq.device, 1, m * triton.cdiv(n, 16) + 1)
         args = (xw, xs.view(torch.uint8), ww, w.s, sx, w.sw, bias_arg, out, part, cnt,
-                m, n, kq, xw.stride(0), ww.stride(0), out.stride(0), _bucket(m))
-        consts["USE_ASM"] = not _interpret()
+                m, n, kq, xw.stride(0), ww.stride(0), out.stride(0), _m_bucket(m))
+        consts["USE_ASM"] = not interpreting()
     else:  # fp32 dot in the interpreter, packed-register fp16 decode when compiled
-        acc, cnt = _workspace(xq.device, m * n, m * n // 16 + 1)
+        acc, cnt = workspace(xq.device, m * n, m * n // 16 + 1)
         args = (xq, xs.view(torch.uint8), w.q, w.s, sx, w.sw, bias_arg, out, acc, cnt,
-                m, n, kq, out.stride(0), _bucket(m))
-        consts["DOT_F32" if _interpret() else "USE_ASM"] = True
+                m, n, kq, out.stride(0), _m_bucket(m))
+        consts["DOT_F32" if interpreting() else "USE_ASM"] = True
 
     def grid(a):
         if gemv:
@@ -751,9 +692,9 @@ def nvfp4_mm(xq: torch.Tensor, xs: torch.Tensor, sx: torch.Tensor, w: ArcWeight,
     if config is not None:
         meta = dict(config)
         nw, ns = meta.pop("num_warps", 4), meta.pop("num_stages", 1 if gemv else 3)
-        split = _gemv_split if gemv else _mm_split
+        split = gemv_split if gemv else mm_split
         if gemv:
-            meta.setdefault("ROWS", _gemv_rows({"M": m}))
+            meta.setdefault("ROWS", gemv_rows({"M": m}))
         meta.setdefault("SPLIT_K", split({"M": m, "N": n, "KQ": kq, **meta}))
         if gemv and meta["SPLIT_K"] > GEMV_SPLIT_MAX:
             raise ValueError(f"GEMV SPLIT_K is at most {GEMV_SPLIT_MAX}, got {meta['SPLIT_K']}")
@@ -762,7 +703,7 @@ def nvfp4_mm(xq: torch.Tensor, xs: torch.Tensor, sx: torch.Tensor, w: ArcWeight,
     elif gemv:
         gemv_tuned[grid](*args, **consts)
     else:
-        (mm_small_tuned if m <= 64 else mm_large_tuned)[grid](*args, **consts)
+        (mm_small_tuned if m <= MM_SMALL_MAX_M else mm_large_tuned)[grid](*args, **consts)
     return out
 
 
@@ -776,22 +717,16 @@ def nvfp4_decode(q: torch.Tensor, s: torch.Tensor, dtype: torch.dtype = torch.bf
     return out
 
 
-GEMV_MAX_M = 4  # up to this M the GEMV (CUDA cores) serves the GEMM (H200, K=4096, N=14336: GEMV 19.2 / 23.2 /
-# 28.5 / 44.6 / 81.5 us at M = 1 / 2 / 4 / 8 / 16, the tensor-core kernel 47.2 / 46.3 / 40.3 / 41.5 / 43.0 us)
-DEQUANT_MIN_M = 64  # from M on: decode X' (in the activation kernel) and W' to bf16, then cuBLAS (H200: it won at
-# M = 128 on all four Llama shapes; at 4096x14336 also at M = 64, 113.9 vs 148.2 us, not at M = 32, 110.5 vs 88.0)
-
-
 def arc_linear(x: torch.Tensor, ridx: torch.Tensor, w: ArcWeight, bias: torch.Tensor | None = None,
                path: str | None = None) -> torch.Tensor:
     """The full ARC linear on a GPU: x [..., K] → y [..., N] in x's dtype.
     path: "fused" (activation kernel → packed X' → NVFP4 GEMM), "dequant" (activation kernel writes bf16 X',
-    W' decoded to bf16, cuBLAS addmm with alpha = Sw), None = by M (DEQUANT_MIN_M)."""
+    W' decoded to bf16, cuBLAS addmm with alpha = Sw), None = by M (`nvfp4_dispatch.linear_path`)."""
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
     m = x2.shape[0]
     if path is None:
-        path = "dequant" if m >= DEQUANT_MIN_M else "fused"
+        path = linear_path(m)
     if path == "dequant":
         (_sx, xd) = arc_quantize_activation_triton(x2, ridx, w.s_res, packed=False, deq_dtype=torch.bfloat16)
         wd = nvfp4_decode(w.q, w.s, torch.bfloat16)

@@ -1,6 +1,8 @@
 """Torch reference of the NVFP4 kernels in `nvfp4_gemm.py` (any device; what the kernel tests compare with).
 
-- activation kernel: `quantkit.arc_numerics.arc_quantize_activation` (bit-exact reference, re-exported)
+- activation kernel: `quantkit.arc_numerics.arc_quantize_activation` (bit-exact reference, re-exported);
+          `arc_quantize_activation_ref` returns it in the kernel launcher's output format (and serves the
+          calls `nvfp4_dispatch.activation_by_reference` sends to the reference)
 - GEMM:   y[m, n] = Sx·Sw · Σ_k (e2m1·e4m3)_x[m, k] · (e2m1·e4m3)_w[n, k] (+ bias[n]), over K' = Kp + s
           packed columns (padding columns have zero codes on both sides)
 - decode: e2m1·e4m3 of a packed matrix, no tensor scale (the large-M "decode + cuBLAS" operand)
@@ -12,6 +14,18 @@ import torch
 
 from quantkit.arc_numerics import arc_quantize_activation
 from quantkit.formats.nvfp4 import nvfp4_dequantize
+
+
+def arc_quantize_activation_ref(x: torch.Tensor, ridx: torch.Tensor, s_res: int, packed: bool = True,
+                                deq_dtype: torch.dtype | None = None):
+    """`nvfp4_gemm.arc_quantize_activation_triton`'s outputs from the torch reference: packed → (q, bs, S),
+    else (S,); with deq_dtype also the dequantized X' in that dtype (last)."""
+    q = arc_quantize_activation(x, ridx.long(), s_res)
+    sx = q.tensor_scale.reshape(1)
+    out = (q.packed, q.block_scales, sx) if packed else (sx,)
+    if deq_dtype is None:
+        return out
+    return (*out, nvfp4_dequantize(q.packed, q.block_scales, q.tensor_scale).to(deq_dtype))
 
 
 def nvfp4_decode_ref(q: torch.Tensor, s: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -30,4 +44,4 @@ def nvfp4_mm_ref(xq: torch.Tensor, xs: torch.Tensor, sx, wq: torch.Tensor, ws: t
     return y.to(dtype)
 
 
-__all__ = ["arc_quantize_activation", "nvfp4_decode_ref", "nvfp4_mm_ref"]
+__all__ = ["arc_quantize_activation", "arc_quantize_activation_ref", "nvfp4_decode_ref", "nvfp4_mm_ref"]

@@ -41,15 +41,23 @@ stream (3 bits per weight, as before).
 Groups: a K tile never straddles a group (BLOCK_K = 32·RUNS divides the group size); per-channel is GS = 0.
 Split-K: partial sums are atomically added into an fp32 workspace that is kept all-zero between calls; the
 program that finishes a tile last (per-tile counter) reads the sum back with atomic adds of 0 and re-zeroes the
-workspace, adds the bias, writes the output and resets the counter: one launch, no memset, no cast kernel.
+workspace, adds the bias, writes the output and resets the counter: one launch, no memset, no cast kernel
+(`triton_common.store_out`, shared with `wq_gemv`).
 """
 
 from __future__ import annotations
 
-import inspect
-
 import triton
 import triton.language as tl
+
+from quantkit.kernels.triton_common import (
+    AUTOTUNE_CACHE_KW,
+    NUM_SMS,
+    grouped_tile,
+    split_k,
+    split_range,
+    store_out,
+)
 
 FMT_INT, FMT_HLQ = 0, 1
 
@@ -205,50 +213,6 @@ def _dequant_tile(q0_ptr, q1_ptr, s_ptr, z_ptr, k0, offs_n, N, R0, R1, GS: tl.co
     return w
 
 
-@triton.jit
-def _grouped_tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
-    """(pid_m, pid_n) of program `pid` in grouped order: GROUP_M row blocks in a row share weight tiles in L2."""
-    num_m = tl.cdiv(M, BLOCK_M)
-    num_n = tl.cdiv(N, BLOCK_N)
-    width = GROUP_M * num_n
-    first_m = (pid // width) * GROUP_M
-    size_m = tl.minimum(num_m - first_m, GROUP_M)
-    return first_m + (pid % width) % size_m, (pid % width) // size_m
-
-
-@triton.jit
-def _split_range(pid_k, n_steps, SPLIT_K: tl.constexpr):
-    """[t0, t1): the K steps of split `pid_k` when `n_steps` are cut into SPLIT_K contiguous slices."""
-    per_split = tl.cdiv(n_steps, SPLIT_K)
-    t0 = pid_k * per_split
-    return t0, tl.minimum(t0 + per_split, n_steps)
-
-
-@triton.jit
-def _store_out(acc, out_ptr, ws_ptr, cnt_ptr, bias_ptr, offs_m, offs_n, M, N, stride_om, tile_id,
-               HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr):
-    """acc: float32 [BLOCK_M, BLOCK_N] partial (or full, SPLIT_K == 1) sum of one output tile."""
-    mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
-    optrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
-    if SPLIT_K == 1:
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0).to(tl.float32)[None, :]
-        tl.store(optrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
-    else:
-        wptrs = ws_ptr + offs_m[:, None] * N + offs_n[None, :]
-        tl.atomic_add(wptrs, acc, mask=mask, sem="relaxed")
-        tl.debug_barrier()  # every thread's partial is in before the (cumulative) release below
-        done = tl.atomic_add(cnt_ptr + tile_id, 1, sem="acq_rel")
-        if done == SPLIT_K - 1:  # last contributor: read back (and re-zero) the sum, finish the tile
-            zero = tl.zeros_like(acc)
-            tot = tl.atomic_add(wptrs, zero, mask=mask, sem="acquire")  # read at L2, after all partials
-            tl.store(wptrs, zero, mask=mask)
-            if HAS_BIAS:
-                tot += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0).to(tl.float32)[None, :]
-            tl.store(optrs, tot.to(out_ptr.dtype.element_ty), mask=mask)
-            tl.store(cnt_ptr + tile_id, 0)
-
-
 # ----------------------------------------------------------------------------------------------------------
 # kernels
 
@@ -281,7 +245,7 @@ def _gemv_kernel(x_ptr, q0_ptr, q1_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, ws_ptr,
     m = tl.program_id(2)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_runs = tl.cdiv(K, 32)
-    t_lo, t_hi = _split_range(pid_k, tl.cdiv(n_runs, RUNS), SPLIT_K)
+    t_lo, t_hi = split_range(pid_k, tl.cdiv(n_runs, RUNS), SPLIT_K)
     run_hi = t_hi * RUNS
     WB: tl.constexpr = 2 if BITS == 3 else BITS  # code width of stream 0 = its words per run
     PER: tl.constexpr = 32 // WB  # codes per word
@@ -389,7 +353,7 @@ def _gemv_kernel(x_ptr, q0_ptr, q1_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, ws_ptr,
     out = tl.sum(acc, axis=1)  # one reduction per program
     offs_m = m + tl.arange(0, 1)
     tile_id = m * tl.num_programs(0) + pid_n
-    _store_out(out[None, :], out_ptr, ws_ptr, cnt_ptr, bias_ptr, offs_m, offs_n, M, N, stride_om, tile_id,
+    store_out(out[None, :], out_ptr, ws_ptr, cnt_ptr, bias_ptr, offs_m, offs_n, M, N, stride_om, tile_id,
                HAS_BIAS, SPLIT_K)
 
 
@@ -404,10 +368,10 @@ def _gemm_kernel(x_ptr, q0_ptr, q1_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, ws_ptr,
     same bf16/fp16 operands (Triton's CPU interpreter computes bf16 tl.dot wrongly; GPU never sets it)."""
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
-    pid_m, pid_n = _grouped_tile(pid, M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    pid_m, pid_n = grouped_tile(pid, M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    t0, t1 = _split_range(pid_k, tl.cdiv(K, BLOCK_K), SPLIT_K)
+    t0, t1 = split_range(pid_k, tl.cdiv(K, BLOCK_K), SPLIT_K)
     if SWAP:
         acc = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
     else:
@@ -436,7 +400,7 @@ def _gemm_kernel(x_ptr, q0_ptr, q1_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, ws_ptr,
                 acc = tl.dot(xo, tl.trans(wq), acc)
     if SWAP:
         acc = tl.trans(acc)
-    _store_out(acc, out_ptr, ws_ptr, cnt_ptr, bias_ptr, offs_m, offs_n, M, N, stride_om, pid, HAS_BIAS,
+    store_out(acc, out_ptr, ws_ptr, cnt_ptr, bias_ptr, offs_m, offs_n, M, N, stride_om, pid, HAS_BIAS,
                SPLIT_K)
 
 
@@ -457,8 +421,7 @@ def _dequant_kernel(q0_ptr, q1_ptr, s_ptr, z_ptr, wt_ptr, N, K, R0, R1, ONE,
 # ----------------------------------------------------------------------------------------------------------
 # autotuning (configs next to the kernels; chosen configs cached by triton's autotuner, on disk when supported)
 
-_KEY = ["M_BUCKET", "N", "K", "GS", "FMT", "BITS"]
-_CACHE_KW = {"cache_results": True} if "cache_results" in inspect.signature(triton.autotune).parameters else {}
+AUTOTUNE_KEY = ["M_BUCKET", "N", "K", "GS", "FMT", "BITS"]  # also the key of wq_gemv's autotuner (same arguments)
 
 
 def _bk(kw: dict) -> int:
@@ -471,7 +434,7 @@ def _prune_bk(configs, named_args, **kwargs):
     ok = [c for c in configs if gs == 0 or gs % _bk(c.kwargs) == 0]
     if ok and "RUNS" in ok[0].kwargs and a.get("N", 0) >= 8192:
         # Wide decode GEMVs: the autotuner (single launches) and the rotated CUDA-graph benchmark disagreed by
-        # up to 25% (int3/hlq3/hlq4), so take the sweep's winner (kernels/bench_decode.py, H200, N = 14336).
+        # up to 25% (int3/hlq3/hlq4), so take the sweep's winner (eval/bench_decode.py, H200, N = 14336).
         want = (512, 4) if a.get("BITS") == 4 else (256, 1)
         ok = [c for c in ok if (c.kwargs["BLOCK_N"], c.num_warps) == want] or ok
     if ok:
@@ -481,32 +444,22 @@ def _prune_bk(configs, named_args, **kwargs):
                           num_stages=configs[0].num_stages)]
 
 
-def _split_k(tiles: int, k_tiles: int, target: int, cap: int = 32) -> int:
-    """Split K until there are about `target` programs (enough loads in flight to stream the weights)."""
-    if tiles >= target:
-        return 1
-    return max(1, min(k_tiles // 2, -(-target // tiles), cap))
-
-
-NUM_SMS = [132]  # set by the dispatcher from the device
-
-
 def _gemv_split(a):  # memory-bound: about PPS programs per SM (a config knob, default 8)
-    return _split_k(triton.cdiv(a["N"], a["BLOCK_N"]) * a["M"], triton.cdiv(a["K"], 32 * a["RUNS"]),
-                    a.get("PPS", 8) * NUM_SMS[0], 64)
+    return split_k(triton.cdiv(a["N"], a["BLOCK_N"]) * a["M"], triton.cdiv(a["K"], 32 * a["RUNS"]),
+                   a.get("PPS", 8) * NUM_SMS[0], 64)
 
 
 def _gemm_split(a):  # small M (few row tiles): ~4 programs per SM; large M: one wave is enough
     tiles = triton.cdiv(a["M"], a["BLOCK_M"]) * triton.cdiv(a["N"], a["BLOCK_N"])
     target = (a.get("PPS", 4) if a["M"] <= 64 else 1) * NUM_SMS[0]
-    return _split_k(tiles, triton.cdiv(a["K"], a["BLOCK_K"]), target)
+    return split_k(tiles, triton.cdiv(a["K"], a["BLOCK_K"]), target)
 
 
 def _c(num_warps, num_stages, **kw):
     return triton.Config(kw, num_warps=num_warps, num_stages=num_stages)
 
 
-GEMV_CONFIGS = [  # kernels/bench_decode.py on an H200: many short programs won (split-K up to 64 at K = 4096)
+GEMV_CONFIGS = [  # eval/bench_decode.py on an H200: many short programs won (split-K up to 64 at K = 4096)
     _c(4, 1, BLOCK_N=512, RUNS=1, PPS=16),
     _c(4, 1, BLOCK_N=1024, RUNS=1, PPS=16),
     _c(2, 1, BLOCK_N=512, RUNS=1, PPS=32),
@@ -533,8 +486,8 @@ def _tuned(kernel, configs, split):
     heur = {"SPLIT_K": split}
     if kernel is _gemv_kernel:
         heur["EVEN_K"] = lambda a: a["K"] % (32 * a["RUNS"]) == 0
-    return triton.autotune(configs, key=_KEY, prune_configs_by={"early_config_prune": _prune_bk}, **_CACHE_KW)(
-        triton.heuristics(heur)(kernel))
+    return triton.autotune(configs, key=AUTOTUNE_KEY, prune_configs_by={"early_config_prune": _prune_bk},
+                           **AUTOTUNE_CACHE_KW)(triton.heuristics(heur)(kernel))
 
 
 gemv_tuned = _tuned(_gemv_kernel, GEMV_CONFIGS, _gemv_split)

@@ -24,7 +24,7 @@ weights cost two instructions (one LOP3, one HFMA2) and a shift is shared by a w
 
 `USE_ASM=False` runs the same algorithm with the same fp16-rounded x pairs in plain Triton (fp32 products
 and sums): what the CPU interpreter executes in CI; on the GPU the PTX path is tested against float64.
-Split-K and the output epilogue are `wq_gemm`'s (`_store_out`).
+Split-K and the output epilogue are `wq_gemm`'s (`triton_common.store_out`).
 """
 
 from __future__ import annotations
@@ -37,7 +37,8 @@ try:  # grid dependency control (Hopper+); absent in old tritons, where PDL stay
 except ImportError:  # pragma: no cover
     gdc_wait = None
 
-from quantkit.kernels.wq_gemm import _CACHE_KW, _KEY, NUM_SMS, _split_k, _split_range, _store_out
+from quantkit.kernels.triton_common import AUTOTUNE_CACHE_KW, NUM_SMS, split_k, split_range, store_out
+from quantkit.kernels.wq_gemm import AUTOTUNE_KEY
 
 # $0 = acc out; $1 word (or shifted word); $2 mask; $3 x pair (f16x2); $4 acc in
 _PAIR_ASM: tl.constexpr = tl.constexpr("{ .reg .b32 q; and.b32 q, $1, $2; fma.rn.f16x2 $0, q, $3, $4; }")
@@ -224,7 +225,7 @@ def _gemv_h2_kernel(x_ptr, q0_ptr, q1_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, ws_p
                     GS: tl.constexpr, FMT: tl.constexpr, BITS: tl.constexpr, HAS_ZERO: tl.constexpr,
                     HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr,
                     USE_ASM: tl.constexpr = True, EVEN_K: tl.constexpr = False, CHUNK: tl.constexpr = 256,
-                    PPS: tl.constexpr = 8, TIMING_PLAIN_STORE: tl.constexpr = False, PDL: tl.constexpr = False):
+                    PPS: tl.constexpr = 8, PDL: tl.constexpr = False):
     """Grid (cdiv(N, BLOCK_N), SPLIT_K, M). One program: BLOCK_N columns × a slice of runs (32 codes) of one
     row; the next run's words are loaded into registers before the current run is computed. (Leaving the
     word loads to the compiler's cp.async pipeline instead, with fewer and longer programs, was 1.2-2x slower
@@ -238,7 +239,7 @@ def _gemv_h2_kernel(x_ptr, q0_ptr, q1_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, ws_p
     m = tl.program_id(2)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     nm = offs_n < N
-    r_lo, r_hi = _split_range(pid_k, tl.cdiv(K, 32), SPLIT_K)
+    r_lo, r_hi = split_range(pid_k, tl.cdiv(K, 32), SPLIT_K)
     WB: tl.constexpr = 2 if BITS == 3 else BITS  # code width of stream 0 = its words per run
     NF: tl.constexpr = 1 if FMT == 0 else (4 if BITS == 4 else 2)  # field accumulators of stream 0
     acc = tl.zeros((BLOCK_N,), tl.float32)
@@ -277,10 +278,7 @@ def _gemv_h2_kernel(x_ptr, q0_ptr, q1_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, ws_p
                    BITS, HAS_ZERO, WB, NF, EVEN_K, USE_ASM)
     offs_m = m + tl.arange(0, 1)
     tile_id = m * tl.num_programs(0) + pid_n
-    if TIMING_PLAIN_STORE:  # benchmark only (kernels/bench_decode.py): the split-K epilogue's cost, wrong sums
-        tl.store(out_ptr + m * stride_om + offs_n, acc.to(out_ptr.dtype.element_ty), mask=nm)
-        return
-    _store_out(acc[None, :], out_ptr, ws_ptr, cnt_ptr, bias_ptr, offs_m, offs_n, M, N, stride_om, tile_id,
+    store_out(acc[None, :], out_ptr, ws_ptr, cnt_ptr, bias_ptr, offs_m, offs_n, M, N, stride_om, tile_id,
                HAS_BIAS, SPLIT_K)
 
 
@@ -289,7 +287,7 @@ def _c(num_warps, maxnreg=None, **kw):
 
 
 # Few warps with many columns per thread amortize the x side (per x value, shared by a thread's columns).
-# kernels/bench_decode.py on an H200 (K = 4096, N = 14336, g128, rotated weights, CUDA graphs;
+# eval/bench_decode.py on an H200 (K = 4096, N = 14336, g128, rotated weights, CUDA graphs;
 # experiments/bench_history/decode_h2_h200.json): 256 columns / 1 warp won for every format but hlq3 (512 / 2); capping the
 # registers (maxnreg) raised occupancy and took 1-1.7 us off (int4 13.5 -> 11.8 us); split = PPS · SMs /
 # column tiles (capped at 64): int4 32, int2 48, the rest 64.
@@ -315,10 +313,10 @@ def _prune(configs, named_args, **kwargs):
 
 
 def _h2_split(a):
-    return _split_k(triton.cdiv(a["N"], a["BLOCK_N"]) * a["M"], triton.cdiv(a["K"], 32),
-                    a.get("PPS", 8) * NUM_SMS[0], 64)
+    return split_k(triton.cdiv(a["N"], a["BLOCK_N"]) * a["M"], triton.cdiv(a["K"], 32),
+                   a.get("PPS", 8) * NUM_SMS[0], 64)
 
 
-gemv_h2_tuned = triton.autotune(GEMV_H2_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": _prune},
-                                **_CACHE_KW)(
+gemv_h2_tuned = triton.autotune(GEMV_H2_CONFIGS, key=AUTOTUNE_KEY, prune_configs_by={"early_config_prune": _prune},
+                                **AUTOTUNE_CACHE_KW)(
     triton.heuristics({"SPLIT_K": _h2_split, "EVEN_K": lambda a: a["K"] % 32 == 0})(_gemv_h2_kernel))

@@ -118,10 +118,11 @@ def test_dequant_kernel_exact():
 
 
 def test_dispatch_registration_and_fallback():
-    from quantkit.nn.quant_linear import KERNELS
+    from quantkit.nn.quant_linear import load_kernels
 
     assert dispatch.supports("int", 3, None) and not dispatch.supports("hlq", 4, 16)
-    assert ("int" in KERNELS) == torch.cuda.is_available()
+    kernels = load_kernels()  # the registration hook (lazy: quantkit.nn does not import the kernels)
+    assert ("int" in kernels) == torch.cuda.is_available()
     k, n = 64, 48
     p = random_packed("int", 4, 32, k, n)
     mod = QuantLinear(k, n, WeightSpec(format="int", bits=4, group_size=32), p)
@@ -191,3 +192,30 @@ def test_gpu_gemv_h2_activation_range(case):
         # long slices (one scale S over 2000 channels) keep the precision too
         yl = dispatch.gemv_h2(prep, x, None, {"BLOCK_N": 256, "SPLIT_K": 2, "num_warps": 1})
         assert _rel(yl, ref) < 2 * bf16 + 1e-3, (_rel(yl, ref), bf16)
+
+
+_KERNEL_MODULES = ("triton_common", "reference", "wq_gemm", "wq_gemv", "dispatch", "int8_reference", "int8_common",
+                   "int8_gemm", "int8_prefill", "nvfp4_reference", "nvfp4_tuning", "nvfp4_dispatch", "nvfp4_gemm",
+                   "act_dispatch", "decode_attention_reference", "decode_attention", "registry")
+
+
+def test_import_direction():
+    """quantkit.nn does not import the kernels (they register themselves lazily); no kernel module imports
+    quantkit.nn, the pipeline, the methods or quantkit.eval."""
+    import subprocess
+    import sys
+
+    checks = [
+        "import sys, quantkit.nn\n"
+        "assert not [m for m in sys.modules if m.startswith('quantkit.kernels') or m == 'triton']",
+        f"import importlib, sys\n"
+        f"for name in {_KERNEL_MODULES!r}:\n"
+        f"    importlib.import_module('quantkit.kernels.' + name)\n"
+        f"bad = [m for m in sys.modules if m.startswith(('quantkit.nn', 'quantkit.pipeline', 'quantkit.methods',"
+        f" 'quantkit.eval', 'quantkit.api'))]\n"
+        f"assert not bad, bad",
+    ]
+    for code in checks:
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                              env={**os.environ, "TRITON_INTERPRET": "1"})
+        assert proc.returncode == 0, proc.stderr[-3000:]

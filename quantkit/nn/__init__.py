@@ -1,9 +1,19 @@
-"""Runtime modules."""
+"""Runtime modules.
 
-from quantkit.kernels import register_kernels
+`KERNELS` (QuantLinear's kernel table) is filled lazily: the GPU kernels register themselves on the first CUDA
+forward of a QuantLinear, or when `quantkit.nn.KERNELS` is read (`quant_linear.load_kernels`); importing
+quantkit.nn imports neither `quantkit.kernels` nor triton.
+"""
+
 from quantkit.nn.act_quant import ACT_QUANTIZERS, ActQuantizer, build_act_quantizer
-from quantkit.nn.quant_linear import KERNELS, QuantLinear, set_weight_cache
+from quantkit.nn.quant_linear import QuantLinear, load_kernels, set_weight_cache
 
-register_kernels(KERNELS)  # CUDA + triton only; triton itself is imported on the first kernel call
 
-__all__ = ["ACT_QUANTIZERS", "KERNELS", "ActQuantizer", "QuantLinear", "build_act_quantizer", "set_weight_cache"]
+def __getattr__(name: str):
+    if name == "KERNELS":  # the table, with the kernels registered (CUDA + triton only)
+        return load_kernels()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = ["ACT_QUANTIZERS", "KERNELS", "ActQuantizer", "QuantLinear", "build_act_quantizer", "load_kernels",
+           "set_weight_cache"]

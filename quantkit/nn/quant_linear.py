@@ -11,8 +11,9 @@ online, and the packed weight spans the transformed input (`weight_in_features` 
     y = act(x) @ dequantize(packed)[:, :weight_in_features]ᵀ + bias
 
 On CUDA a kernel registered in `KERNELS` under `kernel_key` (the weight format, or "<act>:<weight>")
-serves the forward instead (quantkit.kernels fills it); the torch reference above is what CPU runs and
-what kernels are tested against.
+serves the forward instead (the kernels register themselves on first use: `load_kernels`, which imports
+`quantkit.kernels.registry`; quantkit.nn never imports the kernels at import time); the torch reference above
+is what CPU runs and what kernels are tested against.
 """
 
 from __future__ import annotations
@@ -28,6 +29,21 @@ from quantkit.recipe import WeightSpec
 
 # format name -> fn(module, x) returning y, or None to fall back to the torch reference
 KERNELS: dict[str, Callable[[QuantLinear, torch.Tensor], torch.Tensor | None]] = {}
+_KERNELS_LOADED = [False]
+
+
+def load_kernels() -> dict:
+    """Let the GPU kernels register themselves in `KERNELS` (once; `quantkit.kernels.registry`, CUDA + triton
+    only) and return the table. quantkit.nn never imports the kernels at import time: the first CUDA forward of
+    a QuantLinear calls this, and so should code that reads `KERNELS` before any forward."""
+    if not _KERNELS_LOADED[0]:
+        _KERNELS_LOADED[0] = True
+        try:
+            from quantkit.kernels.registry import register_kernels
+        except ImportError:  # a build without the kernels package: the torch reference serves every module
+            return KERNELS
+        register_kernels(KERNELS)
+    return KERNELS
 
 
 class QuantLinear(nn.Module):
@@ -89,6 +105,8 @@ class QuantLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.is_cuda:
+            if not _KERNELS_LOADED[0]:
+                load_kernels()
             kernel = KERNELS.get(self.kernel_key)
             if kernel is not None:
                 y = kernel(self, x)

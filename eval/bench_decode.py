@@ -1,6 +1,6 @@
 """Focused decode benchmark / config sweep (developer tool, not the protocol benchmark).
 
-    python3 -m quantkit.kernels.bench_decode [--out DIR] [--formats int4,int2,hlq4] [--quick]
+    python3 -m quantkit.eval.bench_decode [--out DIR] [--formats int4,int2,hlq4] [--quick]
 
 K=4096, N=14336, g128: correctness of the GEMV (M=1) and small-M GEMM (M=16) against a float64 reference,
 then every explicit config in the sweep timed like eval/bench_kernels.py (CUDA-graph replays, weights rotated
@@ -48,9 +48,9 @@ GEMM_SWEEP = [  # BLOCK_N, BLOCK_K, num_warps, num_stages, SWAP, split
 
 
 def _split(tiles, k_tiles, target, cap=32):
-    from quantkit.kernels.wq_gemm import _split_k
+    from quantkit.kernels.triton_common import split_k
 
-    return _split_k(tiles, k_tiles, target, cap)
+    return split_k(tiles, k_tiles, target, cap)
 
 
 def _sass_hist(ck) -> dict:
@@ -76,15 +76,13 @@ def _ptx_hist(ck) -> dict:
 
 
 def profile(dev):
-    """One launch each of the decode kernels (for ncu): the half2 int4 GEMV at M=1 (its winning config, then
-    the same with a plain store instead of the split-K epilogue), the fp32 int4 / hlq4 GEMVs at M=1 and the
-    int4 GEMM at M=16."""
+    """One launch each of the decode kernels (for ncu): the half2 int4 GEMV at M=1 (its winning config), the
+    fp32 int4 / hlq4 GEMVs at M=1 and the int4 GEMM at M=16."""
     x1 = torch.randn(1, K, device=dev, dtype=torch.bfloat16)
     x16 = torch.randn(16, K, device=dev, dtype=torch.bfloat16)
     p = dispatch.prepare("int", 4, GS, K, N, _random_quant("int", 4, GS, K, N, dev))
     h2 = {"BLOCK_N": 256, "SPLIT_K": 32, "num_warps": 1, "num_stages": 1, "maxnreg": 128}
     dispatch.gemv_h2(p, x1, None, h2)
-    dispatch.gemv_h2(p, x1, None, dict(h2, TIMING_PLAIN_STORE=True))
     for fmt, bits in (("int", 4), ("hlq", 4)):
         p = dispatch.prepare(fmt, bits, GS, K, N, _random_quant(fmt, bits, GS, K, N, dev))
         dispatch.gemv(p, x1, None, {"BLOCK_N": 512, "RUNS": 1, "SPLIT_K": 64, "num_warps": 4, "num_stages": 1})
@@ -110,11 +108,12 @@ def main(argv=None):
         return 0
 
     from quantkit.kernels import wq_gemm
+    from quantkit.kernels.triton_common import set_sms
 
     dev = torch.device("cuda")
     props = torch.cuda.get_device_properties(dev)
     sms = props.multi_processor_count
-    wq_gemm.NUM_SMS[0] = sms
+    set_sms(dev)
     l2 = getattr(props, "L2_cache_size", 50 << 20)
     print(f"{props.name} {sms} SMs L2 {l2 >> 20} MiB torch {torch.__version__} triton {triton.__version__}",
           flush=True)
@@ -167,16 +166,13 @@ def main(argv=None):
             res["gemv"].append({"format": name, "kernel": "h2", **cfg, "us": us, "err": err})
             print(f"{name:5} h2   M=1  BN={bn:<4} w={nw} split={split:<3} nreg={nreg} {us:8.2f} us  err {err:.1e}",
                   flush=True)
-        if "h2" in args.kernels:  # the autotuned choice, and the cost of the split-K epilogue
+        if "h2" in args.kernels:  # the autotuned choice next to a fixed config
             us = time_rotated([lambda p=p: dispatch.gemv_h2(p, xs[1], None) for p in ps])
             res["gemv"].append({"format": name, "kernel": "h2", "auto": True, "us": us})
             cfg = {"BLOCK_N": 256, "SPLIT_K": 32, "num_warps": 1, "num_stages": 1}
             um = time_rotated([lambda p=p, c=cfg: dispatch.gemv_h2(p, xs[1], None, c) for p in ps])
-            up = time_rotated([lambda p=p, c=cfg: dispatch.gemv_h2(p, xs[1], None, dict(c, TIMING_PLAIN_STORE=True))
-                               for p in ps])
-            res["gemv"].append({"format": name, "kernel": "h2", **cfg, "us": um, "us_plain_store": up})
-            print(f"{name} h2 autotuned {us:.2f} us; 256/1/32 {um:.2f} us, with a plain store instead of the "
-                  f"split-K epilogue {up:.2f} us", flush=True)
+            res["gemv"].append({"format": name, "kernel": "h2", **cfg, "us": um})
+            print(f"{name} h2 autotuned {us:.2f} us; 256/1/32 {um:.2f} us", flush=True)
             for m in (2, 4, 8, 16):  # the half2 GEMV at a few more rows
                 xm = torch.randn(m, K, device=dev, dtype=torch.bfloat16)
                 rm = wq_matmul_ref(xm, fmt, bits, GS, K, *_raw_args(p0), dtype=torch.float64)
@@ -207,9 +203,9 @@ def main(argv=None):
             cfg = {k: best[k] for k in ("BLOCK_N", "RUNS", "SPLIT_K", "num_warps", "num_stages", "maxnreg")
                    if k in best}
             out = torch.empty(1, N, dtype=torch.bfloat16, device=dev)
-            a = dispatch._args(ps[0], xs[1], out, None)
+            a = dispatch.launch_args(ps[0], xs[1], out, None)
             ck = wq_gemm._gemv_kernel[(triton.cdiv(N, cfg["BLOCK_N"]), cfg["SPLIT_K"], 1)](
-                *a, **dispatch._consts(ps[0], None), **cfg)
+                *a, **dispatch.launch_consts(ps[0], None), **cfg)
             best["regs"], best["spills"] = getattr(ck, "n_regs", None), getattr(ck, "n_spills", None)
             best["sass_ops"] = _sass_hist(ck)
             best["ptx_ops"] = _ptx_hist(ck)
