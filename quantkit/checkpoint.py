@@ -24,6 +24,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from quantkit.adapters import adapter_for
 from quantkit.errors import QuantkitError
 from quantkit.nn import QuantLinear
 from quantkit.recipe import WeightSpec, _acts_from_dict, _weights_from_dict
@@ -319,8 +320,9 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: tor
                             f"{what}); config.json does not match the shards (edited?): restore it or re-export "
                             f"the checkpoint")
     missing = [k for k in expected if k not in tensors and not _is_quant_key(model, k)]
-    tied = getattr(config, "tie_word_embeddings", False)
-    missing = [k for k in missing if not (tied and k.endswith("lm_head.weight"))]
+    adapter = adapter_for(model, check=False)
+    tied = adapter.tied(config)
+    missing = [k for k in missing if not (tied and k == adapter.lm_head_weight)]  # stored once, as the embeddings
     if missing:
         raise QuantkitError(f"checkpoint is missing {len(missing)} tensors (e.g. '{missing[0]}'); "
                             f"it is incomplete or corrupt")

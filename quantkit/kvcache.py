@@ -60,6 +60,7 @@ from collections.abc import Iterator
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
+from quantkit.adapters import adapter_for
 from quantkit.errors import QuantkitError
 
 BITS = 4
@@ -93,10 +94,9 @@ def default_group(head_dim: int) -> int:
 
 
 def head_dim_of(config) -> int:
-    """Attention head size of an HF (decoder) config: `head_dim`, else hidden_size / num_attention_heads."""
-    cfg = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
-    hd = getattr(cfg, "head_dim", None)
-    return int(hd) if hd else cfg.hidden_size // cfg.num_attention_heads
+    """Attention head size of an HF (decoder) config, as its model adapter reads it: `head_dim`, else
+    hidden_size / num_attention_heads (`quantkit.adapters.ModelAdapter.head_dim`)."""
+    return adapter_for(config).head_dim(config)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -279,17 +279,8 @@ class KV4Layer(DynamicLayer):
 
 
 def _layer_types(cfg) -> list[str]:
-    """Each decoder layer's attention type, read from the config as transformers' caches read it (the helper
-    transformers has for this is not in every 5.x release)."""
-    try:
-        from transformers.cache_utils import get_layer_types_and_kwargs
-    except ImportError:  # older transformers 5.x
-        types = getattr(cfg, "layer_types", None)
-        if types is None:
-            window = getattr(cfg, "sliding_window", None) or getattr(cfg, "attention_chunk_size", None)
-            types = ["sliding_attention" if window is not None else "full_attention"] * cfg.num_hidden_layers
-        return list(types)
-    return list(get_layer_types_and_kwargs(cfg)[0])
+    """Each decoder layer's attention type (full / sliding), as the model adapter reads it from the config."""
+    return list(adapter_for(cfg).layer_types(cfg))
 
 
 class KV4Cache(Cache):
@@ -301,14 +292,14 @@ class KV4Cache(Cache):
     """
 
     def __init__(self, config, group: int | None = None, rotate: bool = False):
-        cfg = config.get_text_config(decoder=True)
-        self.head_dim = head_dim_of(cfg)
+        layout = adapter_for(config).attention_layout(config)  # heads, KV heads, head_dim, layer types
+        self.head_dim = layout.head_dim
         self.group = check_group(self.head_dim, default_group(self.head_dim) if group is None else group)
-        layer_types = _layer_types(cfg)
+        layer_types = list(layout.layer_types)
         other = sorted(set(layer_types) - {"full_attention"})
         if other:
             raise KV4Error(f"KV4Cache supports full-attention layers only; this model also has {', '.join(other)}")
-        self.kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+        self.kv_heads = layout.num_kv_heads
         self.rotate = bool(rotate)
         if self.rotate:
             hadamard(self.head_dim)  # validates head_dim

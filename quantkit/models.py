@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError
 
+from quantkit.adapters import ModelAdapter, adapter_for  # noqa: F401  (re-exported)
 from quantkit.errors import QuantkitError
 
 
@@ -295,11 +296,7 @@ def has_weight_files(folder: Path) -> bool:
 
 
 def decoder_layers(model) -> torch.nn.ModuleList:
-    """The list of decoder blocks of an HF causal LM (Llama/Gemma/Qwen/Mistral style: model.model.layers)."""
-    inner = getattr(model, "model", None)
-    layers = getattr(inner, "layers", None)
-    if not isinstance(layers, torch.nn.ModuleList):
-        raise QuantkitError(
-            f"unsupported architecture {type(model).__name__}: expected decoder blocks at model.model.layers"
-        )
-    return layers
+    """The list of decoder blocks of an HF causal LM, where its adapter declares them (`model.model.layers`
+    on Llama, Mistral, Qwen2/3, Gemma 3, Phi-3); a one-line QuantkitError naming what is missing on an
+    unsupported architecture (see `quantkit.adapters`)."""
+    return adapter_for(model).decoder_layers(model)

@@ -66,7 +66,7 @@ from quantkit.checkpoint import (
 )
 from quantkit.errors import QuantkitError
 from quantkit.methods import algorithm_for
-from quantkit.models import decoder_layers
+from quantkit.models import adapter_for, decoder_layers
 from quantkit.nn import ACT_QUANTIZERS
 from quantkit.pipeline import (
     QuantizeReport,
@@ -234,9 +234,11 @@ def estimate(src: SourceCheckpoint, config, recipe: Recipe, prefix: str, n_layer
              cache_weights: bool = True, host_factorization: bool = False) -> dict:
     """Peak RAM / VRAM / disk of a streamed run, from the shard headers and the recipe (bytes)."""
     ec = torch.empty((), dtype=dtype).element_size()
-    hidden = int(config.hidden_size)
-    inter = int(getattr(config, "intermediate_size", 4 * hidden))
-    heads = int(getattr(config, "num_attention_heads", 1))
+    adapter = adapter_for(config)
+    text = adapter.text_config(config)
+    hidden = int(text.hidden_size)
+    inter = int(getattr(text, "intermediate_size", 4 * hidden))
+    heads = adapter.attention_layout(config).num_heads
     layer_src = layer_compute = 0
     algo = algorithm_for(recipe.method)
     algo_work = host_factor = 0
@@ -260,9 +262,9 @@ def estimate(src: SourceCheckpoint, config, recipe: Recipe, prefix: str, n_layer
             algo_work = max(algo_work, dev_work)
             host_factor = max(host_factor, host_work)
     other = [n for n in src.meta if not n.startswith(f"{prefix}.")]
-    tied = bool(getattr(config, "tie_word_embeddings", False))
-    out_bytes += sum(src.nbytes(n) for n in other if not (tied and n == "lm_head.weight"))
-    embed = max([_nbytes(src.meta[n][1], dtype) for n in other if "embed" in n] or [0])
+    tied = adapter.tied(config)
+    out_bytes += sum(src.nbytes(n) for n in other if not (tied and n == adapter.lm_head_weight))
+    embed = max([_nbytes(src.meta[n][1], dtype) for n in other if n.startswith(adapter.embed_path + ".")] or [0])
     data = needs_calibration(recipe)
     sample = seq_len * hidden * ec
     acts = 2 * nsamples * sample if data else 0  # a layer's inputs and outputs
@@ -457,12 +459,15 @@ def quantize_streaming(
     manifest = _open_manifest(partial, settings, n_layers)
 
     n_shards = n_layers + 2
-    tied = bool(getattr(config, "tie_word_embeddings", False))
+    adapter = adapter_for(skel)
+    tied = adapter.tied(config)
     sd_names = list(skel.state_dict().keys())
     non_layer = [n for n in sd_names if not n.startswith(f"{prefix}.")]
     if tied:
-        non_layer = [n for n in non_layer if n != "lm_head.weight"]
-    embed_names = [n for n in non_layer if "embed" in n]
+        non_layer = [n for n in non_layer if n != adapter.lm_head_weight]
+    # the embeddings shard: what runs before layer 0 (embeddings, rotary); the head shard: the rest
+    prologue = adapter.before_layers(skel)
+    embed_names = [n for n in non_layer if n.startswith(tuple(f"{p}." for p, _ in prologue))]
     head_names = [n for n in non_layer if n not in embed_names]
     t0 = time.perf_counter()
 
@@ -491,27 +496,24 @@ def quantize_streaming(
     layer_kwargs: list[dict] = []
     report = QuantizeReport(recipe=rec.name)
     if start < n_layers and data:
-        # embeddings (and the final norm, so the prologue modules are real) for layer 0's inputs / kwargs
-        inner = skel.model
+        # what runs before layer 0 (the adapter's prologue: embeddings, rotary) for layer 0's inputs / kwargs
         hooks = []
-        for name, mod in inner.named_children():
-            if name == "layers":
-                continue
-            if isinstance(mod, torch.nn.Embedding):
+        for name, mod in prologue:
+            if type(mod) is torch.nn.Embedding:
                 # kept as stored (bf16: half of fp32) and cast after the lookup: a lookup copies rows, so the
-                # result is bit-identical to looking up in a table cast to `dtype` first
-                _materialize(mod, f"model.{name}", src, device, None)
+                # result is bit-identical to looking up in a table cast to `dtype` first (not so for an
+                # embedding that computes, e.g. Gemma's scaled one: that one is cast first)
+                _materialize(mod, name, src, device, None)
                 hooks.append(mod.register_forward_hook(lambda m, args, y: y.to(dtype)))
             else:
-                _materialize(mod, f"model.{name}", src, device, dtype)
+                _materialize(mod, name, src, device, dtype)
         windows = calib if start == 0 else calib[:1]  # on resume only the kwargs are needed
         sink = xs.append if start == 0 else (lambda x: None)
         _, layer_kwargs = capture_layer_inputs(skel, windows, device, device, sink=sink)
         for h in hooks:
             h.remove()
-        for name, mod in inner.named_children():
-            if name != "layers":
-                mod.to("meta")
+        for _, mod in prologue:
+            mod.to("meta")
         if start > 0:
             acts = manifest["acts"]
             if acts is None or acts["after_layer"] != start - 1:

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from quantkit.errors import QuantkitError
 from quantkit.formats import make_format
 from quantkit.methods import WeightAlgorithm, algorithm_for
-from quantkit.models import decoder_layers
+from quantkit.models import adapter_for, decoder_layers
 from quantkit.nn import ACT_QUANTIZERS, QuantLinear, set_weight_cache
 from quantkit.recipe import ActSpec, Recipe, WeightSpec, _acts_from_dict
 
@@ -159,8 +159,9 @@ def capture_layer_inputs(model: nn.Module, windows: torch.Tensor, device: torch.
 
     for i, layer in enumerate(originals):
         layers[i] = _KwargsRecorder(layer, i, record, last=i == len(originals) - 1)
-    # only what runs before layer 0 (embeddings, rotary) needs to be on the compute device
-    moved = [m for n, m in model.model.named_children() if n != "layers"]
+    # only what runs before layer 0 (embeddings, rotary: the adapter's `before_layers`) needs to be on the
+    # compute device
+    moved = [m for _, m in adapter_for(model).before_layers(model)]
     for m in moved:
         m.to(device)
     xs = []

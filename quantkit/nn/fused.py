@@ -25,12 +25,14 @@ import copy
 import torch
 from torch import nn
 
+from quantkit.adapters import GENERIC, adapter_for
 from quantkit.errors import QuantkitError
 from quantkit.nn.quant_linear import QuantLinear
 
-# Projections that read one input in the Hugging Face decoder layers we support (Llama, Mistral, Qwen2/3,
-# Gemma 3, SmolLM): each tuple is fused when all its members are present and compatible.
-SHARED_INPUT_GROUPS: tuple[tuple[str, ...], ...] = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+# Projections that read one input in Llama-style decoder layers (Llama, Mistral, Qwen2/3, Gemma 3, SmolLM):
+# each tuple is fused when all its members are present and compatible. A model's own groups come from its
+# adapter (`quantkit.adapters.ModelAdapter.fusable_groups`: none on Phi-3, whose checkpoint stores them fused).
+SHARED_INPUT_GROUPS: tuple[tuple[str, ...], ...] = GENERIC.fusable_groups
 
 
 class FusedLinear(nn.Module):
@@ -141,10 +143,12 @@ def concat_linears(mods: list[nn.Module]) -> nn.Module:
     return lin
 
 
-def fuse_shared_input_linears(model: nn.Module,
-                              groups: tuple[tuple[str, ...], ...] = SHARED_INPUT_GROUPS) -> list[str]:
-    """Replace every compatible group of sibling projections (`groups`) by slices of one fused Linear, in
-    place. Returns the fused groups as "<parent>.{a,b,c}". Idempotent: slices are not fused again."""
+def fuse_shared_input_linears(model: nn.Module, groups: tuple[tuple[str, ...], ...] | None = None) -> list[str]:
+    """Replace every compatible group of sibling projections (`groups`; default: the model's adapter's
+    `fusable_groups`, `SHARED_INPUT_GROUPS` for a module without an HF config) by slices of one fused Linear,
+    in place. Returns the fused groups as "<parent>.{a,b,c}". Idempotent: slices are not fused again."""
+    if groups is None:
+        groups = adapter_for(model, check=False).fusable_groups if hasattr(model, "config") else SHARED_INPUT_GROUPS
     fused = []
     for parent_name, parent in list(model.named_modules()):
         for names in groups:
