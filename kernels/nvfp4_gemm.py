@@ -516,7 +516,7 @@ def _nvfp4_gemv_kernel(xq_ptr, xs_ptr, wq_ptr, ws_ptr, sx_ptr, sw, bias_ptr, out
     decoded once for the ROWS activation rows [ROWS, 1, NB] (`_block_dot`), each block sum scaled by the
     product of its two block scales (scale tiles have the same shapes: one byte per block). Every tile is
     3-D in one layout (the rows held by each thread), the row sums a shuffle among a row's threads; split-K
-    partials reduced in slice order (int8_gemm._finish_tile)."""
+    partials reduced in slice order (`triton_common.finish_tile`)."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_m = tl.program_id(2)

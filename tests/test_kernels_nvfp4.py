@@ -220,3 +220,22 @@ def test_activation_kernel_wide_range_bit_exact():
         assert sx.item() == ref.tensor_scale.item()
         assert torch.equal(bs.view(torch.uint8), ref.block_scales.view(torch.uint8))
         assert torch.equal(q, ref.packed)
+
+
+def test_dispatch_policy():
+    """The path policy (nvfp4_dispatch.py) the entry points ask: GEMV up to M = 4, the decode + cuBLAS linear
+    from M = 64, the torch reference for the activations of K % 16 != 0 on a GPU."""
+    from quantkit.kernels import nvfp4_dispatch as pol
+    from quantkit.kernels.nvfp4_reference import arc_quantize_activation_ref
+
+    assert [pol.gemm_path(m) for m in (1, 4, 5, 64)] == ["gemv", "gemv", "mm", "mm"]
+    assert pol.gemm_path(100, {"BLOCK_N": 16}) == "gemv" and pol.gemm_path(1, {"BLOCK_M": 16}) == "mm"
+    assert [pol.linear_path(m) for m in (1, 63, 64)] == ["fused", "fused", "dequant"]
+    assert pol.activation_by_reference(72, True) and not pol.activation_by_reference(64, True)
+    assert not pol.activation_by_reference(72, False)
+    x, reorder, _ = _inputs(3, 72, 8, seed=3)
+    x, reorder = x.cpu(), reorder.cpu()
+    q, bs, sx, xd = arc_quantize_activation_ref(x, reorder.to(torch.int32), 16, deq_dtype=torch.bfloat16)
+    ref = arc_quantize_activation(x, reorder, 16)
+    assert torch.equal(q, ref.packed) and torch.equal(bs.view(torch.uint8), ref.block_scales.view(torch.uint8))
+    assert sx.shape == (1,) and xd.shape == (3, 80 + 16) and xd.dtype == torch.bfloat16  # KQ = ceil16(K) + s
