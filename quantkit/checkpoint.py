@@ -175,6 +175,7 @@ def save(model, out: str | os.PathLike, tokenizer=None, overwrite: bool = False,
     check_out_dir(out, overwrite)
     tokenizer = tokenizer if tokenizer is not None else getattr(model, "quantkit_tokenizer", None)
     qc = quantization_config(model)
+    check_packed_modules(model)
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
@@ -400,17 +401,26 @@ def _spec_from_entry(entry: dict, name: str) -> WeightSpec:
 
 
 def _packed_names(spec: WeightSpec, k: int, n: int) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
-    """Names, shapes and dtypes of the packed tensors a module of this spec stores (from a tiny pack)."""
-    from quantkit.formats import make_format
+    """Names, shapes and dtypes of the packed tensors a module of this spec stores (k = its weight's input
+    features): its format's declaration, `WeightFormat.packed_tensors` (quantkit/formats/base.py)."""
+    from quantkit.formats import packed_tensors
 
-    fmt = make_format(spec)
-    groups = fmt.groups(k)
+    return {name: (tuple(t.shape), t.dtype) for name, t in packed_tensors(spec, n, k).items()}
 
-    def probe(rows: int) -> dict[str, torch.Tensor]:
-        return fmt.pack(torch.zeros(rows, k, dtype=torch.int64),
-                        fmt.fit(torch.zeros(rows, groups, fmt.group_size or k)), k)
 
-    # the dimension that grows with the number of rows is the output dimension, wherever a format puts it
-    one, two = probe(1), probe(2)
-    return {name: (tuple(n if a != b else a for a, b in zip(t.shape, two[name].shape, strict=True)), t.dtype)
-            for name, t in one.items()}
+def check_packed_modules(model) -> None:
+    """Every QuantLinear of `model` holds exactly the packed tensors its format declares for its shape (names
+    in order, shapes, dtypes), so that a saved checkpoint is one `load` accepts; a QuantkitError otherwise."""
+    for name, m in model.named_modules():
+        if not isinstance(m, QuantLinear):
+            continue
+        want = _packed_names(m.spec, m.weight_in_features, m.out_features)
+        have = {p: (tuple(t.shape), t.dtype) for p, t in m.packed().items()}
+        if list(have.items()) != list(want.items()):
+            def words(d: dict) -> str:
+                return ", ".join(f"{p} {tuple(s)} {str(dt).replace('torch.', '')}" for p, (s, dt) in d.items())
+
+            raise QuantkitError(f"module '{name}' holds packed tensors ({words(have)}), but format "
+                                f"'{m.spec.format}' declares ({words(want)}) for a {m.weight_in_features} -> "
+                                f"{m.out_features} weight; a checkpoint of it would not load (a bug in the format "
+                                f"or in code that changed the module)")

@@ -25,17 +25,14 @@ from __future__ import annotations
 import torch
 
 from quantkit.errors import QuantkitError
-from quantkit.formats.base import Params, WeightFormat, register_format
-from quantkit.formats.packing import pack_codes, unpack_codes
-from quantkit.recipe import register_format_limits
+from quantkit.formats.base import Params, RecipeKey, TensorSpec, WeightFormat, register_format
+from quantkit.formats.packing import pack_codes, packed_rows, unpack_codes
 
 PARAM_DTYPE = torch.float16
 FITS = ("als", "adam")
 DEFAULT_ITERATIONS = {"als": 15, "adam": 50}
 _RIDGE = 1e-4  # in units of "weights per group" on the normal-equation diagonal
 _CHUNK_ELEMS = 1 << 24  # bound on [rows, cols, 2^n] temporaries in the nearest-value search
-
-register_format_limits("hlq", 2, 4, 16, options=("fit", "iterations", "zero_exact"))
 
 
 def _plane_bits(bits: int, device: torch.device) -> torch.Tensor:
@@ -79,6 +76,13 @@ def _round_params(scale: torch.Tensor, offset: torch.Tensor) -> tuple[torch.Tens
 @register_format
 class HLQ(WeightFormat):
     name = "hlq"
+    bits_range = (2, 4)
+    min_group_size = 16
+    recipe_keys = (
+        RecipeKey("fit", "als", doc="als | adam (checked when the format is built)"),
+        RecipeKey("iterations", None, doc="integer >= 0; None = per fit: als 15, adam 50"),
+        RecipeKey("zero_exact", False, doc="true: shift the offset so that 0 is representable"),
+    )
 
     def __init__(self, bits: int, group_size: int | None, fit: str = "als", iterations: int | None = None,
                  symmetric: bool = False, zero_exact: bool = False):
@@ -101,9 +105,18 @@ class HLQ(WeightFormat):
         self.zero_exact = zero_exact
 
     @classmethod
-    def from_spec(cls, spec) -> HLQ:
-        return cls(bits=spec.bits, group_size=spec.group_size, fit=spec.option("fit", "als"),
-                   iterations=spec.option("iterations", None), zero_exact=spec.option("zero_exact", False))
+    def example_specs(cls) -> tuple:
+        from quantkit.recipe import WeightSpec
+
+        return (WeightSpec("hlq", 2, 64, options=(("iterations", 3),)),
+                WeightSpec("hlq", 3, 128, options=(("iterations", 3), ("zero_exact", True))),
+                WeightSpec("hlq", 4, 32, options=(("fit", "adam"), ("iterations", 3))))
+
+    def packed_tensors(self, out_features: int, in_features: int) -> dict[str, TensorSpec]:
+        n, groups = out_features, self.groups(in_features)
+        return {"qweight": TensorSpec((packed_rows(self.padded_k(in_features), self.bits), n), torch.int32),
+                "scales": TensorSpec((groups, self.bits, n), PARAM_DTYPE),
+                "offsets": TensorSpec((groups, n), PARAM_DTYPE)}
 
     # ---- per-group primitives (any leading dims) ----
 

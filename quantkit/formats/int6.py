@@ -32,8 +32,7 @@ from __future__ import annotations
 import torch
 
 from quantkit.errors import QuantkitError
-from quantkit.formats.base import Params, WeightFormat, register_format
-from quantkit.recipe import register_format_limits
+from quantkit.formats.base import Params, RecipeKey, TensorSpec, WeightFormat, register_format
 
 SCALE_DTYPE = torch.float16
 QMAX = 31
@@ -58,10 +57,6 @@ def _check_options(opts: dict, where: str = "weights") -> None:
     if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= 1000:
         raise QuantkitError(f"{where}.clip_steps = {steps!r} is out of range for format 'int6': use an "
                             "integer in 1..1000")
-
-
-register_format_limits("int6", 6, 6, 16, options=("clip_search", "clip_min", "clip_steps"),
-                       check=_check_options)
 
 
 def pack_int6(codes: torch.Tensor) -> torch.Tensor:
@@ -97,6 +92,13 @@ class Int6(WeightFormat):
     """INT6 symmetric (always: `symmetric` is accepted for the recipe interface and ignored)."""
 
     name = "int6"
+    bits_range = (6, 6)
+    min_group_size = 16
+    recipe_keys = (
+        RecipeKey("clip_search", "none", doc="none | mse | mse_h"),
+        RecipeKey("clip_min", 0.7, doc="smallest clip factor c, a number in (0, 1]"),
+        RecipeKey("clip_steps", 31, doc="number of c values tried, an integer in 1..1000"),
+    )
 
     def __init__(self, bits: int = 6, group_size: int | None = 128, symmetric: bool = True,
                  clip_search: str = "none", clip_min: float = 0.7, clip_steps: int = 31):
@@ -113,9 +115,20 @@ class Int6(WeightFormat):
         self.fit_uses_importance = clip_search == "mse_h"
 
     @classmethod
-    def from_spec(cls, spec) -> Int6:
-        return cls(bits=spec.bits, group_size=spec.group_size, clip_search=spec.option("clip_search", "none"),
-                   clip_min=spec.option("clip_min", 0.7), clip_steps=spec.option("clip_steps", 31))
+    def check_options(cls, options: dict, where: str) -> None:
+        _check_options(options, where)
+
+    @classmethod
+    def example_specs(cls) -> tuple:
+        from quantkit.recipe import WeightSpec
+
+        return (WeightSpec("int6", 6, 128, True), WeightSpec("int6", 6, 32, True, (("clip_search", "mse"),)),
+                WeightSpec("int6", 6, None, True))
+
+    def packed_tensors(self, out_features: int, in_features: int) -> dict[str, TensorSpec]:
+        n, blocks = out_features, -(-self.padded_k(in_features) // BLOCK)
+        return {"qweight": TensorSpec((n, blocks * BLOCK_BYTES), torch.uint8),
+                "scales": TensorSpec((self.groups(in_features), n), SCALE_DTYPE)}
 
     @staticmethod
     def _scale(amax: torch.Tensor) -> torch.Tensor:

@@ -40,8 +40,7 @@ from typing import NamedTuple
 import torch
 
 from quantkit.errors import QuantkitError
-from quantkit.formats.base import Params, WeightFormat, register_format
-from quantkit.recipe import register_format_limits
+from quantkit.formats.base import Params, RecipeKey, TensorSpec, WeightFormat, register_format
 
 BLOCK = 16
 E2M1_MAX = 6.0
@@ -56,7 +55,6 @@ SCALE_SEARCHES = ("none", "mse")  # weights' block-scale rule: the plain amax/6 
 # block max on e2m1 4 instead of 6; one e4m3 step is ×1.07..1.125). On Gaussian and on the demo model's weights
 # a ±8 search never picked anything outside this range.
 SEARCH_OFFSETS = (-2, -1, 1, 2, 3, 4, 5, 6)
-register_format_limits("nvfp4", 4, 4, 16, options=("scale_search",), choices={"scale_search": SCALE_SEARCHES})
 
 
 class NVFP4Tensor(NamedTuple):
@@ -232,6 +230,10 @@ class NVFP4Format(WeightFormat):
     `tensor_scale float32 [1]`."""
 
     name = "nvfp4"
+    bits_range = (4, 4)
+    min_group_size = BLOCK
+    recipe_keys = (RecipeKey("scale_search", "none", choices=SCALE_SEARCHES,
+                             doc="block-scale rule: none = e4m3(amax/6/S), mse = searched"),)
 
     def __init__(self, bits: int = 4, group_size: int | None = BLOCK, symmetric: bool = True,
                  tensor_scale: float | None = None, scale_search: str = "none"):
@@ -248,8 +250,16 @@ class NVFP4Format(WeightFormat):
         self.scale_search = scale_search
 
     @classmethod
-    def from_spec(cls, spec) -> NVFP4Format:
-        return cls(bits=spec.bits, group_size=spec.group_size, scale_search=spec.option("scale_search", "none"))
+    def example_specs(cls) -> tuple:
+        from quantkit.recipe import WeightSpec
+
+        return (WeightSpec("nvfp4", 4, BLOCK, True), WeightSpec("nvfp4", 4, BLOCK, True, (("scale_search", "mse"),)))
+
+    def packed_tensors(self, out_features: int, in_features: int) -> dict[str, TensorSpec]:
+        n, kp = out_features, self.padded_k(in_features)
+        return {"qweight": TensorSpec((n, kp // 2), torch.uint8),
+                "block_scales": TensorSpec((n, self.groups(in_features)), SCALE_DTYPE),
+                "tensor_scale": TensorSpec((1,), torch.float32)}
 
     def prepare(self, w: torch.Tensor) -> NVFP4Format:
         """A copy bound to the tensor scale of the whole weight matrix w [N, K] (S = amax(|w|)/2688)."""

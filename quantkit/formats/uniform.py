@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import torch
 
-from quantkit.formats.base import Params, WeightFormat, register_format
-from quantkit.formats.packing import pack_codes, unpack_codes
+from quantkit.formats.base import Params, TensorSpec, WeightFormat, register_format
+from quantkit.formats.packing import pack_codes, packed_rows, unpack_codes
 
 SCALE_DTYPE = torch.float16
 
@@ -21,11 +21,28 @@ SCALE_DTYPE = torch.float16
 @register_format
 class UniformInt(WeightFormat):
     name = "int"
+    bits_range = (2, 8)
+    min_group_size = 8
 
     def __init__(self, bits: int, group_size: int | None, symmetric: bool = False):
         super().__init__(bits, group_size)
         self.symmetric = symmetric
         self.qmax = (1 << bits) - 1
+
+    @classmethod
+    def example_specs(cls) -> tuple:
+        from quantkit.recipe import WeightSpec
+
+        return (WeightSpec("int", 4, 128, False), WeightSpec("int", 3, 32, True), WeightSpec("int", 2, 64, False),
+                WeightSpec("int", 8, None, True))
+
+    def packed_tensors(self, out_features: int, in_features: int) -> dict[str, TensorSpec]:
+        n, groups = out_features, self.groups(in_features)
+        out = {"qweight": TensorSpec((packed_rows(self.padded_k(in_features), self.bits), n), torch.int32),
+               "scales": TensorSpec((groups, n), SCALE_DTYPE)}
+        if not self.symmetric:
+            out["zeros"] = TensorSpec((groups, n), torch.uint8)
+        return out
 
     def fit(self, w: torch.Tensor) -> Params:
         w = w.float()
