@@ -1,0 +1,319 @@
+"""`quantkit export`: compressed-tensors folders and dequantized 16-bit folders (quantkit/export, docs/serving.md).
+
+Every exported scheme is checked against compressed-tensors' own decompression (its compressor classes on the
+stored tensors) and, where transformers' compressed-tensors route supports it, against the logits of the model
+`AutoModelForCausalLM.from_pretrained` builds from the folder. Tiny random Llamas with hidden 128 and
+intermediate 256, so that groups of 128 divide every K.
+"""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import tiny_llama
+from quantkit.checkpoint import load, save
+from quantkit.errors import QuantkitError
+from quantkit.export import export
+from quantkit.nn import QuantLinear
+from quantkit.pipeline import quantize_model
+from quantkit.recipe import load_recipe
+
+pytest.importorskip("compressed_tensors")
+
+CALIB = torch.randint(0, 512, (4, 64), generator=torch.Generator().manual_seed(1))
+W4_SYM = {"name": "w4-sym-g128", "weights": {"format": "int", "bits": 4, "group_size": 128, "symmetric": True}}
+W8_CHANNEL = {"name": "w8-channel", "weights": {"format": "int", "bits": 8, "group_size": None, "symmetric": True}}
+W8A8 = {"name": "w8a8", "weights": {"format": "int", "bits": 8, "group_size": None, "symmetric": True},
+        "activations": {"format": "int", "bits": 8, "group_size": "token"}}
+W6A8 = {"name": "w6a8", "weights": {"format": "int6", "bits": 6, "group_size": 128},
+        "activations": {"format": "int", "bits": 8, "group_size": "token"}}
+QKV_MIXED = {"name": "qkv-mixed", "weights": {"bits": 4, "group_size": 64},
+             "overrides": [{"match": ["*.k_proj"], "weights": {"bits": 8}}]}
+_CACHE: dict = {}
+
+
+def _ckpt(root: Path, recipe, hidden=128, inter=256, bf16=False, shared_amax=False) -> Path:
+    """A saved quantkit checkpoint of a tiny Llama quantized with `recipe` (cached per test module).
+    `shared_amax` plants one equal largest weight in q/k/v and gate/up, so their NVFP4 tensor scales agree."""
+    key = (json.dumps(recipe, sort_keys=True), hidden, inter, bf16, shared_amax)
+    if key in _CACHE:
+        return _CACHE[key]
+    m = tiny_llama(hidden=hidden, inter=inter)
+    if bf16:
+        m = m.to(torch.bfloat16)
+    if shared_amax:
+        with torch.no_grad():
+            for layer in m.model.layers:
+                for lin in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj,
+                            layer.mlp.gate_proj, layer.mlp.up_proj):
+                    lin.weight[0, 0] = 0.5
+    rec = load_recipe(recipe)
+    quantize_model(m, rec, CALIB, progress=False)
+    m.quantkit_recipe = rec.to_dict()
+    out = save(m, root / f"ck{len(_CACHE)}")
+    _CACHE[key] = out
+    return out
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    _CACHE.clear()
+    return tmp_path_factory.mktemp("export")
+
+
+def _qconfig(folder: Path) -> dict:
+    return json.loads((folder / "config.json").read_text())["quantization_config"]
+
+
+def _ct_decompress(folder: Path, names) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """name -> (weight from compressed-tensors' compressor on the stored tensors, the same with the stored
+    fp16 scales widened to fp32 first)."""
+    from compressed_tensors.compressors import BaseCompressor
+    from compressed_tensors.quantization import QuantizationConfig
+    from safetensors.torch import load_file
+
+    cfg = QuantizationConfig.model_validate(_qconfig(folder))
+    sd = {}
+    for f in folder.glob("*.safetensors"):
+        sd.update(load_file(str(f)))
+    out = {}
+    for name in names:
+        scheme = next(s for s in cfg.config_groups.values() if "Linear" in s.targets or name in s.targets)
+        comp = BaseCompressor.get_value_from_registry(scheme.format)
+        local = {k[len(name) + 1:]: v for k, v in sd.items() if k.startswith(name + ".") and k != name + ".bias"}
+        wide = {k: v.float() if k == "weight_scale" and v.dtype == torch.float16 else v for k, v in local.items()}
+        out[name] = (comp.decompress(local, scheme)["weight"], comp.decompress(wide, scheme)["weight"])
+    return out
+
+
+def _quant_modules(model) -> dict[str, QuantLinear]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+
+
+def _hf(folder: Path, dequantize: bool = False):
+    from transformers import AutoModelForCausalLM, CompressedTensorsConfig
+
+    kw = {"quantization_config": CompressedTensorsConfig(dequantize=True)} if dequantize else {}
+    return AutoModelForCausalLM.from_pretrained(str(folder), **kw).eval()
+
+
+def _logits(model) -> torch.Tensor:
+    with torch.no_grad():
+        return model(CALIB).logits.float()
+
+
+def _bf16_close(a: torch.Tensor, b: torch.Tensor) -> None:
+    """Within bf16 rounding of the logits: one bf16 step (2^-8 relative) of the largest logit."""
+    tol = 2.0**-8 * float(a.abs().max())
+    assert float((a - b).abs().max()) <= tol, (float((a - b).abs().max()), tol)
+
+
+def _weights_only(model):
+    for m in _quant_modules(model).values():
+        if m.act is not None:
+            m.act.enabled = False
+    return model
+
+
+# ------------------------------------------------------------------------------------------- int weights
+
+
+@pytest.mark.parametrize("recipe", ["rtn-w4g128", "rtn-w3g128", "rtn-w2g64", W4_SYM, W8_CHANNEL, "int6-w6a16"],
+                         ids=["rtn-w4g128", "rtn-w3g128", "rtn-w2g64", "w4-sym-g128", "w8-channel", "int6-w6a16"])
+def test_int_weight_only_exports_exactly(root, recipe):
+    ck = _ckpt(root, recipe)
+    out = export(ck, root / f"ct-{ck.name}", to="compressed-tensors")
+    qc = _qconfig(out)
+    assert qc["quant_method"] == "compressed-tensors" and qc["quantization_status"] == "compressed"
+    assert qc["format"] == "pack-quantized" and qc["ignore"] == ["lm_head"]
+    (group,) = qc["config_groups"].values()
+    q = load(ck)
+    spec = next(iter(_quant_modules(q).values())).spec
+    w = group["weights"]
+    assert group["targets"] == ["Linear"] and group["input_activations"] is None
+    assert (w["num_bits"], w["type"], w["symmetric"]) == (spec.bits, "int", spec.symmetric or spec.format == "int6")
+    assert w["strategy"] == ("group" if spec.group_size else "channel") and w.get("group_size") == spec.group_size
+
+    # compressed-tensors' own decompression gives quantkit's weights: bit for bit in fp16 (its arithmetic with
+    # the stored fp16 scales) and in fp32 once the scales are widened (quantkit's fp32 dequantization)
+    dec = _ct_decompress(out, _quant_modules(q))
+    for name, m in _quant_modules(q).items():
+        w16, w32 = dec[name]
+        assert w16.dtype == torch.float16 and torch.equal(w16, m.dequantize_weight(torch.float16)), name
+        assert torch.equal(w32.float(), m.dequantize_weight(torch.float32)), name
+
+    ref = _logits(q)
+    if spec.symmetric or spec.format == "int6":
+        # transformers' default route (compressed modules, decompressed on the first forward): the fp32
+        # model holds the scales exactly, so the logits are quantkit's
+        torch.testing.assert_close(_logits(_hf(out)), ref, rtol=0, atol=1e-5)
+    # Asymmetric packed zero points: transformers' default route sizes weight_zero_point [N, groups] int8 while
+    # compressed-tensors stores it packed [ceil(N*b/32), groups] int32 (what vLLM reads), so from_pretrained
+    # stops on a size mismatch (compressed-tensors 0.20.1, transformers 5.25). The `dequantize=True` route
+    # unpacks it: weights in the fp16 of the stored scales, logits within bf16 rounding.
+    _bf16_close(ref, _logits(_hf(out, dequantize=True)))
+
+
+# ------------------------------------------------------------------------------------- 8-bit activations
+
+
+@pytest.mark.parametrize("recipe,fmt,strategy", [(W8A8, "int-quantized", "token"), ("w4a8-rtn", "pack-quantized", "token"),
+                                                 (W6A8, "pack-quantized", "token"),
+                                                 ("flexq-w6a8", "pack-quantized", "group")],
+                         ids=["w8a8", "w4a8-rtn", "w6a8", "flexq-w6a8"])
+def test_int8_activation_schemes_export(root, recipe, fmt, strategy):
+    ck = _ckpt(root, recipe)
+    out = export(ck, root / f"ct-{ck.name}", to="compressed-tensors")
+    qc = _qconfig(out)
+    (group,) = qc["config_groups"].values()
+    assert qc["format"] == fmt and group["format"] == fmt
+    a = group["input_activations"]
+    assert (a["num_bits"], a["type"], a["symmetric"], a["dynamic"], a["strategy"]) == (8, "int", True, True, strategy)
+    q = load(ck)
+    dec = _ct_decompress(out, _quant_modules(q))
+    for name, m in _quant_modules(q).items():
+        assert torch.equal(dec[name][0], m.dequantize_weight(torch.float16)), name
+        assert torch.equal(dec[name][1].float(), m.dequantize_weight(torch.float32)), name
+    # The dequantize route builds a dense model (no activation quantization): quantkit's weights-only logits
+    _bf16_close(_logits(_weights_only(load(ck))), _logits(_hf(out, dequantize=True)))
+    spec = next(iter(_quant_modules(q).values())).spec
+    if spec.symmetric or spec.format == "int6":
+        # The default route runs compressed-tensors' reference activation quantizer, whose int8 scale is
+        # absmax/127.5 over [-128, 127] (quantkit and vLLM's int8 kernels: absmax/127 over ±127), so its logits
+        # are close to quantkit's, not equal; its weights are quantkit's exactly.
+        hf = _hf(out)
+        logits = _logits(hf)
+        for name, m in _quant_modules(q).items():
+            assert torch.equal(hf.get_submodule(name).weight.float(), m.dequantize_weight()), name
+        ref = _logits(q)
+        assert float((logits - ref).abs().max()) < 0.02 * float(ref.abs().max())
+
+
+# ------------------------------------------------------------------------------------------------ NVFP4
+
+
+def test_nvfp4_weight_only_exports_exactly(root):
+    ck = _ckpt(root, "nvfp4-w4a16", bf16=True, shared_amax=True)
+    out = export(ck, root / "ct-nvfp4", to="compressed-tensors")
+    qc = _qconfig(out)
+    (group,) = qc["config_groups"].values()
+    w = group["weights"]
+    assert qc["format"] == "nvfp4-pack-quantized" and group["input_activations"] is None
+    assert (w["num_bits"], w["type"], w["strategy"], w["group_size"]) == (4, "float", "tensor_group", 16)
+    from safetensors.torch import load_file
+
+    sd = {}
+    for f in out.glob("*.safetensors"):
+        sd.update(load_file(str(f)))
+    q = load(ck)
+    dec = _ct_decompress(out, _quant_modules(q))
+    for name, m in _quant_modules(q).items():
+        assert torch.equal(sd[f"{name}.weight_packed"], m.qweight)
+        assert sd[f"{name}.weight_scale"].dtype == torch.float8_e4m3fn
+        assert torch.equal(sd[f"{name}.weight_scale"].view(torch.uint8), m.block_scales.view(torch.uint8))
+        assert float(sd[f"{name}.weight_global_scale"]) == pytest.approx(1 / float(m.tensor_scale), rel=1e-7)
+        # compressed-tensors decompresses NVFP4 in bf16 and divides by the global scale: quantkit's weight
+        # within bf16 rounding (here bit-equal to quantkit's weight cast to bf16)
+        w16 = dec[name][0]
+        assert w16.dtype == torch.bfloat16 and torch.equal(w16, m.dequantize_weight(torch.bfloat16)), name
+    ref = _logits(q)
+    _bf16_close(ref, _logits(_hf(out)))
+    _bf16_close(ref, _logits(_hf(out, dequantize=True)))
+
+
+# ------------------------------------------------------------------------------------------------ refusals
+
+
+REFUSALS = [
+    ("rtn-w4g128", {"hidden": 96, "inter": 200}, "group_size 128 does not divide its 96 input features"),
+    (QKV_MIXED, {}, "serving engines fuse q_proj/k_proj/v_proj into one matrix with one scheme"),
+    ("nvfp4-w4a16", {}, "different NVFP4 tensor scales"),
+    ("hlq-rtn-w2g64", {}, "nearest exportable recipe is 'rtn-w2g64'"),
+    ("arcquant-nvfp4", {}, "ARCQuant's residual activation channels"),
+    ("nvfp4-rtn", {}, "quantkit records none"),
+    ("comet-w4ax", {}, "nearest exportable recipe is 'w4a8-rtn'"),
+    ("flexq-w6a6-noa8", {}, "nearest exportable recipe is 'flexq-w6a8'"),
+    ("w4a4-rtn", {}, "nearest exportable recipe is 'w4a8-rtn'"),
+    ("comet-w4a4kv4", {}, "the KV4 cache"),
+]
+
+
+@pytest.mark.parametrize("recipe,shape,words", REFUSALS,
+                         ids=["group-not-dividing-k", "qkv-schemes-differ", "nvfp4-tensor-scales-differ", "hlq",
+                              "arcquant", "nvfp4-w4a4", "comet", "w6a6", "w4a4-int", "kv4"])
+def test_refusals_say_what_would_work_and_write_nothing(root, recipe, shape, words):
+    ck = _ckpt(root, recipe, **shape)
+    out = root / f"refused-{ck.name}"
+    with pytest.raises(QuantkitError) as e:
+        export(ck, out, to="compressed-tensors")
+    msg = str(e.value)
+    assert words in msg and "\n" not in msg, msg
+    assert not out.exists() and not out.with_name(out.name + ".partial").exists()
+
+
+def test_missing_extra_is_one_line(root, monkeypatch):
+    ck = _ckpt(root, W4_SYM)
+    monkeypatch.setitem(sys.modules, "compressed_tensors", None)
+    out = root / "no-extra"
+    with pytest.raises(QuantkitError, match=r"pip install 'quantkit\[export\]'"):
+        export(ck, out, to="compressed-tensors")
+    assert not out.exists()
+
+
+def test_cli_export_and_bad_target(root, monkeypatch, capsys):
+    from quantkit.cli import main
+
+    ck = _ckpt(root, W4_SYM)
+    out = root / "cli-ct"
+    monkeypatch.setattr(sys, "argv", ["quantkit", "export", str(ck), "--to", "compressed-tensors", "--out", str(out)])
+    main()
+    assert _qconfig(out)["quant_method"] == "compressed-tensors"
+    bad = root / "cli-bad"
+    monkeypatch.setattr(sys, "argv", ["quantkit", "export", str(ck), "--to", "gguf", "--out", str(bad)])
+    with pytest.raises(SystemExit) as e:
+        main()
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: unknown export target '--to gguf'") and "\n" not in err
+    assert not bad.exists()
+    monkeypatch.setattr(sys, "argv", ["quantkit", "export", str(ck), "--out", str(bad)])
+    with pytest.raises(SystemExit):
+        main()
+    assert not bad.exists()
+
+
+# ------------------------------------------------------------------------------------------- --dequantize
+
+
+def test_dequantize_writes_a_plain_folder(root):
+    from transformers import AutoModelForCausalLM
+
+    ck = _ckpt(root, "rtn-w4g128")
+    out = export(ck, root / "dq-int", dequantize=True)
+    cfg = json.loads((out / "config.json").read_text())
+    assert "quantization_config" not in cfg
+    hf = AutoModelForCausalLM.from_pretrained(str(out))
+    assert hf.dtype == torch.bfloat16
+    q = load(ck)
+    for name, m in _quant_modules(q).items():
+        assert torch.equal(hf.get_submodule(name).weight, m.dequantize_weight(torch.bfloat16)), name
+    _bf16_close(_logits(q), _logits(hf))
+    out16 = export(ck, root / "dq-int-fp16", dequantize=True, dtype="float16")
+    assert AutoModelForCausalLM.from_pretrained(str(out16)).dtype == torch.float16
+    with pytest.raises(QuantkitError, match="--dtype float32"):
+        export(ck, root / "dq-bad", dequantize=True, dtype="float32")
+    assert not (root / "dq-bad").exists()
+
+
+def test_dequantize_maps_permuted_weights_back(root):
+    """COMET stores the weight for permuted input channels; the plain folder holds it in the model's own order."""
+    from transformers import AutoModelForCausalLM
+
+    ck = _ckpt(root, "comet-w4ax")
+    hf = AutoModelForCausalLM.from_pretrained(str(export(ck, root / "dq-comet", dequantize=True)))
+    for name, m in _quant_modules(load(ck)).items():
+        plain = hf.get_submodule(name).weight
+        assert torch.equal(m.act.transform_weight(plain), m.dequantize_weight(torch.bfloat16)), name
