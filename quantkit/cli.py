@@ -313,6 +313,23 @@ def demo(recipe, nsamples, seq_len, max_windows, out, device):
     click.echo(f"\ncheckpoint in {out} ({info['disk_bytes'] / 2**20:.1f} MiB on disk, embeddings included)")
 
 
+@cli.command()
+@click.argument("ckpt", type=click.Path(path_type=Path))
+@click.option("--to", "target", default=None,
+              help="Target format: compressed-tensors (vLLM, transformers; `pip install 'quantkit[export]'`).")
+@click.option("--out", "-o", required=True, type=click.Path(path_type=Path), help="Output folder.")
+@click.option("--dequantize", is_flag=True, help="Write a plain 16-bit HF folder of the dequantized weights instead.")
+@click.option("--dtype", default="bfloat16", show_default=True, help="With --dequantize: bfloat16 or float16.")
+@click.option("--overwrite", is_flag=True, help="Replace a non-empty --out folder.")
+def export(ckpt, target, out, dequantize, dtype, overwrite):
+    """Export the quantkit checkpoint CKPT for a serving engine (docs/serving.md)."""
+    from quantkit.export import export as run_export
+
+    path = run_export(ckpt, out, to=target, dequantize=dequantize, dtype=dtype, overwrite=overwrite)
+    what = f"dequantized {dtype} folder" if dequantize else f"{target} folder"
+    click.echo(f"wrote {what} {path}")
+
+
 def main() -> None:
     try:
         cli.main(standalone_mode=False)
