@@ -236,6 +236,10 @@ GEMMA3 = replace(LLAMA, name="Gemma 3 (text)", model_types=("gemma3_text",),
                  layer_norms=("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
                               "post_feedforward_layernorm"),
                  qk_norms=("q_norm", "k_norm"), notes="sliding-window layers, scaled embeddings")
+GEMMA3_VLM = replace(GEMMA3, name="Gemma 3 (image-text: its language model)", model_types=("gemma3",),
+                     stack="model.language_model",
+                     notes="Gemma3ForConditionalGeneration: the decoder layers of its language model are quantized; "
+                           "the vision tower and projector are kept as they are (text-only calibration)")
 PHI3 = replace(LLAMA, name="Phi-3", model_types=("phi3",), qkv=("qkv_proj",), gate_up=("gate_up_proj",),
                notes="q/k/v and gate/up stored fused: quantized as one matrix each, nothing left to fuse")
 GENERIC = replace(LLAMA, name="generic Llama-like", model_types=())
@@ -252,7 +256,7 @@ def register_adapter(adapter: ModelAdapter) -> ModelAdapter:
     return adapter
 
 
-for _a in (LLAMA, QWEN3, GEMMA3, PHI3):
+for _a in (LLAMA, QWEN3, GEMMA3, GEMMA3_VLM, PHI3):
     register_adapter(_a)
 
 

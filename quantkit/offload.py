@@ -341,6 +341,21 @@ def _diff(old: dict, new: dict) -> str:
     return "; ".join(parts)
 
 
+def _check_stored_names(src: SourceCheckpoint, skel: torch.nn.Module, prefix: str, path: Path) -> None:
+    """Refuse a source whose shards name the decoder layers otherwise than the model does (a layout that
+    transformers renames while loading, e.g. Gemma 3 image-text checkpoints' 'language_model.model.*'):
+    streaming reads tensors by the model's names, as stored."""
+    if any(n.startswith(f"{prefix}.") for n in src.meta):
+        return
+    want = next((n for n in skel.state_dict() if n.startswith(f"{prefix}.")), f"{prefix}.0")
+    tail = want[len(prefix):]  # ".0.self_attn.q_proj.weight"
+    have = next((n for n in src.meta if n.endswith(tail)), None)
+    example = f" (it stores '{have}' for the model's '{want}')" if have else ""
+    raise QuantkitError(f"'{path}' stores the decoder layers under other names than {type(skel).__name__} uses"
+                        f"{example}; transformers renames them when loading, --offload reads the shards as stored: "
+                        f"quantize this model without --offload")
+
+
 def _drop_partial_without_work(fn):
     """On a failure (disk full, bad input, Ctrl-C), delete `<out>.partial` if it records no finished unit:
     nothing there to resume, so nothing is left behind. Finished units are kept for the rerun."""
@@ -425,6 +440,7 @@ def quantize_streaming(
     skel.eval()
     layers = decoder_layers(skel)
     prefix = _layer_prefix(skel, layers)
+    _check_stored_names(src, skel, prefix, path)
     n_layers = len(layers)
     data = needs_calibration(rec)
     if calibration is not None:

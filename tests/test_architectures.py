@@ -4,7 +4,9 @@ Llama, Mistral, Qwen2 (q/k/v biases), Qwen3 (q/k norms), Gemma 3 text (q/k norms
 scaled embeddings, sliding-window layers) and Phi-3 (q/k/v and gate/up stored fused as qkv_proj and
 gate_up_proj): the adapter's declarations hold, each quantizes through the public API, saves and loads back
 to the same logits, streams to the same checkpoint as the in-memory pipeline, fuses (or has nothing to fuse),
-and gets its KV layout right. An unsupported architecture is refused with one line naming what is missing.
+and gets its KV layout right. Gemma 3 image-text (Gemma3ForConditionalGeneration) quantizes its language model
+in memory; streaming refuses its renamed shard layout with one line. An unsupported architecture is refused
+with one line naming what is missing.
 Everything is built from transformers configs (no download): hidden 128, 2 layers, head_dim 32.
 """
 
@@ -15,7 +17,7 @@ from test_offload import word_tokenizer
 from torch import nn
 
 import quantkit as qk
-from quantkit.adapters import GEMMA3, GENERIC, LLAMA, PHI3, QWEN3, adapter_for
+from quantkit.adapters import GEMMA3, GEMMA3_VLM, GENERIC, LLAMA, PHI3, QWEN3, adapter_for
 from quantkit.errors import QuantkitError
 from quantkit.kvcache import KV4Cache, KV4Error, head_dim_of, kv4_enabled
 from quantkit.models import decoder_layers
@@ -135,7 +137,7 @@ def test_declared_sub_blocks_are_what_the_forward_does(arch, ids):
 
 
 @pytest.mark.parametrize("arch,recipe", [(a, "rtn-w4g128") for a in ARCHS] +
-                         [(a, "gptq-w4g128") for a in ("llama", "qwen3", "gemma3", "phi3")])
+                         [(a, "gptq-w4g128") for a in ("llama", "gemma3", "phi3")])
 def test_quantize_save_load_same_logits(arch, recipe, tok_text, ids, tmp_path):
     tok, text = tok_text
     model = build(arch)
@@ -181,6 +183,40 @@ def test_streaming_equals_in_memory(arch, tie, dtype, recipe, tmp_path):
         with torch.no_grad():
             assert torch.equal(ref(x).logits, q(x).logits)
     assert len(list(out.glob("model-*-of-00004.safetensors"))) == 4  # embeddings, 2 layers, head
+
+
+def gemma3_image_text():
+    """Gemma3ForConditionalGeneration (what AutoModelForCausalLM builds for a 'gemma3' config): the language
+    model of the text tests plus a one-layer SigLIP tower."""
+    text = ARCHS["gemma3"][0]()
+    vision = T.SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                  image_size=28, patch_size=14)
+    cfg = T.Gemma3Config(text_config=text.to_dict(), vision_config=vision.to_dict(), mm_tokens_per_image=4,
+                         image_token_index=511, boi_token_index=509, eoi_token_index=510)
+    torch.manual_seed(0)
+    return T.AutoModelForCausalLM.from_config(cfg).eval()
+
+
+def test_gemma3_image_text_quantizes_its_language_model(ids, tmp_path):
+    model = gemma3_image_text()
+    ad = adapter_for(model)
+    assert ad is GEMMA3_VLM and ad.layers_path == "model.language_model.layers"
+    assert ad.attention_layout(model.config).layer_types == ("sliding_attention", "full_attention")
+    x = calib()
+    quantize_model(model, load_recipe("gptq-w4g128"), x, progress=False)
+    assert set(model.quantkit_report.modules) == {f"{ad.layers_path}.{i}.{n}" for i in range(2)
+                                                  for n in ad.linear_names}  # the vision tower is left as is
+    loaded = qk.load(qk.save(model, tmp_path / "q"))
+    assert type(loaded) is type(model)
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, loaded(ids).logits)
+    fused = fuse_shared_input_linears(loaded)  # the language model's q/k/v and gate/up, not SigLIP's q/k/v
+    assert len(fused) == 4 and all(f.startswith(f"{ad.layers_path}.") for f in fused)
+    # its shards keep the 'language_model.model.*' names transformers renames on load: streaming says so
+    gemma3_image_text().save_pretrained(str(tmp_path / "src"))
+    msg = _one_line_error(lambda: qk.quantize_streaming(tmp_path / "src", "rtn-w4g128", tmp_path / "s",
+                                                        progress=False, log=lambda s: None))
+    assert "stores the decoder layers under other names" in msg and "without --offload" in msg
 
 
 # ------------------------------------------------------------------------------------------------------------

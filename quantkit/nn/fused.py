@@ -146,11 +146,18 @@ def concat_linears(mods: list[nn.Module]) -> nn.Module:
 def fuse_shared_input_linears(model: nn.Module, groups: tuple[tuple[str, ...], ...] | None = None) -> list[str]:
     """Replace every compatible group of sibling projections (`groups`; default: the model's adapter's
     `fusable_groups`, `SHARED_INPUT_GROUPS` for a module without an HF config) by slices of one fused Linear,
-    in place. Returns the fused groups as "<parent>.{a,b,c}". Idempotent: slices are not fused again."""
-    if groups is None:
-        groups = adapter_for(model, check=False).fusable_groups if hasattr(model, "config") else SHARED_INPUT_GROUPS
+    in place. On an HF model only its decoder layers are searched (not, e.g., a vision tower's attention).
+    Returns the fused groups as "<parent>.{a,b,c}". Idempotent: slices are not fused again."""
+    scope = ""
+    if hasattr(model, "config"):
+        adapter = adapter_for(model, check=False)
+        groups = adapter.fusable_groups if groups is None else groups
+        scope = f"{adapter.layers_path}." if adapter.missing(model) is None else ""
+    groups = SHARED_INPUT_GROUPS if groups is None else groups
     fused = []
     for parent_name, parent in list(model.named_modules()):
+        if not parent_name.startswith(scope):
+            continue
         for names in groups:
             mods = [getattr(parent, n, None) for n in names]
             if any(m is None or isinstance(m, LinearSlice) for m in mods) or not _fusable(mods):
