@@ -124,6 +124,59 @@ def eval_ppl(model, dataset, split, seq_len, max_windows, json_path, device):
         json_path.write_text(json.dumps(res, indent=2))
 
 
+@eval_group.command(name="tasks")
+@click.argument("model")
+@click.option("--tasks", "-t", required=True,
+              help="lm-eval task, group or tag names, comma-separated (globs such as 'arc_*' work); see "
+                   "`lm-eval ls tasks`.")
+@click.option("--include-path", type=click.Path(path_type=Path), default=None,
+              help="A folder of extra task YAMLs (its names take precedence over lm-eval's own). A relative "
+                   "`data_files` path of a local dataset resolves against the working directory, else the YAML's "
+                   "folder.")
+@click.option("--limit", type=click.FloatRange(0, min_open=True), default=None,
+              help="At most this many documents per task (below 1: that share of them); for quick checks.")
+@click.option("--batch-size", default="1", show_default=True, help="Requests per forward: N, 'auto' or 'auto:N'.")
+@click.option("--num-fewshot", type=click.IntRange(0), default=None,
+              help="Few-shot examples per prompt (default: each task's own setting, else 0).")
+@click.option("--json", "json_path", type=click.Path(path_type=Path), default=None,
+              help="Write results, library versions and this command here.")
+@_device_option
+def eval_tasks(model, tasks, include_path, limit, batch_size, num_fewshot, json_path, device):
+    """Downstream tasks on MODEL_OR_DIR through lm-evaluation-harness (`pip install 'quantkit[tasks]'`).
+
+    Task datasets come from the Hugging Face hub unless cached or local; set HF_HUB_OFFLINE=1 and
+    HF_DATASETS_OFFLINE=1 to rule out network lookups.
+    """
+    import os
+    import shlex
+
+    import quantkit as qk
+    from quantkit.eval.tasks import evaluate_tasks, parse_batch_size, results_table, task_manager, to_json
+
+    _check_device(device)
+    batch_size = parse_batch_size(batch_size)
+    if limit is not None and limit >= 1:
+        limit = int(limit)
+    manager = task_manager(tasks, include_path)  # missing lm-eval or an unknown task fails before the model loads
+    m, tok = qk.load_model(model, device=device)
+    t0 = time.perf_counter()
+    res = evaluate_tasks(m, tok, include_path=include_path, limit=limit, batch_size=batch_size,
+                         num_fewshot=num_fewshot, manager=manager)
+    click.echo(results_table(res))
+    click.echo(f"({time.perf_counter() - t0:.0f} s, lm-eval {res['library_versions']['lm_eval']})")
+    if json_path:
+        argv = ["quantkit", "eval", "tasks", str(model), "--tasks", tasks]
+        for opt, val in (("--include-path", include_path), ("--limit", limit), ("--batch-size", batch_size),
+                         ("--num-fewshot", num_fewshot), ("--device", device)):
+            if val is not None:
+                argv += [opt, str(val)]
+        text = to_json(res, model=str(model), command=shlex.join(argv), argv=sys.argv)
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = json_path.with_name(json_path.name + ".partial")
+        tmp.write_text(text)
+        os.replace(tmp, json_path)
+
+
 @cli.command()
 @click.argument("path", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
