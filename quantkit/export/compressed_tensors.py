@@ -12,9 +12,10 @@ re-laid-out, never re-quantized. Scheme → compressed-tensors (the layouts of c
   unsigned, (c − z)·scale, so q = c − 2^(b-1) and zp = z − 2^(b-1): the packed stream holds c and z unchanged.
 - `int6` weights (symmetric, q ∈ [−31, 31]) → the same `pack-quantized`, 6 bits, symmetric: quantkit's
   3-bytes-per-4-codes block layout is unpacked and re-packed into the dense 6-bit stream.
-- 8-bit `int` weights with dynamic 8-bit `int` activations (W8A8) → `int-quantized`: `weight int8 [N, K]`,
-  `weight_scale`, input activations {int, 8 bits, symmetric, dynamic, strategy token (per-token) or group}.
-- 2..7-bit weights with dynamic 8-bit activations (W4A8, W6A8) → `pack-quantized` with those activations.
+- `int` / `int6` weights with dynamic 8-bit `int` activations (W8A8, W4A8, W6A8) → `int-quantized` (the
+  format compressed-tensors infers for int weights with int activations): `weight int8 [N, K]` = q,
+  `weight_scale fp16`, `weight_zero_point int8 [N, K/g]` = zp (asymmetric, unpacked), input activations {int,
+  8 bits, symmetric, dynamic, strategy token (per-token) or group}.
 - `nvfp4` weights, 16-bit activations → `nvfp4-pack-quantized`: `weight_packed uint8 [N, K/2]` (the same
   nibble order), `weight_scale float8_e4m3fn [N, K/16]`, `weight_global_scale fp32 [1]` = 1 / tensor scale
   (compressed-tensors divides by it). Serving engines fuse q/k/v and gate/up under one global scale, so the
@@ -132,7 +133,9 @@ def scheme_for(name: str, entry: dict, qc: dict) -> tuple[str, dict, dict | None
                 "strategy": "token" if ag is None else "group"}
         if ag is not None:
             acts["group_size"] = int(ag)
-    return (FORMAT_INT if acts is not None and bits == 8 else FORMAT_PACKED), weights, acts
+    # int weights with int activations: `int-quantized` (int8 codes, unpacked), the format compressed-tensors
+    # itself infers for such a scheme and the one vLLM's W8A8 / W4A8 int readers load
+    return (FORMAT_INT if acts is not None else FORMAT_PACKED), weights, acts
 
 
 def plan(qc: dict) -> dict[str, tuple[str, dict, dict | None]]:
