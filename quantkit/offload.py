@@ -442,6 +442,7 @@ def quantize_streaming(
     prefix = _layer_prefix(skel, layers)
     _check_stored_names(src, skel, prefix, path)
     n_layers = len(layers)
+    kv_cache_entry(config, rec.kv_cache)  # a KV-cache scheme this model cannot take fails before the work
     data = needs_calibration(rec)
     if calibration is not None:
         nsamples, seq_len = calibration.shape

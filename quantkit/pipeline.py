@@ -374,9 +374,11 @@ def kv_cache_entry(config, kv: dict | None) -> dict | None:
     """The recipe's KV-cache scheme as the checkpoint records it (group size resolved for this model)."""
     if kv is None:
         return None
-    from quantkit.kvcache import check_group, default_group, head_dim_of
+    from quantkit.kvcache import check_group, default_group, hadamard, head_dim_of
 
     hd = head_dim_of(config)
+    if kv.get("rotate"):
+        hadamard(hd)  # refuses a head_dim the rotation cannot serve, before any quantization
     return {**kv, "group_size": check_group(hd, kv.get("group_size") or default_group(hd))}
 
 

@@ -200,3 +200,25 @@ def test_rotation_is_batch_invariant():
         torch.testing.assert_close(rotate_rows(x), x @ hadamard(d), rtol=1e-6, atol=1e-6)
         assert torch.equal(rotate_rows(x), torch.cat([rotate_rows(x[i:i + 1]) for i in range(50)]))
         torch.testing.assert_close(rotate_rows(rotate_rows(x)), x, rtol=0, atol=1e-5)  # H is its own inverse
+
+
+def test_rotated_kv_recipe_on_a_non_power_of_two_head_dim_fails_before_quantizing(tmp_path, monkeypatch):
+    """comet-w4a4kv4 rotates K/V with a Hadamard matrix, which a head_dim of 24 cannot take: both pipelines
+    refuse it at the start, with one line, before any layer is quantized."""
+    from conftest import tiny_llama
+    from quantkit import pipeline
+    from quantkit.offload import quantize_streaming
+    from quantkit.recipe import load_recipe
+
+    def no_work(*a, **k):
+        raise AssertionError("a layer was quantized")
+
+    monkeypatch.setattr(pipeline, "quantize_layer", no_work)
+    monkeypatch.setattr("quantkit.offload.quantize_layer", no_work)
+    calib = torch.randint(0, 512, (2, 32), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(KV4Error, match=r"power-of-two head_dim, got 24; set kv_cache.rotate: false"):
+        pipeline.quantize_model(tiny_llama(), load_recipe("comet-w4a4kv4"), calib, progress=False)
+    tiny_llama().save_pretrained(tmp_path / "src")
+    with pytest.raises(KV4Error, match=r"power-of-two head_dim, got 24"):
+        quantize_streaming(tmp_path / "src", "comet-w4a4kv4", tmp_path / "out", calibration=calib)
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
