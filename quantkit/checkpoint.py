@@ -265,7 +265,8 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: tor
     config = AutoConfig.for_model(**cfg)
     tensors = _read_tensors(path)
     with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype or _stored_dtype(tensors))
+        model = AutoModelForCausalLM.from_config(
+            config, dtype=dtype or _stored_dtype(tensors, adapter_for(config, check=False).embed_path))
     for name, entry in qc.get("modules", {}).items():
         try:
             old = model.get_submodule(name)
@@ -358,8 +359,10 @@ def _is_quant_key(model, key: str) -> bool:
     return False
 
 
-def _stored_dtype(tensors: dict[str, torch.Tensor]) -> torch.dtype:
-    floats = [t.dtype for k, t in tensors.items() if t.is_floating_point() and "embed" in k]
+def _stored_dtype(tensors: dict[str, torch.Tensor], embed: str | None = None) -> torch.dtype:
+    """The dtype of the stored token embeddings (`embed`: their module, as the model adapter names it)."""
+    floats = [t.dtype for k, t in tensors.items()
+              if t.is_floating_point() and (k.startswith(f"{embed}.") if embed else "embed" in k)]
     return floats[0] if floats else torch.float32
 
 
