@@ -1,12 +1,15 @@
 """quantkit: post-training quantization for LLMs on one layer-by-layer pipeline.
 
 The public API is imported lazily, so `import quantkit` (and `quantkit --help`) does not import torch.
+`import quantkit` also makes transformers load quantkit checkpoints (quantkit.integrations.transformers).
 """
 
 from __future__ import annotations
 
 import importlib
 from typing import TYPE_CHECKING
+
+from quantkit import integrations as _integrations
 
 __version__ = "0.1.0"
 
@@ -22,6 +25,10 @@ _API = {
 }
 
 __all__ = ["QuantkitError", "Recipe", "load", "load_model", "load_recipe", "quantize", "quantize_streaming", "save"]
+
+# `quant_method: quantkit` in transformers' quantizer table, so that AutoModelForCausalLM.from_pretrained loads
+# quantkit checkpoints; registered when transformers imports that table (no transformers/torch import here).
+_integrations.install()
 
 if TYPE_CHECKING:
     from quantkit.api import load, load_model, quantize, quantize_streaming, save

@@ -32,6 +32,14 @@ from quantkit.recipe import WeightSpec, _acts_from_dict, _weights_from_dict
 FORMAT_VERSION = 1
 INDEX_NAME = "model.safetensors.index.json"
 DEFAULT_SHARD_BYTES = 2 * 1024**3
+# config.json key that makes transformers *without* quantkit fail loudly instead of returning random Linears (it
+# skips an unknown quant_method with a warning): transformers reads `transformers_weights` as the name of the weights
+# file and refuses, quoting it, one that is not a .safetensors file. With quantkit imported, its transformers
+# quantizer drops the key before that check (quantkit.integrations.transformers); `load` ignores it. Optional: a
+# checkpoint without it (written before) loads the same.
+TRANSFORMERS_GUARD_KEY = "transformers_weights"
+TRANSFORMERS_GUARD = ("this is a quantkit checkpoint: run `import quantkit` before from_pretrained (pip install "
+                      "quantkit), or load it with quantkit.load(path)")
 
 
 def check_out_dir(out: Path, overwrite: bool) -> None:
@@ -192,6 +200,7 @@ def save(model, out: str | os.PathLike, tokenizer=None, overwrite: bool = False,
         (tmp / INDEX_NAME).write_text(json.dumps(make_index(weight_map, total), indent=2))
         cfg = model.config.to_dict()
         cfg["quantization_config"] = qc
+        cfg[TRANSFORMERS_GUARD_KEY] = TRANSFORMERS_GUARD
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2, default=str))
         gen = getattr(model, "generation_config", None)
         if gen is not None:
@@ -217,14 +226,21 @@ def _read_config(path: Path) -> tuple[dict, dict]:
     except json.JSONDecodeError as e:
         raise QuantkitError(f"'{cfg_path}' is not valid JSON ({e.msg}); the checkpoint is corrupt") from None
     qc = cfg.pop("quantization_config", None) or {}
+    if cfg.get(TRANSFORMERS_GUARD_KEY) == TRANSFORMERS_GUARD:
+        del cfg[TRANSFORMERS_GUARD_KEY]
     if qc.get("quant_method") != "quantkit":
         raise QuantkitError(f"'{path}' is not a quantkit checkpoint (no quantization_config with "
                             f"quant_method 'quantkit')")
+    check_format_version(qc, f"'{path}'")
+    return cfg, qc
+
+
+def check_format_version(qc: dict, what: str) -> None:
+    """Refuse a `quantization_config` of a format_version this quantkit does not read."""
     version = qc.get("format_version")
     if version != FORMAT_VERSION:
-        raise QuantkitError(f"'{path}' has checkpoint format_version {version}; this quantkit reads version "
+        raise QuantkitError(f"{what} has checkpoint format_version {version}; this quantkit reads version "
                             f"{FORMAT_VERSION}: upgrade quantkit or re-export the checkpoint")
-    return cfg, qc
 
 
 def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
@@ -267,51 +283,10 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: tor
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(
             config, dtype=dtype or _stored_dtype(tensors, adapter_for(config, check=False).embed_path))
-    for name, entry in qc.get("modules", {}).items():
-        try:
-            old = model.get_submodule(name)
-        except AttributeError:
-            raise QuantkitError(f"checkpoint lists module '{name}', which the model config does not have") \
-                from None
-        spec = _spec_from_entry(entry, name)
-        k, n = int(entry["in_features"]), int(entry["out_features"])
-        if (getattr(old, "in_features", k), getattr(old, "out_features", n)) != (k, n):
-            raise QuantkitError(f"module '{name}': checkpoint says {k}->{n}, the model config says "
-                                f"{old.in_features}->{old.out_features}")
-        act = _act_from_entry(entry, name, k)
-        wk = act.weight_in_features if act is not None else k
-        if int(entry.get("weight_in_features", wk)) != wk:
-            raise QuantkitError(f"module '{name}': weight_in_features {entry['weight_in_features']} does not "
-                                f"match its activation scheme ({wk}); the checkpoint config is corrupt")
-        if act is not None:
-            for bname, buf in act.named_buffers():
-                key = f"{name}.act.{bname}"
-                t = tensors.pop(key, None)
-                if t is None:
-                    raise QuantkitError(f"checkpoint is missing tensor '{key}'; it is incomplete or corrupt")
-                if t.shape != buf.shape or t.dtype != buf.dtype:
-                    raise QuantkitError(f"tensor '{key}' has shape {tuple(t.shape)} {t.dtype}, expected "
-                                        f"{tuple(buf.shape)} {buf.dtype}; the checkpoint does not match its "
-                                        f"quantization_config")
-                buf.copy_(t)
-        fmt_names = _packed_names(spec, wk, n)
-        packed = {}
-        for pname, (shape, pdtype) in fmt_names.items():
-            key = f"{name}.{pname}"
-            if key not in tensors:
-                raise QuantkitError(f"checkpoint is missing tensor '{key}'; it is incomplete or corrupt")
-            t = tensors.pop(key)
-            if tuple(t.shape) != shape or t.dtype != pdtype:
-                raise QuantkitError(f"tensor '{key}' has shape {tuple(t.shape)} {t.dtype}, expected {shape} "
-                                    f"{pdtype}; the checkpoint does not match its quantization_config")
-            packed[pname] = t
-        bias = tensors.pop(f"{name}.bias", None)
-        if entry.get("bias") and bias is None:
-            raise QuantkitError(f"checkpoint is missing tensor '{name}.bias'")
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child,
-                QuantLinear(k, n, spec, packed, bias, act=act))
-    expected = set(model.state_dict().keys())
+    quant = install_quant_linears(model, qc.get("modules", {}))  # empty; filled below, as transformers fills them
+    check_quant_tensors(quant, {k: (tuple(t.shape), t.dtype) for k, t in tensors.items()})
+    skeleton = model.state_dict()
+    expected = set(skeleton)
     unexpected = [k for k in tensors if k not in expected]
     if unexpected:
         owner = next((n for n in qc.get("modules", {}) if unexpected[0].startswith(n + ".")), None)
@@ -328,6 +303,9 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: tor
     if missing:
         raise QuantkitError(f"checkpoint is missing {len(missing)} tensors (e.g. '{missing[0]}'); "
                             f"it is incomplete or corrupt")
+    for k, t in tensors.items():  # stored floats take the dtype of what they fill (`dtype`), as in transformers
+        if t.is_floating_point() and t.dtype != skeleton[k].dtype:
+            tensors[k] = t.to(skeleton[k].dtype)
     model.load_state_dict(tensors, strict=False, assign=True)
     if tied:
         model.tie_weights()
@@ -340,6 +318,63 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: tor
     model.quantkit_recipe = qc.get("recipe")
     model.quantkit_kv_cache = qc.get("kv_cache")
     return model
+
+
+def build_quant_linear(model, name: str, entry: dict) -> QuantLinear:
+    """The QuantLinear that `quantization_config.modules[name]` describes, checked against the module of `model`
+    it replaces: its packed tensors empty on the meta device in their declared shapes and dtypes, its activation
+    quantizer's buffers as `from_entry` makes them, its bias (if any) empty in the dtype of the replaced weight.
+    The one place both loaders build modules: `load` fills them from the shards it reads, the transformers
+    integration (quantkit.integrations.transformers) lets transformers' loader fill them."""
+    try:
+        old = model.get_submodule(name)
+    except AttributeError:
+        raise QuantkitError(f"checkpoint lists module '{name}', which the model config does not have") from None
+    spec = _spec_from_entry(entry, name)
+    k, n = int(entry["in_features"]), int(entry["out_features"])
+    if (getattr(old, "in_features", k), getattr(old, "out_features", n)) != (k, n):
+        raise QuantkitError(f"module '{name}': checkpoint says {k}->{n}, the model config says "
+                            f"{old.in_features}->{old.out_features}")
+    act = _act_from_entry(entry, name, k)
+    wk = act.weight_in_features if act is not None else k
+    if int(entry.get("weight_in_features", wk)) != wk:
+        raise QuantkitError(f"module '{name}': weight_in_features {entry['weight_in_features']} does not "
+                            f"match its activation scheme ({wk}); the checkpoint config is corrupt")
+    packed = {p: torch.empty(shape, dtype=pdtype, device="meta")
+              for p, (shape, pdtype) in _packed_names(spec, wk, n).items()}
+    weight = getattr(old, "weight", None)
+    bias = torch.empty(n, dtype=weight.dtype if weight is not None else torch.get_default_dtype(),
+                       device="meta") if entry.get("bias") else None
+    return QuantLinear(k, n, spec, packed, bias, act=act)
+
+
+def install_quant_linears(model, modules: dict[str, dict]) -> dict[str, QuantLinear]:
+    """Replace every module `quantization_config.modules` lists with its (empty) `build_quant_linear`."""
+    built = {}
+    for name, entry in modules.items():
+        built[name] = build_quant_linear(model, name, entry)
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, built[name])
+    return built
+
+
+def check_quant_tensors(quant: dict[str, QuantLinear],
+                        stored: dict[str, tuple[tuple[int, ...], torch.dtype]]) -> None:
+    """Every tensor the (empty) QuantLinears `quant` need is among the `stored` ones (name -> shape, dtype) with
+    the shape and dtype its scheme declares; a QuantkitError naming the first one that is not."""
+    for name, ql in quant.items():
+        owned = [(f"act.{b}", buf) for b, buf in ql.act.named_buffers()] if ql.act is not None else []
+        for suffix, ref in owned + list(ql.packed().items()):
+            key = f"{name}.{suffix}"
+            if key not in stored:
+                raise QuantkitError(f"checkpoint is missing tensor '{key}'; it is incomplete or corrupt")
+            shape, dt = stored[key]
+            if tuple(shape) != tuple(ref.shape) or dt != ref.dtype:
+                raise QuantkitError(f"tensor '{key}' has shape {tuple(shape)} {dt}, expected "
+                                    f"{tuple(ref.shape)} {ref.dtype}; the checkpoint does not match its "
+                                    f"quantization_config")
+        if ql.bias is not None and f"{name}.bias" not in stored:
+            raise QuantkitError(f"checkpoint is missing tensor '{name}.bias'")
 
 
 def _scheme_words(entry: dict) -> str:
