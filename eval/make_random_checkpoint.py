@@ -83,7 +83,7 @@ def main(argv=None) -> None:
     for k, v in PRESETS[a.preset].items():
         if getattr(a, k, None) is None:
             setattr(a, k, v)
-    from quantkit.activations import format_size, parse_size
+    from quantkit.calibration_store import format_size, parse_size
 
     max_shard = parse_size(a.shard_size)
     plan = tensor_plan(a)

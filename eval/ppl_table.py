@@ -18,7 +18,7 @@ import torch
 
 def main(argv=None) -> None:
     import quantkit as qk
-    from quantkit.inspect import inspect_checkpoint
+    from quantkit.checkpoint_info import inspect_checkpoint
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="demo")

@@ -182,7 +182,7 @@ def eval_tasks(model, tasks, include_path, limit, batch_size, num_fewshot, json_
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 def inspect(path, as_json):
     """Per-module scheme, bits/weight (scales included) and size on disk vs bf16, of a checkpoint DIR."""
-    from quantkit.inspect import inspect_checkpoint
+    from quantkit.checkpoint_info import inspect_checkpoint
 
     info = inspect_checkpoint(path)
     if as_json:
@@ -314,8 +314,8 @@ def recipes():
 def demo(recipe, nsamples, seq_len, max_windows, out, device):
     """Built-in model -> quantize -> save -> reload -> perplexity and size, before and after."""
     import quantkit as qk
+    from quantkit.checkpoint_info import inspect_checkpoint
     from quantkit.eval import perplexity
-    from quantkit.inspect import inspect_checkpoint
     from quantkit.models import cache_dir
 
     _check_device(device)

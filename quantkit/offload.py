@@ -45,7 +45,7 @@ import torch
 from safetensors import safe_open
 from tqdm.auto import tqdm
 
-from quantkit.activations import (
+from quantkit.calibration_store import (
     ActivationBudget,
     ActivationStore,
     format_size,

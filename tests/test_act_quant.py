@@ -99,7 +99,7 @@ def test_search_selects_budget_and_round_trips(tiny_model, calib, tmp_path):
     assert sorted(n for n, e in entries.items() if e["act"]["bits"] == 8) == sorted(top)
     m2 = load(out)
     assert torch.equal(m2(ids).logits, y)
-    from quantkit.inspect import inspect_checkpoint
+    from quantkit.checkpoint_info import inspect_checkpoint
 
     rows = inspect_checkpoint(out)["modules"]
     assert sum("act int8" in r["scheme"] for r in rows) == 3

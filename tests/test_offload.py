@@ -14,7 +14,7 @@ import torch
 import quantkit as qk
 import quantkit.offload as offload
 from conftest import tiny_llama
-from quantkit.activations import ActivationBudget, ActivationStore, parse_size
+from quantkit.calibration_store import ActivationBudget, ActivationStore, parse_size
 from quantkit.checkpoint import load
 from quantkit.errors import QuantkitError
 from quantkit.pipeline import quantize_model

@@ -6,8 +6,8 @@ import torch
 import quantkit as qk
 from conftest import tiny_llama
 from quantkit.checkpoint import load, save
+from quantkit.checkpoint_info import inspect_checkpoint
 from quantkit.errors import QuantkitError
-from quantkit.inspect import inspect_checkpoint
 from quantkit.nn import QuantLinear
 from quantkit.pipeline import quantize_model
 from quantkit.recipe import load_recipe, recipe_from_dict
