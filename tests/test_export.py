@@ -314,3 +314,23 @@ def test_dequantize_maps_permuted_weights_back(root):
     for name, m in _quant_modules(load(ck)).items():
         plain = hf.get_submodule(name).weight
         assert torch.equal(m.act.transform_weight(plain), m.dequantize_weight(torch.bfloat16)), name
+
+
+def test_mixed_schemes_ignored_linears_and_untied_head(root):
+    """Several schemes become one config group each (targets = module names), unquantized Linears are listed in
+    `ignore`, and an untied lm_head is stored as is."""
+    rec = {"name": "mixed", "weights": {"bits": 4, "group_size": 64, "symmetric": True},
+           "ignore": ["*.self_attn.o_proj"], "overrides": [{"match": ["*.down_proj"], "weights": {"bits": 8}}]}
+    m = tiny_llama(hidden=128, inter=256, tie=False)
+    recipe = load_recipe(rec)
+    quantize_model(m, recipe, None, progress=False)
+    m.quantkit_recipe = recipe.to_dict()
+    ck = save(m, root / "ck-mixed")
+    out = export(ck, root / "ct-mixed", to="compressed-tensors")
+    qc = _qconfig(out)
+    assert qc["format"] == "pack-quantized"
+    assert sorted(qc["ignore"]) == ["lm_head", "model.layers.0.self_attn.o_proj", "model.layers.1.self_attn.o_proj"]
+    bits = {g["weights"]["num_bits"]: g["targets"] for g in qc["config_groups"].values()}
+    assert bits[8] == ["model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj"]
+    assert "model.layers.1.self_attn.q_proj" in bits[4]
+    torch.testing.assert_close(_logits(_hf(out)), _logits(load(ck)), rtol=0, atol=1e-5)
