@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from quantkit.eval.bench_kernels import _n_copies, copy_bandwidth, time_rotated
+from quantkit.eval.bench_kernels import copy_bandwidth, n_copies, time_rotated
 
 SHAPES = [(4096, 14336), (4096, 4096), (14336, 4096), (4096, 1024)]
 MS = [1, 16, 128, 1024, 4096]
@@ -100,7 +100,7 @@ def bench_shape(k: int, n: int, s: int, ms: list[int], l2: int, dev, log, bf16_c
     xs = {m: _inputs(m, k, dev, seed=m) for m in ms}
     if (k, n) not in bf16_cache:
         nb = n * k * 2
-        wb = [torch.randn(n, k, device=dev, dtype=torch.bfloat16) for _ in range(_n_copies(nb, l2))]
+        wb = [torch.randn(n, k, device=dev, dtype=torch.bfloat16) for _ in range(n_copies(nb, l2))]
         bf16_cache[(k, n)] = {m: time_rotated([lambda w=w, x=xs[m]: x @ w.t() for w in wb]) for m in ms}
         bf16_cache[(k, n, "copies")] = len(wb)
         del wb
@@ -108,7 +108,7 @@ def bench_shape(k: int, n: int, s: int, ms: list[int], l2: int, dev, log, bf16_c
     for m in ms:
         add(m, "bf16", bf16_cache[(k, n)][m], bf16_cache[(k, n, "copies")])
     wbytes = n * (-(-k // 16) * 16 + s) * 9 // 16
-    copies = max(_n_copies(wbytes, l2), -(-(120 << 20) // wbytes))
+    copies = max(n_copies(wbytes, l2), -(-(120 << 20) // wbytes))
     reorder, _wq, ws = _weights(k, n, s, dev, copies)
     ridx = reorder.to(torch.int32)
     for m in ms:

@@ -21,9 +21,9 @@ import torch
 
 from quantkit.eval.bench_kernels import (
     _clone_prepared,
-    _n_copies,
     _prepared_bytes,
     _random_quant,
+    n_copies,
     time_rotated,
 )
 from quantkit.kernels import dispatch
@@ -122,7 +122,7 @@ def main(argv=None):
     xs = {m: torch.randn(m, K, device=dev, dtype=torch.bfloat16) for m in (1, 16)}
     # baselines
     wb = [torch.randn(N, K, device=dev, dtype=torch.bfloat16) * 0.02]
-    wb += [torch.randn_like(wb[0]) for _ in range(_n_copies(wb[0].numel() * 2, l2) - 1)]
+    wb += [torch.randn_like(wb[0]) for _ in range(n_copies(wb[0].numel() * 2, l2) - 1)]
     for m in (1, 16):
         res["base"][f"bf16_M{m}"] = time_rotated([lambda w=w, x=xs[m]: x @ w.t() for w in wb])
     del wb
@@ -133,7 +133,7 @@ def main(argv=None):
         packed = torch.ops.aten._convert_weight_to_int4pack(q, 8)
     sz = torch.randn(K // 128, N, 2, device=dev, dtype=torch.bfloat16) * 0.01
     tb = packed.numel() * packed.element_size() + sz.numel() * 2
-    tg = [(packed, sz)] + [(packed.clone(), sz.clone()) for _ in range(_n_copies(tb, l2) - 1)]
+    tg = [(packed, sz)] + [(packed.clone(), sz.clone()) for _ in range(n_copies(tb, l2) - 1)]
     for m in (1, 16):
         res["base"][f"tinygemm_M{m}"] = time_rotated(
             [lambda p=p, s=s, x=xs[m]: torch.ops.aten._weight_int4pack_mm(x, p, 128, s) for p, s in tg])
@@ -145,7 +145,7 @@ def main(argv=None):
         fmt, bits = FORMATS[name]
         raw = _random_quant(fmt, bits, GS, K, N, dev)
         p0 = dispatch.prepare(fmt, bits, GS, K, N, raw)
-        ps = [p0] + [_clone_prepared(p0) for _ in range(_n_copies(_prepared_bytes(p0), l2) - 1)]
+        ps = [p0] + [_clone_prepared(p0) for _ in range(n_copies(_prepared_bytes(p0), l2) - 1)]
         ref = {m: wq_matmul_ref(xs[m], fmt, bits, GS, K, raw["qweight"], raw["scales"], raw.get("zeros"),
                                 raw.get("offsets"), dtype=torch.float64) for m in (1, 16)}
 

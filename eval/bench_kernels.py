@@ -88,7 +88,7 @@ def time_rotated(calls: list, target_us: float = 3000.0, replays: int = 7) -> fl
     return statistics.median(times) / (rounds * len(calls))
 
 
-def _n_copies(nbytes: int, l2: int) -> int:
+def n_copies(nbytes: int, l2: int) -> int:
     return max(2, min(128, math.ceil(2.5 * l2 / max(nbytes, 1))))
 
 
@@ -136,14 +136,14 @@ def bench_shape(k: int, n: int, ms: list[int], formats: list, l2: int, bw: float
     # cuBLAS bf16
     wb = [torch.randn(n, k, device=dev, dtype=torch.bfloat16) * 0.02]
     nb = wb[0].numel() * 2
-    wb += [torch.randn_like(wb[0]) for _ in range(_n_copies(nb, l2) - 1)]
+    wb += [torch.randn_like(wb[0]) for _ in range(n_copies(nb, l2) - 1)]
     xs = {m: torch.randn(m, k, device=dev, dtype=torch.bfloat16) for m in ms}
     for m in ms:
         add(m, "bf16", time_rotated([lambda w=w, x=xs[m]: x @ w.t() for w in wb]), len(wb), nb)
     # cuBLAS fp8
     try:
         w8 = [(torch.randn(n, k, device=dev) * 0.02).to(torch.float8_e4m3fn)
-              for _ in range(_n_copies(nb // 2, l2))]
+              for _ in range(n_copies(nb // 2, l2))]
         one = torch.ones((), device=dev)
         for m in ms:
             mp = -(-m // 16) * 16
@@ -164,7 +164,7 @@ def bench_shape(k: int, n: int, ms: list[int], formats: list, l2: int, bw: float
             packed = torch.ops.aten._convert_weight_to_int4pack(q, 8)
         sz = torch.randn(k // gs, n, 2, device=dev, dtype=torch.bfloat16) * 0.01
         tb = packed.numel() * packed.element_size() + sz.numel() * 2
-        tg = [(packed, sz)] + [(packed.clone(), sz.clone()) for _ in range(_n_copies(tb, l2) - 1)]
+        tg = [(packed, sz)] + [(packed.clone(), sz.clone()) for _ in range(n_copies(tb, l2) - 1)]
         for m in ms:
             calls = [lambda p=p, s=s, x=xs[m]: torch.ops.aten._weight_int4pack_mm(x, p, gs, s) for p, s in tg]
             add(m, "tinygemm_int4_g128", time_rotated(calls), len(tg), tb)
@@ -177,7 +177,7 @@ def bench_shape(k: int, n: int, ms: list[int], formats: list, l2: int, bw: float
     for fmt, bits, gs, fms in formats:
         p0 = dispatch.prepare(fmt, bits, gs, k, n, _random_quant(fmt, bits, gs, k, n, dev))
         pb = _prepared_bytes(p0)
-        ps = [p0] + [_clone_prepared(p0) for _ in range(_n_copies(pb, l2) - 1)]
+        ps = [p0] + [_clone_prepared(p0) for _ in range(n_copies(pb, l2) - 1)]
         name = f"{fmt}{bits}_g{gs}"
         for m in [m for m in ms if m in fms]:
             paths = ["gemv", "gemm"] if m <= 16 else ["gemm", "dequant"]

@@ -27,7 +27,7 @@ from safetensors.torch import save_file
 from quantkit.adapters import adapter_for
 from quantkit.errors import QuantkitError
 from quantkit.nn import QuantLinear
-from quantkit.recipe import WeightSpec, _acts_from_dict, _weights_from_dict
+from quantkit.recipe import WeightSpec, acts_from_dict, weights_from_dict
 
 FORMAT_VERSION = 1
 INDEX_NAME = "model.safetensors.index.json"
@@ -167,13 +167,25 @@ def quantization_config(model) -> dict:
                 modules[name] = m.scheme_entry()
     if not modules:
         raise QuantkitError("the model has no quantized modules; run quantize() first")
+    return build_quantization_config(modules, getattr(model, "quantkit_kv_cache", None),
+                                     getattr(model, "quantkit_recipe", None))
+
+
+def build_quantization_config(modules: dict, kv_cache: dict | None = None, recipe: dict | None = None) -> dict:
+    """config.json's `quantization_config` (docs/format.md): the one place both writers (`save` and the
+    streaming pipeline) build it."""
     qc = {"quant_method": "quantkit", "format_version": FORMAT_VERSION, "modules": modules}
-    if getattr(model, "quantkit_kv_cache", None):
-        qc["kv_cache"] = model.quantkit_kv_cache
-    recipe = getattr(model, "quantkit_recipe", None)
+    if kv_cache:
+        qc["kv_cache"] = kv_cache
     if recipe is not None:
         qc["recipe"] = recipe
     return qc
+
+
+def checkpoint_config(model_config: dict, qc: dict) -> dict:
+    """The checkpoint's config.json: the model's config, its `quantization_config`, and the entry that makes
+    plain transformers refuse the checkpoint instead of loading random weights."""
+    return {**model_config, "quantization_config": qc, TRANSFORMERS_GUARD_KEY: TRANSFORMERS_GUARD}
 
 
 def save(model, out: str | os.PathLike, tokenizer=None, overwrite: bool = False,
@@ -198,9 +210,7 @@ def save(model, out: str | os.PathLike, tokenizer=None, overwrite: bool = False,
                 weight_map[name] = fname
                 total += t.numel() * t.element_size()
         (tmp / INDEX_NAME).write_text(json.dumps(make_index(weight_map, total), indent=2))
-        cfg = model.config.to_dict()
-        cfg["quantization_config"] = qc
-        cfg[TRANSFORMERS_GUARD_KEY] = TRANSFORMERS_GUARD
+        cfg = checkpoint_config(model.config.to_dict(), qc)
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2, default=str))
         gen = getattr(model, "generation_config", None)
         if gen is not None:
@@ -217,7 +227,7 @@ def save(model, out: str | os.PathLike, tokenizer=None, overwrite: bool = False,
     return out
 
 
-def _read_config(path: Path) -> tuple[dict, dict]:
+def read_config(path: Path) -> tuple[dict, dict]:
     cfg_path = path / "config.json"
     if not cfg_path.exists():
         raise QuantkitError(f"'{path}' has no config.json; it is not a quantkit checkpoint")
@@ -277,7 +287,7 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: tor
     path = Path(path).expanduser()
     if not path.is_dir():
         raise QuantkitError(f"checkpoint folder '{path}' does not exist")
-    cfg, qc = _read_config(path)
+    cfg, qc = read_config(path)
     config = AutoConfig.for_model(**cfg)
     tensors = _read_tensors(path)
     with init_empty_weights(include_buffers=False):
@@ -341,7 +351,7 @@ def build_quant_linear(model, name: str, entry: dict) -> QuantLinear:
         raise QuantkitError(f"module '{name}': weight_in_features {entry['weight_in_features']} does not "
                             f"match its activation scheme ({wk}); the checkpoint config is corrupt")
     packed = {p: torch.empty(shape, dtype=pdtype, device="meta")
-              for p, (shape, pdtype) in _packed_names(spec, wk, n).items()}
+              for p, (shape, pdtype) in packed_names(spec, wk, n).items()}
     weight = getattr(old, "weight", None)
     bias = torch.empty(n, dtype=weight.dtype if weight is not None else torch.get_default_dtype(),
                        device="meta") if entry.get("bias") else None
@@ -417,28 +427,28 @@ def _act_from_entry(entry: dict, name: str, k: int):
     cls = ACT_QUANTIZERS[fmt]
     spec_keys = {"format", "bits", "group_size", *cls_options(fmt)}
     try:
-        spec = _acts_from_dict({kk: v for kk, v in a.items() if kk in spec_keys}, where=where)
+        spec = acts_from_dict({kk: v for kk, v in a.items() if kk in spec_keys}, where=where)
     except QuantkitError as e:
         raise QuantkitError(f"checkpoint config is invalid: {e}") from None
     return cls.from_entry(spec, k, {kk: v for kk, v in a.items() if kk not in spec_keys})
 
 
 def cls_options(fmt: str) -> tuple[str, ...]:
-    from quantkit.recipe import _ACT_FORMAT_LIMITS
+    from quantkit.recipe import ACT_FORMAT_LIMITS
 
-    return _ACT_FORMAT_LIMITS[fmt][3]
+    return ACT_FORMAT_LIMITS[fmt][3]
 
 
 def _spec_from_entry(entry: dict, name: str) -> WeightSpec:
     keys = {k: v for k, v in entry.items()
             if k not in ("method", "in_features", "out_features", "bias", "act", "weight_in_features")}
     try:
-        return _weights_from_dict(keys, where=f"quantization_config.modules['{name}']")
+        return weights_from_dict(keys, where=f"quantization_config.modules['{name}']")
     except QuantkitError as e:
         raise QuantkitError(f"checkpoint config is invalid: {e}") from None
 
 
-def _packed_names(spec: WeightSpec, k: int, n: int) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+def packed_names(spec: WeightSpec, k: int, n: int) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
     """Names, shapes and dtypes of the packed tensors a module of this spec stores (k = its weight's input
     features): its format's declaration, `WeightFormat.packed_tensors` (quantkit/formats/base.py)."""
     from quantkit.formats import packed_tensors
@@ -452,7 +462,7 @@ def check_packed_modules(model) -> None:
     for name, m in model.named_modules():
         if not isinstance(m, QuantLinear):
             continue
-        want = _packed_names(m.spec, m.weight_in_features, m.out_features)
+        want = packed_names(m.spec, m.weight_in_features, m.out_features)
         have = {p: (tuple(t.shape), t.dtype) for p, t in m.packed().items()}
         if list(have.items()) != list(want.items()):
             def words(d: dict) -> str:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from safetensors import safe_open
 
-from quantkit.checkpoint import INDEX_NAME, _read_config
+from quantkit.checkpoint import INDEX_NAME, read_config
 from quantkit.errors import QuantkitError
 
 
@@ -38,7 +38,7 @@ def inspect_checkpoint(path: str | Path) -> dict:
     path = Path(path).expanduser()
     if not path.is_dir():
         raise QuantkitError(f"checkpoint folder '{path}' does not exist")
-    _, qc = _read_config(path)
+    _, qc = read_config(path)
     index = path / INDEX_NAME
     files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() \
         else sorted(p.name for p in path.glob("*.safetensors"))

@@ -57,9 +57,11 @@ from quantkit.calibration_store import (
 from quantkit.checkpoint import (
     FORMAT_VERSION,
     INDEX_NAME,
-    _packed_names,
+    build_quantization_config,
     check_out_dir,
+    checkpoint_config,
     make_index,
+    packed_names,
     replace_path,
     write_error,
     write_shard,
@@ -257,7 +259,7 @@ def estimate(src: SourceCheckpoint, config, recipe: Recipe, prefix: str, n_layer
                 out_bytes += src.nbytes(n)
                 continue
             nout, k = shape
-            out_bytes += sum(_nbytes(s, d) for s, d in _packed_names(spec, k, nout).values())
+            out_bytes += sum(_nbytes(s, d) for s, d in packed_names(spec, k, nout).values())
             dev_work, host_work = algo.work_bytes(nout, k, device, host_factorization)
             algo_work = max(algo_work, dev_work)
             host_factor = max(host_factor, host_work)
@@ -714,13 +716,9 @@ def _finalize(partial: Path, out: Path, manifest: dict, config, src_path: Path, 
     for fmt in dict.fromkeys(e["act"]["format"] for e in with_act.values()):
         ACT_QUANTIZERS[fmt].finalize_entries({n: e for n, e in with_act.items() if e["act"]["format"] == fmt})
     _write_json(partial / INDEX_NAME, make_index(weight_map, total))
-    cfg = config.to_dict()
     recipe = manifest["settings"]["recipe"]
-    cfg["quantization_config"] = {"quant_method": "quantkit", "format_version": FORMAT_VERSION,
-                                  "modules": modules, "recipe": recipe}
     kv = kv_cache_entry(config, load_recipe(recipe).kv_cache)
-    if kv is not None:
-        cfg["quantization_config"]["kv_cache"] = kv
+    cfg = checkpoint_config(config.to_dict(), build_quantization_config(modules, kv, recipe))
     _write_json(partial / "config.json", cfg)
 
     def copy_extras():

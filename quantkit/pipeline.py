@@ -24,7 +24,7 @@ from quantkit.formats import make_format
 from quantkit.methods import WeightAlgorithm, algorithm_for
 from quantkit.models import adapter_for, decoder_layers
 from quantkit.nn import ACT_QUANTIZERS, QuantLinear, set_weight_cache
-from quantkit.recipe import ActSpec, Recipe, WeightSpec, _acts_from_dict
+from quantkit.recipe import ActSpec, Recipe, WeightSpec, acts_from_dict
 
 
 @dataclass
@@ -364,7 +364,7 @@ def layer_outputs(layer: nn.Module, xs, kwargs: dict, device: torch.device, sink
 
 def needs_calibration(recipe: Recipe) -> bool:
     specs = [recipe.activations] + [
-        _acts_from_dict({**recipe.activations.to_dict(), **o.activations})
+        acts_from_dict({**recipe.activations.to_dict(), **o.activations})
         for o in recipe.overrides if o.activations and recipe.activations is not None]
     return algorithm_for(recipe.method).needs_data or any(
         s is not None and _act_class(s).wants_calibration(s) for s in specs)

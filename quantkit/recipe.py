@@ -119,7 +119,7 @@ class Recipe:
         spec = self.weights
         for ov in self.overrides:
             if any(match_pattern(p, module_name) for p in ov.match):
-                spec = _weights_from_dict({**spec.to_dict(), **ov.weights}, where=f"override {ov.match}")
+                spec = weights_from_dict({**spec.to_dict(), **ov.weights}, where=f"override {ov.match}")
         return spec
 
     def act_scheme_for(self, module_name: str) -> ActSpec | None:
@@ -129,7 +129,7 @@ class Recipe:
         spec = self.activations
         for ov in self.overrides:
             if ov.activations and any(match_pattern(p, module_name) for p in ov.match):
-                spec = _acts_from_dict({**spec.to_dict(), **ov.activations}, where=f"override {ov.match}")
+                spec = acts_from_dict({**spec.to_dict(), **ov.activations}, where=f"override {ov.match}")
         return spec
 
     def to_dict(self) -> dict[str, Any]:
@@ -218,7 +218,7 @@ def _bits_and_group(d: dict, where: str, what: str, default_bits: int, limits: t
     return bits, gs
 
 
-def _weights_from_dict(d: dict, where: str = "weights") -> WeightSpec:
+def weights_from_dict(d: dict, where: str = "weights") -> WeightSpec:
     fmt = d.get("format", "int")
     if fmt not in _FORMAT_LIMITS:
         import quantkit.formats  # noqa: F401  (format modules register their limits on import)
@@ -239,7 +239,7 @@ def _weights_from_dict(d: dict, where: str = "weights") -> WeightSpec:
     return WeightSpec(format=fmt, bits=bits, group_size=gs, symmetric=sym, options=options)
 
 
-_ACT_FORMAT_LIMITS: dict[str, tuple[int, int, int, tuple[str, ...]]] = {}
+ACT_FORMAT_LIMITS: dict[str, tuple[int, int, int, tuple[str, ...]]] = {}
 # modules that define activation formats (each registers its quantizer and limits on import)
 ACT_FORMAT_MODULES = ("quantkit.nn.act_quant", "quantkit.methods.comet", "quantkit.methods.arcquant")
 
@@ -255,18 +255,18 @@ def load_act_formats() -> None:
 
 def register_act_format(name: str, min_bits: int, max_bits: int, min_group: int, options=()) -> None:
     """Activation formats (quantkit.nn.act_quant and method modules) declare their ranges and keys here."""
-    _ACT_FORMAT_LIMITS[name] = (min_bits, max_bits, min_group, tuple(options))
+    ACT_FORMAT_LIMITS[name] = (min_bits, max_bits, min_group, tuple(options))
 
 
-def _acts_from_dict(d: dict, where: str = "activations") -> ActSpec:
-    if d.get("format", "int") not in _ACT_FORMAT_LIMITS if isinstance(d, dict) else False:
+def acts_from_dict(d: dict, where: str = "activations") -> ActSpec:
+    if d.get("format", "int") not in ACT_FORMAT_LIMITS if isinstance(d, dict) else False:
         load_act_formats()
     if not isinstance(d, dict):
         raise QuantkitError(f"recipe section '{where}' must be a mapping, got {type(d).__name__}")
     fmt = d.get("format", "int")
-    if fmt not in _ACT_FORMAT_LIMITS:
-        raise _unknown_key(str(fmt), _ACT_FORMAT_LIMITS, f"{where}.format (an activation format)")
-    lo, hi, min_group, opts = _ACT_FORMAT_LIMITS[fmt]
+    if fmt not in ACT_FORMAT_LIMITS:
+        raise _unknown_key(str(fmt), ACT_FORMAT_LIMITS, f"{where}.format (an activation format)")
+    lo, hi, min_group, opts = ACT_FORMAT_LIMITS[fmt]
     _check_keys(d, {"format", "bits", "group_size", *opts}, where)
     bits, gs = _bits_and_group(d, where, f"activation format '{fmt}'", hi, (lo, hi, min_group), "token",
                                "one group per token")
@@ -331,24 +331,24 @@ def recipe_from_dict(d: dict, default_name: str = "recipe") -> Recipe:
     top = {"name", "description", "method", "weights", "activations", "targets", "ignore", "overrides",
            "kv_cache"}
     _check_keys(d, top, "the recipe")
-    weights = _weights_from_dict(d.get("weights") or {})
+    weights = weights_from_dict(d.get("weights") or {})
     overrides = []
     for i, ov in enumerate(d.get("overrides") or []):
         _check_keys(ov, {"match", "weights", "activations"}, f"overrides[{i}]")
         if "match" not in ov:
             raise QuantkitError(f"overrides[{i}] needs a 'match' pattern list")
         w = ov.get("weights") or {}
-        _weights_from_dict({**weights.to_dict(), **w}, where=f"overrides[{i}].weights")  # validate early
+        weights_from_dict({**weights.to_dict(), **w}, where=f"overrides[{i}].weights")  # validate early
         a = ov.get("activations")
         if a is not None:
             if d.get("activations") is None:
                 raise QuantkitError(f"overrides[{i}].activations needs a recipe-level 'activations' section")
-            _acts_from_dict({**_acts_from_dict(d["activations"]).to_dict(), **a},
+            acts_from_dict({**acts_from_dict(d["activations"]).to_dict(), **a},
                             where=f"overrides[{i}].activations")
         overrides.append(Override(match=_patterns(ov["match"], f"overrides[{i}].match"), weights=dict(w),
                                   activations=dict(a) if a else None))
     acts = d.get("activations")
-    acts = _acts_from_dict(acts) if acts is not None else None
+    acts = acts_from_dict(acts) if acts is not None else None
     return Recipe(
         name=str(d.get("name", default_name)),
         description=str(d.get("description", "")),

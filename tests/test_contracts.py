@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import tiny_llama
-from quantkit.checkpoint import _packed_names, check_packed_modules, load, save
+from quantkit.checkpoint import check_packed_modules, load, packed_names, save
 from quantkit.errors import QuantkitError
 from quantkit.formats import FORMATS, make_format, packed_tensors
 from quantkit.methods.base import ALGORITHMS
@@ -127,7 +127,7 @@ def test_format_contract(spec, shape):
     assert [(name, tuple(t.shape), t.dtype) for name, t in q.packed().items()] == \
         [(name, d.shape, d.dtype) for name, d in declared.items()]
     assert set(q.state_dict()) == {*declared, "bias"}
-    assert _packed_names(spec, k, n) == {name: (d.shape, d.dtype) for name, d in declared.items()}
+    assert packed_names(spec, k, n) == {name: (d.shape, d.dtype) for name, d in declared.items()}
     x = torch.randn(3, 5, k, generator=torch.Generator().manual_seed(1))
     assert torch.equal(q.dequantize_weight(), w_hat)
     assert torch.equal(q(x), F.linear(x, w_hat, lin.bias))

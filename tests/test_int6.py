@@ -90,15 +90,15 @@ def test_bits_per_weight_and_limits():
 
 def test_recipe_accepts_int6():
     from quantkit.formats import make_format
-    from quantkit.recipe import _weights_from_dict
+    from quantkit.recipe import weights_from_dict
 
-    spec = _weights_from_dict({"format": "int6", "bits": 6, "group_size": 128})
+    spec = weights_from_dict({"format": "int6", "bits": 6, "group_size": 128})
     fmt = make_format(spec)
     assert isinstance(fmt, Int6) and fmt.group_size == 128
     with pytest.raises(QuantkitError):
-        _weights_from_dict({"format": "int6", "bits": 4})
+        weights_from_dict({"format": "int6", "bits": 4})
     with pytest.raises(QuantkitError):
-        _weights_from_dict({"format": "int6", "bits": 6, "group_size": 8})
+        weights_from_dict({"format": "int6", "bits": 6, "group_size": 8})
 
 
 # ---- clip search (`clip_search: mse`) ----
@@ -168,16 +168,16 @@ def test_bad_clip_options_fail_when_the_recipe_is_read(opts, msg):
 
 def test_clip_options_reach_the_format_and_the_checkpoint_entry():
     from quantkit.formats import make_format
-    from quantkit.recipe import _weights_from_dict
+    from quantkit.recipe import weights_from_dict
 
-    spec = _weights_from_dict({"format": "int6", "bits": 6, "group_size": 128, "clip_search": "mse_h",
+    spec = weights_from_dict({"format": "int6", "bits": 6, "group_size": 128, "clip_search": "mse_h",
                                "clip_min": 0.8, "clip_steps": 5})
     fmt = make_format(spec)
     assert fmt.clip_search == "mse_h" and fmt.fit_uses_importance
     assert fmt.clip_grid == pytest.approx([1.0, 0.95, 0.9, 0.85, 0.8])
-    assert _weights_from_dict(spec.to_dict()) == spec  # what a checkpoint records parses back the same
-    assert not make_format(_weights_from_dict({"format": "int6", "bits": 6})).fit_uses_importance
-    plain_mse = make_format(_weights_from_dict({"format": "int6", "bits": 6, "clip_search": "mse"}))
+    assert weights_from_dict(spec.to_dict()) == spec  # what a checkpoint records parses back the same
+    assert not make_format(weights_from_dict({"format": "int6", "bits": 6})).fit_uses_importance
+    plain_mse = make_format(weights_from_dict({"format": "int6", "bits": 6, "clip_search": "mse"}))
     assert not plain_mse.fit_uses_importance  # GPTQ hands it no diag(H), and `fit` ignores one
     w = _heavy_tailed(8, 128, 3)
     assert torch.equal(plain_mse.fit(w, importance=torch.rand(128))["scale"], plain_mse.fit(w)["scale"])

@@ -15,7 +15,7 @@ import quantkit as qk
 import quantkit.offload as offload
 from conftest import tiny_llama
 from quantkit.calibration_store import ActivationBudget, ActivationStore, parse_size
-from quantkit.checkpoint import load
+from quantkit.checkpoint import TRANSFORMERS_GUARD_KEY, load
 from quantkit.errors import QuantkitError
 from quantkit.pipeline import quantize_model
 from quantkit.recipe import load_recipe
@@ -38,8 +38,8 @@ def word_tokenizer(folder, vocab_words=300):
     return text
 
 
-def make_source(path, layers=2, tie=True, tokenizer=False):
-    m = tiny_llama(layers=layers, tie=tie)
+def make_source(path, layers=2, tie=True, tokenizer=False, hidden=96):
+    m = tiny_llama(layers=layers, tie=tie, hidden=hidden)
     m.save_pretrained(str(path), max_shard_size="300KB")
     assert len(list(path.glob("*.safetensors"))) > 1  # a real multi-shard folder
     text = word_tokenizer(path) if tokenizer else None
@@ -63,8 +63,9 @@ def files_bytes(folder):
 
 @pytest.mark.parametrize("recipe", RECIPES)
 def test_streaming_equals_in_memory_pipeline(recipe, calib, tmp_path):
-    make_source(tmp_path / "src")
-    ref = tiny_llama()
+    hidden = 128 if recipe.endswith("kv4") else 96  # the rotated KV4 cache needs a power-of-two head_dim
+    make_source(tmp_path / "src", hidden=hidden)
+    ref = tiny_llama(hidden=hidden)
     quantize_model(ref, load_recipe(recipe), calib, progress=False)
     # a budget of ~1.5 samples: the first stays on the device, the rest spill to disk
     out = stream(tmp_path / "src", tmp_path / "q", recipe, calib, max_activation_memory=36_000,
@@ -76,8 +77,14 @@ def test_streaming_equals_in_memory_pipeline(recipe, calib, tmp_path):
         assert torch.equal(ref_sd[k], sd[k]), k
     with torch.no_grad():
         assert torch.equal(ref(calib).logits, q(calib).logits)
-    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    cfg = json.loads((out / "config.json").read_text())
+    qc = cfg["quantization_config"]
     assert qc["modules"] == ref.quantkit_report.modules and qc["recipe"]["name"] == recipe
+    # one writer for config.json: the in-memory save of the same model writes the same file
+    ref.quantkit_recipe = load_recipe(recipe).to_dict()
+    saved = json.loads((qk.save(ref, tmp_path / "mem") / "config.json").read_text())
+    assert list(saved["quantization_config"]) == list(qc) and saved["quantization_config"] == qc
+    assert saved[TRANSFORMERS_GUARD_KEY] == cfg[TRANSFORMERS_GUARD_KEY]
     assert qc.get("kv_cache") == ref.quantkit_kv_cache and q.quantkit_kv_cache == ref.quantkit_kv_cache
     assert (qc.get("kv_cache") is not None) == recipe.endswith("kv4")
     assert len(list(out.glob("model-*-of-00004.safetensors"))) == 4  # embeddings, 2 layers, head

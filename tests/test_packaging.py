@@ -93,3 +93,13 @@ def test_declared_versions_have_major_upper_bounds():
     for d in deps:
         spec = d.split(";")[0]
         assert "==" in spec or ("<" in spec and ">=" in spec), f"{d}: declare a range with a major upper bound"
+
+
+def test_every_subpackage_is_declared_for_wheels():
+    """pyproject.toml lists packages by name (the top-level folders are mapped into quantkit.*): a new
+    subpackage missing from that list installs in editable mode but not from a wheel."""
+    cfg = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    declared = set(cfg["packages"])
+    found = {".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "quantkit").rglob("__init__.py")}
+    found |= set(cfg["package-dir"])
+    assert found <= declared, f"add to [tool.setuptools] packages: {sorted(found - declared)}"

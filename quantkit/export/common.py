@@ -11,7 +11,7 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
-from quantkit.checkpoint import _read_config, check_out_dir, replace_path, write_error
+from quantkit.checkpoint import check_out_dir, read_config, replace_path, write_error
 from quantkit.errors import QuantkitError
 
 
@@ -20,7 +20,7 @@ def read_quantkit_config(ckpt: Path) -> tuple[dict, dict]:
     a one-line QuantkitError when `ckpt` is not a quantkit checkpoint."""
     if not ckpt.is_dir():
         raise QuantkitError(f"checkpoint folder '{ckpt}' does not exist")
-    return _read_config(ckpt)
+    return read_config(ckpt)
 
 
 def write_folder(out: Path, overwrite: bool, fill: Callable[[Path], None]) -> Path:

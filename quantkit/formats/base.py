@@ -23,7 +23,7 @@ The contract: every format class also *declares*, in one place,
 - its stored tensors: `packed_tensors(out_features, in_features)` → {name: TensorSpec(shape, dtype)}, exactly
   what `pack` returns for that Linear, in that order (`quantkit.formats.packed_tensors(spec, n, k)` for a
   recipe spec). The checkpoint loader's checks, the save-time check and the streaming pipeline's size
-  estimate read it (through quantkit.checkpoint._packed_names), and `bits_per_weight` counts it;
+  estimate read it (through quantkit.checkpoint.packed_names), and `bits_per_weight` counts it;
 - `example_specs()`: a few recipe specs it accepts, which tests/test_contracts.py runs through
   pack → unpack → dequantize → QuantLinear → save → load, so a new registered format is tested by adding it.
 """
