@@ -40,9 +40,11 @@ from transformers.quantizers.auto import (
     register_quantizer,
 )
 from transformers.quantizers.base import HfQuantizer
+from transformers.utils import logging
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 QUANT_METHOD = "quantkit"
+logger = logging.get_logger(__name__)
 
 
 class QuantkitConfig(QuantizationConfigMixin):
@@ -105,9 +107,14 @@ class QuantkitHfQuantizer(HfQuantizer):
         return _drop_guard(parent(config) if parent is not None else config)
 
     def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
+        import torch
+
         from quantkit.checkpoint import check_quant_tensors, install_quant_linears
 
-        quant = install_quant_linears(model, self.quantization_config.modules)
+        # transformers builds the model under `torch.device("meta")`; formats compute small constants in their
+        # constructors (INT6's clip grid), which must be real: the packed tensors are meta either way
+        with torch.device("cpu"):
+            quant = install_quant_linears(model, self.quantization_config.modules)
         # transformers would fill a missing packed tensor with garbage (it "initializes" missing keys) and skip
         # one of another shape: check the shard headers first, as quantkit.load checks the tensors it read
         check_quant_tensors(quant, _stored_tensors(checkpoint_files or []))
@@ -123,7 +130,8 @@ class QuantkitHfQuantizer(HfQuantizer):
         return model
 
     def is_serializable(self, *args, **kwargs):
-        return False  # save with quantkit.save(model, out)
+        logger.warning("a quantkit model is saved with quantkit.save(model, out), not save_pretrained")
+        return False
 
     @property
     def is_trainable(self):
