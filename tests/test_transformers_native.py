@@ -181,3 +181,27 @@ def test_register_is_idempotent():
     integration.register()
     integration.register()
     assert integration.is_registered() and AUTO_QUANTIZER_MAPPING["quantkit"] is integration.QuantkitHfQuantizer
+
+
+def test_transformers_first_then_quantkit(checkpoints, tmp_path):
+    """transformers' quantizer table already imported when quantkit is: registered at `import quantkit`."""
+    path = checkpoints("rtn-w4g128")
+    r = _run(f"""
+        import transformers.quantizers.auto
+        from transformers import AutoModelForCausalLM
+        import quantkit
+        m = AutoModelForCausalLM.from_pretrained({str(path)!r})
+        print("LOADED", type(m.model.layers[0].self_attn.o_proj).__name__)
+        """, tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "LOADED QuantLinear" in r.stdout, r.stdout + r.stderr
+
+
+def test_quantkit_save_of_a_transformers_loaded_model(checkpoints, tmp_path):
+    path = checkpoints("comet-w4ax")
+    hf = _from_pretrained(path)
+    out = qk.save(hf, tmp_path / "again")
+    x = torch.randint(0, 512, (1, 16), generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        assert torch.equal(qk.load(out)(x).logits, qk.load(path)(x).logits)
+        assert torch.equal(_from_pretrained(out)(x).logits, hf(x).logits)
