@@ -20,10 +20,10 @@ import sys
 import torch
 
 from quantkit.eval.bench_kernels import (
-    _clone_prepared,
-    _prepared_bytes,
-    _random_quant,
+    clone_prepared,
     n_copies,
+    prepared_bytes,
+    random_quant,
     time_rotated,
 )
 from quantkit.kernels import dispatch
@@ -80,11 +80,11 @@ def profile(dev):
     fp32 int4 / hlq4 GEMVs at M=1 and the int4 GEMM at M=16."""
     x1 = torch.randn(1, K, device=dev, dtype=torch.bfloat16)
     x16 = torch.randn(16, K, device=dev, dtype=torch.bfloat16)
-    p = dispatch.prepare("int", 4, GS, K, N, _random_quant("int", 4, GS, K, N, dev))
+    p = dispatch.prepare("int", 4, GS, K, N, random_quant("int", 4, GS, K, N, dev))
     h2 = {"BLOCK_N": 256, "SPLIT_K": 32, "num_warps": 1, "num_stages": 1, "maxnreg": 128}
     dispatch.gemv_h2(p, x1, None, h2)
     for fmt, bits in (("int", 4), ("hlq", 4)):
-        p = dispatch.prepare(fmt, bits, GS, K, N, _random_quant(fmt, bits, GS, K, N, dev))
+        p = dispatch.prepare(fmt, bits, GS, K, N, random_quant(fmt, bits, GS, K, N, dev))
         dispatch.gemv(p, x1, None, {"BLOCK_N": 512, "RUNS": 1, "SPLIT_K": 64, "num_warps": 4, "num_stages": 1})
         if bits == 4 and fmt == "int":
             dispatch.gemm(p, x16, None, {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 128, "SPLIT_K": 8,
@@ -143,9 +143,9 @@ def main(argv=None):
     sweep = GEMV_SWEEP if args.gemv_sweep == "all" else [GEMV_SWEEP[int(i)] for i in args.gemv_sweep.split(",")]
     for name in args.formats.split(","):
         fmt, bits = FORMATS[name]
-        raw = _random_quant(fmt, bits, GS, K, N, dev)
+        raw = random_quant(fmt, bits, GS, K, N, dev)
         p0 = dispatch.prepare(fmt, bits, GS, K, N, raw)
-        ps = [p0] + [_clone_prepared(p0) for _ in range(n_copies(_prepared_bytes(p0), l2) - 1)]
+        ps = [p0] + [clone_prepared(p0) for _ in range(n_copies(prepared_bytes(p0), l2) - 1)]
         ref = {m: wq_matmul_ref(xs[m], fmt, bits, GS, K, raw["qweight"], raw["scales"], raw.get("zeros"),
                                 raw.get("offsets"), dtype=torch.float64) for m in (1, 16)}
 

@@ -92,7 +92,7 @@ def n_copies(nbytes: int, l2: int) -> int:
     return max(2, min(128, math.ceil(2.5 * l2 / max(nbytes, 1))))
 
 
-def _random_quant(fmt: str, bits: int, gs: int, k: int, n: int, dev) -> dict[str, torch.Tensor]:
+def random_quant(fmt: str, bits: int, gs: int, k: int, n: int, dev) -> dict[str, torch.Tensor]:
     from quantkit.formats.packing import pack_codes
 
     groups = -(-k // gs)
@@ -108,7 +108,7 @@ def _random_quant(fmt: str, bits: int, gs: int, k: int, n: int, dev) -> dict[str
     return out
 
 
-def _clone_prepared(p):
+def clone_prepared(p):
     q0 = p.q0.clone()
     q1 = q0 if p.q1 is p.q0 else p.q1.clone()
     scales = p.scales.clone()
@@ -116,7 +116,7 @@ def _clone_prepared(p):
     return replace(p, q0=q0, q1=q1, scales=scales, zeros=zeros)
 
 
-def _prepared_bytes(p) -> int:
+def prepared_bytes(p) -> int:
     ts = {id(t): t for t in (p.q0, p.q1, p.scales, p.zeros)}
     return sum(t.numel() * t.element_size() for t in ts.values())
 
@@ -175,9 +175,9 @@ def bench_shape(k: int, n: int, ms: list[int], formats: list, l2: int, bw: float
     torch.cuda.empty_cache()
     # ours
     for fmt, bits, gs, fms in formats:
-        p0 = dispatch.prepare(fmt, bits, gs, k, n, _random_quant(fmt, bits, gs, k, n, dev))
-        pb = _prepared_bytes(p0)
-        ps = [p0] + [_clone_prepared(p0) for _ in range(n_copies(pb, l2) - 1)]
+        p0 = dispatch.prepare(fmt, bits, gs, k, n, random_quant(fmt, bits, gs, k, n, dev))
+        pb = prepared_bytes(p0)
+        ps = [p0] + [clone_prepared(p0) for _ in range(n_copies(pb, l2) - 1)]
         name = f"{fmt}{bits}_g{gs}"
         for m in [m for m in ms if m in fms]:
             paths = ["gemv", "gemm"] if m <= 16 else ["gemm", "dequant"]

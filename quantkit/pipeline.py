@@ -41,7 +41,7 @@ class _StopForward(Exception):
     pass
 
 
-def _layer_prefix(model: nn.Module, layers: nn.ModuleList) -> str:
+def layer_prefix(model: nn.Module, layers: nn.ModuleList) -> str:
     for name, mod in model.named_modules():
         if mod is layers:
             return name
@@ -193,15 +193,15 @@ def capture_layer_inputs(model: nn.Module, windows: torch.Tensor, device: torch.
     return xs, per_layer
 
 
-def _to(obj, device):
+def to_device(obj, device):
     if isinstance(obj, torch.Tensor):
         return obj.to(device)
     if isinstance(obj, tuple):
-        return tuple(_to(o, device) for o in obj)
+        return tuple(to_device(o, device) for o in obj)
     if isinstance(obj, list):
-        return [_to(o, device) for o in obj]
+        return [to_device(o, device) for o in obj]
     if isinstance(obj, dict):
-        return {k: _to(v, device) for k, v in obj.items()}
+        return {k: to_device(v, device) for k, v in obj.items()}
     return obj
 
 
@@ -430,7 +430,7 @@ def quantize_model(
     device = torch.device(device)
     store = next(model.parameters()).device
     layers = decoder_layers(model)
-    prefix = _layer_prefix(model, layers)
+    prefix = layer_prefix(model, layers)
     needs_data = needs_calibration(recipe)
     if needs_data and (calibration is None or calibration.numel() == 0):
         raise QuantkitError(f"recipe '{recipe.name}' needs calibration data (method '{recipe.method.name}'"
@@ -451,7 +451,7 @@ def quantize_model(
     bar = tqdm(range(len(layers)), desc=f"quantize [{recipe.name}]", unit="layer", disable=not progress)
     for li in bar:
         layer = layers[li].to(device)
-        kwargs = _to(layer_kwargs[li], device) if needs_data else {}
+        kwargs = to_device(layer_kwargs[li], device) if needs_data else {}
         quantize_layer(layer, f"{prefix}.{li}", recipe, xs, kwargs, device, report, bar)
         if needs_data:
             outs: list[torch.Tensor] = []
