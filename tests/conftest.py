@@ -1,5 +1,13 @@
+import os
+
 import pytest
 import torch
+
+# Without a GPU the Triton kernels run in Triton's interpreter. The choice is read when triton is first
+# imported, and any test module or library (transformers' integrations, say) may import it first: set it
+# before any test module is collected.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def tiny_llama(seed: int = 0, vocab: int = 512, hidden: int = 96, inter: int = 200, layers: int = 2,
