@@ -297,7 +297,7 @@ gemv_tuned = triton.autotune(_gemv_configs(), key=_KEY, do_bench=quick_bench)(_g
 GEMV_MAX_M = 2  # M up to this: the dp4a GEMV (CUDA cores, one program per row); above: int8 tensor cores
 # M from this: the prefill path (kernels/int8_prefill.py: weight unpacked to int8 once per call, then a GEMM
 # that streams both operands into the tensor cores). H200, K = 4096, N = 14336, full W6A8 linear
-# (experiments/probe_int8_prefill.py): M = 128 58 vs 70 us (this kernel wins), 256 108 vs 101, 1024 362 vs 265,
+# (experiments/bench_history/probe_int8_prefill_h200.json): M = 128 58 vs 70 us (this kernel wins), 256 108 vs 101, 1024 362 vs 265,
 # 4096 1385 vs 934.
 PREFILL_MIN_M = 256
 

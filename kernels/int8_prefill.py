@@ -176,7 +176,7 @@ def tma_available(device: torch.device) -> bool:
 
 
 def _prefill_configs():
-    # H200, M = 4096, K = 4096, N = 14336 (experiments/probe_int8_prefill.py): 64x128 / 4 warps / 3 stages won
+    # H200, M = 4096, K = 4096, N = 14336 (experiments/bench_history/probe_int8_prefill_h200.json): 64x128 / 4 warps / 3 stages won
     # (884 us; 128x128 / 8 warps 977 us: one CTA per SM cannot overlap one tile's promotion with another's dots)
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "GROUP_M": 8}, num_warps=w, num_stages=st)
             for bm, bn, w, st in ((64, 128, 4, 3), (64, 128, 4, 4), (64, 64, 4, 4), (256, 64, 8, 3),
@@ -184,7 +184,7 @@ def _prefill_configs():
 
 
 def _tma_configs():
-    # H200, same shape (experiments/probe_int8_prefill.py --tma): 64x128 / 4 warps / 3 stages 721 us; 4 stages 830,
+    # H200, same shape (experiments/bench_history/probe_int8_tma_h200.json): 64x128 / 4 warps / 3 stages 721 us; 4 stages 830,
     # 5 stages 1369 (shared memory per CTA → CTAs per SM), 128x128 / 8 warps 1041, 64x256 / 8 warps 896,
     # 128x64 / 4 warps 988
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "GROUP_M": 8}, num_warps=w, num_stages=st)
