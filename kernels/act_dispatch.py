@@ -89,9 +89,10 @@ def int8_forward(mod, x: torch.Tensor) -> torch.Tensor | None:
         packed, k = mod.packed(), mod.weight_in_features
         w = prepare_int6(packed, k, spec.group_size) if spec.format == "int6" else \
             prepare_int4(packed, k, spec.group_size, spec.symmetric)
-        if act.spec.format == "fmpq":
-            return w, act.block_bits.to(device=x.device, dtype=torch.int32), act.perm.to(x.device, torch.int32)
-        return w, act.spec.bits, None
+        layout = act.kernel_layout(x.device)  # the scheme's typed layout (quantkit.nn.act_quant.ActKernelLayout)
+        if layout.block_bits is not None:
+            return w, layout.block_bits, layout.perm
+        return w, layout.bits, None
 
     w, bits, perm = _cached(mod, build)
     return lowbit_linear(x, w, bits, perm, mod.bias)
@@ -112,8 +113,9 @@ def nvfp4_forward(mod, x: torch.Tensor) -> torch.Tensor | None:
 
     def build():
         p = mod.packed()
-        w = prepare_arc_weight(p["qweight"], p["block_scales"], p["tensor_scale"], mod.in_features, act.residual)
-        return w, act.reorder.to(x.device, torch.int32)
+        layout = act.kernel_layout(x.device)
+        w = prepare_arc_weight(p["qweight"], p["block_scales"], p["tensor_scale"], mod.in_features, layout.residual)
+        return w, layout.reorder
 
     w, ridx = _cached(mod, build)
     return arc_linear(x, ridx, w, mod.bias)

@@ -145,3 +145,24 @@ def test_activation_variants_share_weights(calib):
     apply_variant(base, down_r)
     assert torch.equal(base(ids).logits, down(ids).logits)
     assert apply_variant(base, base_r) and base.model.layers[0].mlp.down_proj.act.sensitivity is not None
+
+
+@pytest.mark.parametrize("recipe", ["flexq-w6a8", "comet-w4ax", "arcquant-nvfp4", "w4a8-rtn"])
+def test_every_activation_scheme_gives_kernels_a_typed_layout(recipe):
+    """The GPU kernels read a calibrated scheme only through `kernel_layout` (ActKernelLayout): int32
+    tensors on the asked device that describe exactly the quantizer's own state."""
+    from quantkit.nn import ACT_QUANTIZERS, ActKernelLayout
+
+    spec = load_recipe(recipe).activations
+    q = ACT_QUANTIZERS[spec.format].for_speed(spec, 1024, 0.1, generator=torch.Generator().manual_seed(0))
+    lay = q.kernel_layout("cpu")
+    assert isinstance(lay, ActKernelLayout)
+    for t in (lay.block_bits, lay.perm, lay.reorder):
+        assert t is None or (t.dtype == torch.int32 and t.device.type == "cpu")
+    if spec.format == "fmpq":  # COMET: per-block bits over the permuted input, no uniform bits
+        assert lay.bits is None and torch.equal(lay.block_bits, q.block_bits.int()) and torch.equal(lay.perm, q.perm)
+        assert sorted(lay.perm.tolist()) == list(range(1024)) and set(lay.block_bits.tolist()) <= {4, 8}
+    elif spec.format == "nvfp4":  # ARCQuant: channel order and residual count
+        assert torch.equal(lay.reorder, q.reorder) and lay.residual == q.residual > 0
+    else:  # FlexQ / plain int: uniform bits per token group
+        assert lay.bits == spec.bits and lay.block_bits is None and lay.perm is None

@@ -36,7 +36,7 @@ from torch import nn
 
 from quantkit.errors import QuantkitError
 from quantkit.formats.nvfp4 import BLOCK, compute_tensor_scale, nvfp4_fake_quant
-from quantkit.nn.act_quant import ActQuantizer, register_act_quantizer
+from quantkit.nn.act_quant import ActKernelLayout, ActQuantizer, register_act_quantizer
 from quantkit.recipe import ActSpec, register_act_format
 
 RULES = ("per_token", "layer_max")
@@ -134,6 +134,10 @@ class ARCActQuantizer(ActQuantizer):
     @property
     def weight_in_features(self) -> int:
         return self.kp + self.residual
+
+    def kernel_layout(self, device):
+        return ActKernelLayout(bits=int(self.spec.bits), reorder=self.reorder.to(device, torch.int32),
+                               residual=self.residual)
 
     @classmethod
     def wants_calibration(cls, spec: ActSpec) -> bool:

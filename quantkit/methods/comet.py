@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from quantkit.formats.act_int import fake_quant_act_int
-from quantkit.nn.act_quant import ActQuantizer, register_act_quantizer
+from quantkit.nn.act_quant import ActKernelLayout, ActQuantizer, register_act_quantizer
 from quantkit.recipe import ActSpec, register_act_format
 
 BLOCK = 128
@@ -79,6 +79,10 @@ class FMPQActQuantizer(ActQuantizer):
                              else torch.arange(in_features, dtype=torch.int32))
         self.register_buffer("block_bits", block_bits.to(torch.int8) if block_bits is not None
                              else torch.full((n_blocks,), spec.bits, dtype=torch.int8))
+
+    def kernel_layout(self, device):
+        return ActKernelLayout(block_bits=self.block_bits.to(device=device, dtype=torch.int32),
+                               perm=self.perm.to(device, torch.int32))
 
     @classmethod
     def wants_calibration(cls, spec: ActSpec) -> bool:

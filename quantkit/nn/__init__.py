@@ -5,7 +5,7 @@ forward of a QuantLinear, or when `quantkit.nn.KERNELS` is read (`quant_linear.l
 quantkit.nn imports neither `quantkit.kernels` nor triton.
 """
 
-from quantkit.nn.act_quant import ACT_QUANTIZERS, ActQuantizer, build_act_quantizer
+from quantkit.nn.act_quant import ACT_QUANTIZERS, ActKernelLayout, ActQuantizer, build_act_quantizer
 from quantkit.nn.quant_linear import QuantLinear, load_kernels, set_weight_cache
 
 
@@ -15,5 +15,5 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = ["ACT_QUANTIZERS", "KERNELS", "ActQuantizer", "QuantLinear", "build_act_quantizer", "load_kernels",
+__all__ = ["ACT_QUANTIZERS", "KERNELS", "ActKernelLayout", "ActQuantizer", "QuantLinear", "build_act_quantizer", "load_kernels",
            "set_weight_cache"]

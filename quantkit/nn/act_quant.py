@@ -16,6 +16,7 @@ in its `quantization_config` entry and any buffers under `<module>.act.<name>`.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
@@ -25,6 +26,25 @@ from quantkit.formats.act_int import fake_quant_act_int
 from quantkit.recipe import ActSpec, register_act_format
 
 ACT_QUANTIZERS: dict[str, type[ActQuantizer]] = {}
+
+
+@dataclass(frozen=True)
+class ActKernelLayout:
+    """What an activation kernel needs of a calibrated activation scheme (kernels/act_dispatch.py), so that
+    kernels never read a quantizer's internals. Tensors are int32 on the requested device.
+
+    bits:       activation bits of every token group (FlexQ), or None when `block_bits` gives them per block
+    block_bits: bits of each 128-channel block of the permuted input (COMET's INT4/INT8 blocks)
+    perm:       the input channel order the blocks refer to (COMET)
+    reorder:    the input channel order, outlier channels last (ARCQuant)
+    residual:   channels whose quantization residual is appended as extra channels (ARCQuant)
+    """
+
+    bits: int | None = None
+    block_bits: torch.Tensor | None = None
+    perm: torch.Tensor | None = None
+    reorder: torch.Tensor | None = None
+    residual: int = 0
 
 
 def register_act_quantizer(cls: type[ActQuantizer]) -> type[ActQuantizer]:
@@ -97,6 +117,10 @@ class ActQuantizer(nn.Module):
     @classmethod
     def from_calibration(cls, spec: ActSpec, linear: nn.Module, collected) -> ActQuantizer:
         return cls(spec, linear.in_features)
+
+    def kernel_layout(self, device: torch.device | str) -> ActKernelLayout:
+        """The calibrated layout the GPU kernels read (uniform `spec.bits` unless the scheme says more)."""
+        return ActKernelLayout(bits=int(self.spec.bits))
 
     @classmethod
     def finalize_model(cls, modules: dict[str, nn.Module]) -> list[str]:
