@@ -103,6 +103,25 @@ def write_error(e: OSError, what: Path, then: str) -> QuantkitError:
     return QuantkitError(f"could not write '{what}' ({e.strerror or e}); fix that and {then}")
 
 
+def write_folder(out: Path, overwrite: bool, fill, then: str) -> Path:
+    """Check `out`, let `fill(tmp)` write the whole folder into `<out>.partial`, then rename it to `out`.
+    Anything that fails on the way removes the partial folder; an OSError becomes one line ending in `then`."""
+    check_out_dir(out, overwrite)
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir(parents=True)
+        fill(tmp)
+        replace_path(tmp, out)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise write_error(e, out, then) from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
 def _state_for_saving(model) -> dict[str, torch.Tensor]:
     sd = model.state_dict()
     out, seen = {}, {}
@@ -196,10 +215,8 @@ def save(model, out: str | os.PathLike, tokenizer=None, overwrite: bool = False,
     tokenizer = tokenizer if tokenizer is not None else getattr(model, "quantkit_tokenizer", None)
     qc = quantization_config(model)
     check_packed_modules(model)
-    tmp = out.with_name(out.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        tmp.mkdir(parents=True)
+
+    def fill(tmp: Path) -> None:
         tensors = _state_for_saving(model)
         shards = _shards(tensors, max_shard_bytes)
         weight_map, total = {}, 0
@@ -217,14 +234,8 @@ def save(model, out: str | os.PathLike, tokenizer=None, overwrite: bool = False,
             gen.save_pretrained(str(tmp))
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
-        replace_path(tmp, out)
-    except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise write_error(e, out, "run it again (nothing was left at that path)") from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+
+    return write_folder(out, overwrite, fill, "run it again (nothing was left at that path)")
 
 
 def read_config(path: Path) -> tuple[dict, dict]:

@@ -7,11 +7,11 @@ An export writes into `<out>.partial/` beside `--out` and renames it into place 
 from __future__ import annotations
 
 import json
-import shutil
 from collections.abc import Callable
 from pathlib import Path
 
-from quantkit.checkpoint import check_out_dir, read_config, replace_path, write_error
+from quantkit import checkpoint
+from quantkit.checkpoint import read_config
 from quantkit.errors import QuantkitError
 
 
@@ -24,22 +24,8 @@ def read_quantkit_config(ckpt: Path) -> tuple[dict, dict]:
 
 
 def write_folder(out: Path, overwrite: bool, fill: Callable[[Path], None]) -> Path:
-    """Check `out`, let `fill(tmp)` write the whole folder into `<out>.partial`, then rename it to `out`.
-    Anything that fails on the way removes the partial folder."""
-    check_out_dir(out, overwrite)
-    tmp = out.with_name(out.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        tmp.mkdir(parents=True)
-        fill(tmp)
-        replace_path(tmp, out)
-    except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise write_error(e, out, "run the export again (nothing was left at that path)") from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+    """`quantkit.checkpoint.write_folder` with the exporters' retry hint."""
+    return checkpoint.write_folder(out, overwrite, fill, "run the export again (nothing was left at that path)")
 
 
 def copy_side_files(model, tmp: Path) -> None:
