@@ -205,6 +205,23 @@ def to_device(obj, device):
     return obj
 
 
+def group_by_input(order: list[tuple[str, torch.Tensor]]) -> list[list[str]]:
+    """Names grouped by the tensor object they read (identity, not value), in first-seen order; a name seen
+    again is skipped. `order`: (name, input) as forward hooks saw them."""
+    blocks: list[list[str]] = []
+    block_inputs: list[torch.Tensor] = []
+    for name, inp in order:
+        if name in {n for b in blocks for n in b}:
+            continue
+        same = [i for i, t in enumerate(block_inputs) if t is inp]
+        if same:
+            blocks[same[0]].append(name)
+        else:
+            block_inputs.append(inp)
+            blocks.append([name])
+    return blocks
+
+
 @torch.no_grad()
 def _sub_blocks(layer: nn.Module, targets: dict, x: torch.Tensor, kwargs: dict) -> list[list[str]]:
     """Group target Linears that read the same input tensor, in execution order (one traced forward)."""
@@ -219,17 +236,7 @@ def _sub_blocks(layer: nn.Module, targets: dict, x: torch.Tensor, kwargs: dict) 
     finally:
         for h in handles:
             h.remove()
-    blocks: list[list[str]] = []
-    block_inputs: list[torch.Tensor] = []
-    for name, inp in order:
-        if name in {n for b in blocks for n in b}:
-            continue
-        same = [i for i, t in enumerate(block_inputs) if t is inp]
-        if same:
-            blocks[same[0]].append(name)
-        else:
-            block_inputs.append(inp)
-            blocks.append([name])
+    blocks = group_by_input(order)
     missing = [n for n in targets if n not in {n for b in blocks for n in b}]
     if missing:
         blocks.append(missing)  # modules the forward never reached: quantize them without data

@@ -23,7 +23,7 @@ from quantkit.kvcache import KV4Cache, KV4Error, head_dim_of, kv4_enabled
 from quantkit.models import decoder_layers
 from quantkit.nn import QuantLinear
 from quantkit.nn.fused import fuse_shared_input_linears
-from quantkit.pipeline import quantize_model
+from quantkit.pipeline import group_by_input, quantize_model
 from quantkit.recipe import load_recipe
 
 COMMON = dict(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
@@ -120,15 +120,7 @@ def test_declared_sub_blocks_are_what_the_forward_does(arch, ids):
         for h in hooks:
             h.remove()
     seen = seen[: len(ad.linear_names)]  # layer 0 only ran once
-    blocks: list[list[str]] = []
-    inputs: list[torch.Tensor] = []
-    for n, x in seen:
-        same = [i for i, t in enumerate(inputs) if t is x]
-        if same:
-            blocks[same[0]].append(n)
-        else:
-            inputs.append(x)
-            blocks.append([n])
+    blocks = group_by_input(seen)
     assert [tuple(b) for b in blocks] == list(ad.sub_blocks)
 
 
