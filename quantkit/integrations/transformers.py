@@ -63,11 +63,10 @@ class QuantkitConfig(QuantizationConfigMixin):
 
     def to_dict(self) -> dict[str, Any]:
         """The dict the checkpoint stores (what `quantkit.save` writes again from the loaded model)."""
-        d = {"quant_method": QUANT_METHOD, "format_version": self.format_version, "modules": self.modules}
-        if self.kv_cache:
-            d["kv_cache"] = self.kv_cache
-        if self.recipe is not None:
-            d["recipe"] = self.recipe
+        from quantkit.checkpoint import build_quantization_config
+
+        d = build_quantization_config(self.modules, self.kv_cache, self.recipe)
+        d["format_version"] = self.format_version  # as stored (the key keeps its place)
         return {**d, **self.extra}
 
     def to_diff_dict(self) -> dict[str, Any]:
