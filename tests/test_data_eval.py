@@ -78,3 +78,27 @@ def test_perplexity_follows_the_protocol(tmp_path):
     assert res["ppl"] == pytest.approx(math.exp(float(nll)), rel=1e-4)
     capped = perplexity(model, CharTokenizer(), dataset=str(p), seq_len=64, max_windows=2, progress=False)
     assert capped["windows"] == 2
+
+
+def test_enwiki_is_wikipedia_prose_split_by_article():
+    pytest.importorskip("gensim")
+    test, valid, train = (load_text("enwiki", s) for s in ("test", "valid", "train"))
+    assert test.startswith("The Academy Awards are the oldest awards ceremony")
+    assert len(train) > 5 * len(test) > 5 * 100_000
+    paras = test.split("\n\n")
+    assert all(len(p.split()) >= 12 for p in paras)  # prose only: no table cells, list items or headings
+    assert not any(mark in test for mark in ("[[", "{{", "'''", "<ref"))
+    # no paragraph is shared between the splits (each article belongs to one split)
+    assert not set(paras) & set(valid.split("\n\n")) and not set(paras) & set(train.split("\n\n"))
+
+
+def test_enwiki_without_gensim_says_what_to_install(monkeypatch):
+    import sys
+
+    load_text.cache_clear()
+    monkeypatch.setitem(sys.modules, "gensim", None)
+    try:
+        with pytest.raises(QuantkitError, match=r"needs the package 'gensim'.*quantkit\[enwiki\]"):
+            load_text("enwiki", "test")
+    finally:
+        load_text.cache_clear()
