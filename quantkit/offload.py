@@ -628,7 +628,8 @@ def _quantize_streamed_layer(run: _StreamedRun, li: int, xs: ActivationStore, ys
                          quantized_modules(layer, lprefix, run.rec))
     report = QuantizeReport(recipe=run.rec.name)
     quantize_layer(layer, lprefix, run.rec, xs, kwargs, device, report, bar, cache_weights=run.cache_weights,
-                   host_factorization=run.host_factorization)
+                   host_factorization=run.host_factorization,
+                   input_groups=adapter_for(run.skel.config).sub_blocks)
     if ys is not None:
         layer_outputs(layer, xs, kwargs, device, ys.append)
     # the shard: packed tensors of quantized Linears, everything else as stored in the input

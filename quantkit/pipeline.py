@@ -223,8 +223,10 @@ def group_by_input(order: list[tuple[str, torch.Tensor]]) -> list[list[str]]:
 
 
 @torch.no_grad()
-def _sub_blocks(layer: nn.Module, targets: dict, x: torch.Tensor, kwargs: dict) -> list[list[str]]:
-    """Group target Linears that read the same input tensor, in execution order (one traced forward)."""
+def _traced_groups(layer: nn.Module, targets: dict, x: torch.Tensor,
+                   kwargs: dict) -> tuple[list[list[str]], list[str]]:
+    """Target Linears grouped by the input tensor they read, in execution order (one traced forward), and the
+    targets the forward never reached."""
     order: list[tuple[str, torch.Tensor]] = []  # holding the tensors keeps their identities unique
     handles = []
     for name, (mod, _) in targets.items():
@@ -237,21 +239,47 @@ def _sub_blocks(layer: nn.Module, targets: dict, x: torch.Tensor, kwargs: dict) 
         for h in handles:
             h.remove()
     blocks = group_by_input(order)
-    missing = [n for n in targets if n not in {n for b in blocks for n in b}]
-    if missing:
-        blocks.append(missing)  # modules the forward never reached: quantize them without data
-    return blocks
+    return blocks, [n for n in targets if n not in {n for b in blocks for n in b}]
+
+
+def _declared_groups(names, declared) -> list[list[str]]:
+    """`names` grouped by the adapter's declared sub-blocks (names under the layer), the others alone."""
+    groups = [[n for n in b if n in names] for b in declared]
+    groups = [g for g in groups if g]
+    seen = {n for g in groups for n in g}
+    return groups + [[n] for n in names if n not in seen]
+
+
+def _bound_formats(lprefix: str, group: list[str], targets: dict, acts: dict) -> dict:
+    """The weight format of each Linear of `group` (Linears that read one input), bound once over all members
+    with the same weight scheme (`WeightFormat.bind`): a format's whole-matrix parameter (a tensor scale) is
+    then shared by the matrices a serving engine fuses."""
+    by_spec: dict = {}
+    for n in group:
+        by_spec.setdefault(targets[n][1], []).append(n)
+    out = {}
+    for spec, members in by_spec.items():
+        for n in members:
+            _check_finite(f"{lprefix}.{n}", targets[n][0].weight)
+
+        def weights(members=members):
+            for n in members:
+                a, w = acts.get(n), targets[n][0].weight
+                yield a.transform_weight(w) if a is not None else w
+
+        out.update(dict.fromkeys(members, make_format(spec).bind(weights())))
+    return out
 
 
 def _quantize_linear(name: str, mod: nn.Linear, spec: WeightSpec, algo: WeightAlgorithm,
-                     stats, act=None, host_factorization: bool = False) -> QuantLinear:
+                     stats, act=None, host_factorization: bool = False, fmt=None) -> QuantLinear:
     """stats: what `algo.statistics` collected for this Linear: None, the result (kept), or a one-element
-    list handing it over (the algorithm may free it as it goes)."""
+    list handing it over (the algorithm may free it as it goes). fmt: the format bound for this Linear's
+    group (`_bound_formats`); None binds it to this Linear alone."""
     _check_finite(name, mod.weight)
-    fmt = make_format(spec)
     weight = act.transform_weight(mod.weight) if act is not None else mod.weight
-    if hasattr(fmt, "prepare"):  # formats with a whole-matrix parameter (nvfp4's tensor scale) bind it first
-        fmt = fmt.prepare(weight)
+    if fmt is None:
+        fmt = make_format(spec).bind([weight])
     codes, params = algo.quantize(weight, fmt, stats, act=act, host_factorization=host_factorization)
     q = QuantLinear.from_codes(mod, spec, codes, params, act=act)
     if act is not None:
@@ -303,7 +331,7 @@ def _calibrate_acts(layer, block: list[str], targets: dict, act_specs: dict, xs,
 @torch.no_grad()
 def quantize_layer(layer: nn.Module, lprefix: str, recipe: Recipe, xs, kwargs: dict, device: torch.device,
                    report: QuantizeReport, bar=None, cache_weights: bool = True,
-                   host_factorization: bool = False) -> None:
+                   host_factorization: bool = False, input_groups: tuple[tuple[str, ...], ...] = ()) -> None:
     """Quantize one decoder layer in place (its Linears become QuantLinear): the per-layer step that the
     in-memory driver (`quantize_model`) and the streaming driver (`quantkit.offload`) share.
 
@@ -314,14 +342,21 @@ def quantize_layer(layer: nn.Module, lprefix: str, recipe: Recipe, xs, kwargs: d
     forwards, one more float copy of the layer in memory; the values are the same either way).
     host_factorization: let the algorithm factorize wide statistics on the host, not the GPU
     (the streaming pipeline's VRAM bound; same result up to the devices' float rounding).
+    input_groups: the layer's Linears that read one input as the adapter declares them (`sub_blocks`, names
+    under the layer): with calibration data the groups are traced instead. Each group's weight formats are
+    bound together (`WeightFormat.bind`: e.g. one tensor scale for q/k/v, one for gate/up).
     """
     targets = _targets(layer, lprefix, recipe)
     act_specs = {n: recipe.act_scheme_for(f"{lprefix}.{n}") for n in targets}
     algo = algorithm_for(recipe.method)
     act_data = any(s is not None and _act_class(s).wants_calibration(s) for s in act_specs.values())
     if (algo.needs_data or act_data) and targets and len(xs):
-        blocks = _sub_blocks(layer, targets, xs[0].to(device), kwargs) \
-            if algo.sequential else [list(targets)]
+        groups, missing = _traced_groups(layer, targets, xs[0].to(device), kwargs)
+        if algo.sequential:  # modules the forward never reached come last, quantized without data
+            blocks = groups + [missing] if missing else groups
+        else:
+            blocks = [list(targets)]
+        bind_groups = groups + [[n] for n in missing]
         for block in blocks:
             if bar is not None:
                 bar.set_postfix_str(",".join(n.rsplit(".", 1)[-1] for n in block))
@@ -337,6 +372,11 @@ def quantize_layer(layer: nn.Module, lprefix: str, recipe: Recipe, xs, kwargs: d
                                 xs, kwargs, device)
             stats = acc.result() if acc is not None else None
             del acc
+            fmts = {}
+            for g in bind_groups:
+                members = [n for n in g if n in block]
+                if members:
+                    fmts.update(_bound_formats(lprefix, members, targets, acts))
             for j, n in enumerate(block):
                 mod, spec = targets.pop(n)  # drop the float module as soon as its QuantLinear exists
                 # the block's last module takes the statistics over: the algorithm may use them as scratch and
@@ -346,17 +386,20 @@ def quantize_layer(layer: nn.Module, lprefix: str, recipe: Recipe, xs, kwargs: d
                 if stats is not None and j == len(block) - 1:
                     arg, stats = [stats], None
                 q = _quantize_linear(f"{lprefix}.{n}", mod, spec, algo, arg, act=acts.get(n),
-                                     host_factorization=host_factorization)
+                                     host_factorization=host_factorization, fmt=fmts[n])
                 del arg
                 q.cache_weight = cache_weights  # later sub-blocks and the output pass reuse it
                 _set_module(layer, n, q)
                 report.modules[f"{lprefix}.{n}"] = _scheme_entry(q, recipe)
                 del mod
     else:
+        acts = {n: _act_class(a).from_calibration(a, targets[n][0], None) for n, a in act_specs.items()
+                if a is not None}
+        fmts = {}
+        for g in _declared_groups(list(targets), input_groups):
+            fmts.update(_bound_formats(lprefix, g, targets, acts))
         for n, (mod, spec) in list(targets.items()):
-            a = act_specs.get(n)
-            act = _act_class(a).from_calibration(a, mod, None) if a is not None else None
-            q = _quantize_linear(f"{lprefix}.{n}", mod, spec, algo, None, act=act)
+            q = _quantize_linear(f"{lprefix}.{n}", mod, spec, algo, None, act=acts.get(n), fmt=fmts[n])
             _set_module(layer, n, q)
             report.modules[f"{lprefix}.{n}"] = _scheme_entry(q, recipe)
             del targets[n], mod
@@ -459,7 +502,8 @@ def quantize_model(
     for li in bar:
         layer = layers[li].to(device)
         kwargs = to_device(layer_kwargs[li], device) if needs_data else {}
-        quantize_layer(layer, f"{prefix}.{li}", recipe, xs, kwargs, device, report, bar)
+        quantize_layer(layer, f"{prefix}.{li}", recipe, xs, kwargs, device, report, bar,
+                       input_groups=adapter_for(model).sub_blocks)
         if needs_data:
             outs: list[torch.Tensor] = []
             layer_outputs(layer, xs, kwargs, device, lambda y, outs=outs: outs.append(y.to(store)))

@@ -109,7 +109,8 @@ def test_calibrated_activations_need_data_even_with_rtn_weights(tiny_model):
     from quantkit.pipeline import needs_calibration
 
     rec = load_recipe("arcquant-nvfp4")
-    assert rec.method.name == "rtn" and needs_calibration(rec) and not needs_calibration(load_recipe("nvfp4-rtn"))
+    assert rec.method.name == "rtn" and needs_calibration(rec) and needs_calibration(load_recipe("nvfp4-rtn"))
+    assert not needs_calibration(load_recipe("nvfp4-w4a16"))
     with pytest.raises(QuantkitError, match="recipe 'arcquant-nvfp4' needs calibration data"):
         quantize_model(tiny_model, rec, None, progress=False)
 

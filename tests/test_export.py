@@ -35,25 +35,28 @@ QKV_MIXED = {"name": "qkv-mixed", "weights": {"bits": 4, "group_size": 64},
 _CACHE: dict = {}
 
 
-def _ckpt(root: Path, recipe, hidden=128, inter=256, bf16=False, shared_amax=False) -> Path:
+def _ckpt(root: Path, recipe, hidden=128, inter=256, bf16=False, legacy=False) -> Path:
     """A saved quantkit checkpoint of a tiny Llama quantized with `recipe` (cached per test module).
-    `shared_amax` plants one equal largest weight in q/k/v and gate/up, so their NVFP4 tensor scales agree."""
-    key = (json.dumps(recipe, sort_keys=True), hidden, inter, bf16, shared_amax)
+    `legacy`: as quantkit wrote NVFP4 checkpoints before it shared tensor scales and recorded activation amaxes
+    (k_proj with its own tensor scale, no `input_amax`)."""
+    key = (json.dumps(recipe, sort_keys=True), hidden, inter, bf16, legacy)
     if key in _CACHE:
         return _CACHE[key]
     m = tiny_llama(hidden=hidden, inter=inter)
     if bf16:
         m = m.to(torch.bfloat16)
-    if shared_amax:
-        with torch.no_grad():
-            for layer in m.model.layers:
-                for lin in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj,
-                            layer.mlp.gate_proj, layer.mlp.up_proj):
-                    lin.weight[0, 0] = 0.5
     rec = load_recipe(recipe)
     quantize_model(m, rec, CALIB, progress=False)
     m.quantkit_recipe = rec.to_dict()
+    if legacy:
+        for layer in m.model.layers:
+            layer.self_attn.k_proj.tensor_scale.mul_(2.0)
     out = save(m, root / f"ck{len(_CACHE)}")
+    if legacy:
+        cfg = json.loads((out / "config.json").read_text())
+        for e in cfg["quantization_config"]["modules"].values():
+            e.get("act", {}).pop("input_amax", None)
+        (out / "config.json").write_text(json.dumps(cfg))
     _CACHE[key] = out
     return out
 
@@ -192,19 +195,24 @@ def test_int8_activation_schemes_export(root, recipe, strategy):
 # ------------------------------------------------------------------------------------------------ NVFP4
 
 
+def _tensors(folder: Path) -> dict:
+    from safetensors.torch import load_file
+
+    sd = {}
+    for f in folder.glob("*.safetensors"):
+        sd.update(load_file(str(f)))
+    return sd
+
+
 def test_nvfp4_weight_only_exports_exactly(root):
-    ck = _ckpt(root, "nvfp4-w4a16", bf16=True, shared_amax=True)
+    ck = _ckpt(root, "nvfp4-w4a16", bf16=True)
     out = export(ck, root / "ct-nvfp4", to="compressed-tensors")
     qc = _qconfig(out)
     (group,) = qc["config_groups"].values()
     w = group["weights"]
     assert qc["format"] == "nvfp4-pack-quantized" and group["input_activations"] is None
     assert (w["num_bits"], w["type"], w["strategy"], w["group_size"]) == (4, "float", "tensor_group", 16)
-    from safetensors.torch import load_file
-
-    sd = {}
-    for f in out.glob("*.safetensors"):
-        sd.update(load_file(str(f)))
+    sd = _tensors(out)
     q = load(ck)
     dec = _ct_decompress(out, _quant_modules(q))
     for name, m in _quant_modules(q).items():
@@ -221,16 +229,85 @@ def test_nvfp4_weight_only_exports_exactly(root):
     _bf16_close(ref, _logits(_hf(out, dequantize=True)))
 
 
+def test_nvfp4_fused_groups_share_one_global_scale(root):
+    """quantkit fits one tensor scale per group that reads one input, so q/k/v and gate/up export one
+    weight_global_scale each, as vLLM fuses them (it takes the largest, which would saturate the others)."""
+    out = export(_ckpt(root, "nvfp4-w4a16", bf16=True), root / "ct-nvfp4-fused", to="compressed-tensors")
+    sd = _tensors(out)
+    for i in range(2):
+        for group in (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("mlp.gate_proj", "mlp.up_proj")):
+            assert len({float(sd[f"model.layers.{i}.{n}.weight_global_scale"]) for n in group}) == 1, group
+
+
+def test_nvfp4_w4a4_exports_recorded_input_global_scale(root):
+    """nvfp4-rtn: the weights as nvfp4-w4a16, plus input_global_scale = 448·6 / amax, amax = the largest |x| the
+    Linear saw at calibration, one value per fused group; compressed-tensors' activation quantization with it is
+    quantkit's NVFP4 reference under that static tensor scale."""
+    from compressed_tensors.quantization import QuantizationConfig
+    from compressed_tensors.quantization.lifecycle.forward import fake_quantize
+    from compressed_tensors.quantization.utils import compute_dynamic_scales_and_zp
+
+    from quantkit.formats.nvfp4 import nvfp4_fake_quant
+
+    ck = _ckpt(root, "nvfp4-rtn", bf16=True)
+    out = export(ck, root / "ct-nvfp4-w4a4", to="compressed-tensors")
+    cfg = QuantizationConfig.model_validate(_qconfig(out))  # compressed-tensors' own parser
+    (scheme,) = cfg.config_groups.values()
+    a = scheme.input_activations
+    assert cfg.format == scheme.format == "nvfp4-pack-quantized"
+    assert (a.num_bits, a.type, a.strategy, a.group_size, a.symmetric, a.dynamic) == \
+        (4, "float", "tensor_group", 16, True, "local")
+    sd = _tensors(out)
+    q = _weights_only(load(ck))
+    mods = _quant_modules(q)
+    # what each Linear sees at calibration: weights quantized, activations in float, one window at a time
+    seen: dict[str, list[torch.Tensor]] = {n: [] for n in mods}
+    hooks = [m.register_forward_pre_hook(lambda m, args, n=n: seen[n].append(args[0].detach().float()))
+             for n, m in mods.items()]
+    with torch.no_grad():
+        for i in range(CALIB.shape[0]):
+            q(CALIB[i : i + 1])
+    for h in hooks:
+        h.remove()
+    dec = _ct_decompress(out, mods)
+    for name, m in mods.items():
+        amax = max(float(x.abs().max()) for x in seen[name])
+        assert m.act.input_amax == amax, name
+        igs = sd[f"{name}.input_global_scale"]
+        assert igs.dtype == torch.float32 and igs.shape == (1,)
+        assert float(igs) == float(torch.tensor(448.0 * 6.0) / torch.tensor(amax)), name
+        assert torch.equal(dec[name][0], m.dequantize_weight(torch.bfloat16)), name
+    for i in range(2):
+        for group in (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("mlp.gate_proj", "mlp.up_proj")):
+            for key in ("input_global_scale", "weight_global_scale"):
+                assert len({float(sd[f"model.layers.{i}.{n}.{key}"]) for n in group}) == 1, (group, key)
+
+    # activation quantization: compressed-tensors' (dynamic block scales under the static global scale) on the
+    # calibration inputs, and on inputs 1.5x larger than anything calibrated (block scales saturate at 448), is
+    # quantkit's NVFP4 reference with tensor scale 1 / input_global_scale: the same codes and scales, values
+    # within one fp32 rounding (the two multiply the scales in another order). In fp32: compressed-tensors
+    # computes in the input's dtype, and in bf16 it rounds block_amax / 6 to bf16 before the e4m3 rounding.
+    name = "model.layers.1.mlp.gate_proj"
+    igs = sd[f"{name}.input_global_scale"]
+    for x in (torch.cat(seen[name]), 1.5 * torch.cat(seen[name])):
+        scale, zp = compute_dynamic_scales_and_zp(value=x, args=a, module=torch.nn.Module(), global_scale=igs)
+        ct = fake_quantize(x=x, scale=scale, zero_point=zp, args=a, global_scale=igs)
+        torch.testing.assert_close(ct, nvfp4_fake_quant(x, 1.0 / igs), rtol=2.0**-22, atol=0)
+
+    # transformers' dequantize route: a dense model of quantkit's weights (no activation quantization)
+    _bf16_close(_logits(q), _logits(_hf(out, dequantize=True)))
+
+
 # ------------------------------------------------------------------------------------------------ refusals
 
 
 REFUSALS = [
     ("rtn-w4g128", {"hidden": 96, "inter": 200}, "group_size 128 does not divide its 96 input features"),
     (QKV_MIXED, {}, "serving engines fuse q_proj/k_proj/v_proj into one matrix with one scheme"),
-    ("nvfp4-w4a16", {}, "different NVFP4 tensor scales"),
+    ("nvfp4-w4a16", {"legacy": True}, "different NVFP4 tensor scales"),
     ("hlq-rtn-w2g64", {}, "nearest exportable recipe is 'rtn-w2g64'"),
     ("arcquant-nvfp4", {}, "ARCQuant's residual activation channels"),
-    ("nvfp4-rtn", {}, "quantkit records none"),
+    ("nvfp4-rtn", {"legacy": True}, "this checkpoint has none"),
     ("comet-w4ax", {}, "nearest exportable recipe is 'w4a8-rtn'"),
     ("flexq-w6a6-noa8", {}, "nearest exportable recipe is 'flexq-w6a8'"),
     ("w4a4-rtn", {}, "nearest exportable recipe is 'w4a8-rtn'"),

@@ -314,6 +314,77 @@ def _arc_inputs(m=5, k=96, seed=8):
     return x, reorder
 
 
+# ------------------------------------------------------------------------------ one tensor scale per fused group
+
+
+def test_bind_shares_the_largest_amax_and_equals_prepare_for_one_matrix():
+    fmt = make_format(_spec())
+    w1, w2, w3 = _x((8, 32), 1), _x((4, 32), 2, 3.0), _x((8, 48), 3, 0.5)
+    bound = fmt.bind([w1, w2, w3])
+    assert bound.tensor_scale == float(compute_tensor_scale(torch.cat([w.flatten() for w in (w1, w2, w3)])))
+    assert fmt.bind([w1]).tensor_scale == fmt.prepare(w1).tensor_scale == float(compute_tensor_scale(w1))
+    # every member quantizes against the shared scale and stores it: one global scale for the fused matrix
+    for w in (w1, w3):
+        codes, params = rtn_quantize(w, bound)
+        assert float(bound.pack(codes, params, w.shape[1])["tensor_scale"]) == bound.tensor_scale
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        fmt.bind([w1, torch.full((2, 16), float("nan"))])
+
+
+GPTQ_NVFP4 = {"name": "gptq-nvfp4", "method": {"name": "gptq"}, "weights": {"format": "nvfp4", "bits": 4,
+                                                                           "group_size": 16}}
+LLAMA_GROUPS = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.o_proj",),
+                ("mlp.gate_proj", "mlp.up_proj"), ("mlp.down_proj",))
+
+
+def _check_shared_scales(model, floats: dict) -> None:
+    """Each group of Linears that reads one input stores S = (largest amax of the group's float weights)/2688."""
+    for i in range(len(model.model.layers)):
+        for group in LLAMA_GROUPS:
+            names = [f"model.layers.{i}.{n}" for n in group]
+            amax = max(floats[n].abs().amax() for n in names)
+            for n in names:
+                assert float(model.get_submodule(n).tensor_scale) == float(compute_tensor_scale(amax)), n
+
+
+@pytest.mark.parametrize("recipe", ["nvfp4-w4a16", "nvfp4-rtn", "arcquant-nvfp4", GPTQ_NVFP4],
+                         ids=["rtn-no-data", "w4a4", "arcquant", "gptq"])
+def test_pipeline_binds_one_tensor_scale_per_fused_group(recipe):
+    """q/k/v and gate/up share one NVFP4 tensor scale (serving engines fuse them under one global scale), with
+    calibration data (traced sub-blocks) and without (the adapter's declared ones); o and down keep their own."""
+    from conftest import tiny_llama
+    from quantkit.pipeline import quantize_model
+    from quantkit.recipe import load_recipe
+
+    m = tiny_llama()
+    floats = {n: mod.weight.detach().clone() for n, mod in m.named_modules() if isinstance(mod, torch.nn.Linear)}
+    calib = torch.randint(0, 512, (2, 32), generator=torch.Generator().manual_seed(1))
+    quantize_model(m, load_recipe(recipe), calib, progress=False)
+    _check_shared_scales(m, floats)
+
+
+@pytest.mark.parametrize("recipe", ["nvfp4-w4a16", "nvfp4-rtn"])
+def test_streamed_checkpoint_shares_the_same_scales(recipe, tmp_path):
+    """The streaming pipeline binds the same groups: its checkpoint equals the in-memory one."""
+    from test_offload import make_source, stream
+
+    from conftest import tiny_llama
+    from quantkit.checkpoint import load
+    from quantkit.pipeline import quantize_model
+    from quantkit.recipe import load_recipe
+
+    calib = torch.randint(0, 512, (2, 32), generator=torch.Generator().manual_seed(1))
+    make_source(tmp_path / "src")
+    q = load(stream(tmp_path / "src", tmp_path / "q", recipe, calib))
+    ref = tiny_llama()
+    floats = {n: mod.weight.detach().clone() for n, mod in ref.named_modules() if isinstance(mod, torch.nn.Linear)}
+    quantize_model(ref, load_recipe(recipe), calib, progress=False)
+    _check_shared_scales(q, floats)
+    sd, ref_sd = q.state_dict(), ref.state_dict()
+    assert sd.keys() == ref_sd.keys() and all(torch.equal(sd[k], ref_sd[k]) for k in sd)
+
+
+
 @pytest.mark.parametrize("s", [0, 16, 32])
 def test_arc_activation_layout_and_fake_quant(s):
     x, reorder = _arc_inputs()

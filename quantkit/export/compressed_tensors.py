@@ -18,14 +18,22 @@ re-laid-out, never re-quantized. Scheme → compressed-tensors (the layouts of c
   8 bits, symmetric, dynamic, strategy token (per-token) or group}.
 - `nvfp4` weights, 16-bit activations → `nvfp4-pack-quantized`: `weight_packed uint8 [N, K/2]` (the same
   nibble order), `weight_scale float8_e4m3fn [N, K/16]`, `weight_global_scale fp32 [1]` = 1 / tensor scale
-  (compressed-tensors divides by it). Serving engines fuse q/k/v and gate/up under one global scale, so the
-  members of each group must have the same tensor scale; quantkit fits one per matrix, and where they differ
-  the export is refused (re-deriving a shared scale would re-round every block scale).
+  (compressed-tensors divides by it). Serving engines fuse q/k/v and gate/up under one global scale; quantkit
+  fits one tensor scale per such group (`WeightFormat.bind`), so the members agree. A checkpoint whose members
+  differ (written before quantkit shared them) is refused: re-deriving a shared scale would re-round every
+  block scale.
+- `nvfp4` weights with plain NVFP4 activations (`nvfp4-rtn`, no residual channels) → the same tensors plus
+  `input_global_scale fp32 [1]` = 448·6 / amax, amax = the largest |x| recorded at calibration
+  (`input_amax` of the module's activation entry; compressed-tensors' `generate_gparam` convention), the
+  largest of a fused group's members for all of them; input activations {float, 4 bits, tensor_group 16,
+  symmetric, dynamic "local": block scales per call, the global scale static}. quantkit's own runtime computes
+  the activation tensor scale per call; a serving engine uses the recorded one, so activations above the
+  calibration amax saturate there.
 
 Refused, one line each, nothing written (QuantkitError): group sizes that do not divide K; q/k/v or gate/up
 with different schemes; HLQ weights, ARCQuant residual channels, COMET's mixed INT4/INT8 blocks, activations
-below 8 bits (W6A6, W4A4 int), NVFP4 W4A4 (quantkit records no activation amax to give an
-input_global_scale) and the KV4 cache — each message names the nearest shipped recipe that exports.
+below 8 bits (W6A6, W4A4 int), NVFP4 W4A4 checkpoints without a recorded activation amax (written before
+quantkit recorded it) and the KV4 cache — each message names the nearest shipped recipe that exports.
 """
 
 from __future__ import annotations
@@ -40,6 +48,9 @@ MISSING_EXTRA = ("--to compressed-tensors needs the compressed-tensors package: 
 FORMAT_PACKED = "pack-quantized"
 FORMAT_INT = "int-quantized"
 FORMAT_NVFP4 = "nvfp4-pack-quantized"
+NVFP4_RANGE = 448.0 * 6.0  # e4m3 max · e2m1 max: a global scale maps the tensor's amax onto it
+_NVFP4_ARGS = {"num_bits": 4, "type": "float", "strategy": "tensor_group", "group_size": 16, "symmetric": True,
+               "scale_dtype": "torch.float8_e4m3fn", "zp_dtype": "torch.float8_e4m3fn"}
 
 
 def _require_ct():
@@ -79,7 +90,7 @@ def scheme_for(name: str, entry: dict, qc: dict) -> tuple[str, dict, dict | None
     and which shipped recipe does."""
     fmt, bits = entry.get("format"), int(entry.get("bits", 0))
     g = entry.get("group_size")
-    k = int(entry.get("weight_in_features", entry["in_features"]))
+    k = int(entry["in_features"])  # the model's K (weight_in_features adds ARCQuant's refused residual columns)
     act = entry.get("act")
     where = f"module '{name}'"
     if fmt == "hlq":
@@ -92,18 +103,18 @@ def scheme_for(name: str, entry: dict, qc: dict) -> tuple[str, dict, dict | None
             raise QuantkitError(f"{where}: ARCQuant's residual activation channels have no compressed-tensors "
                                 f"form; the nearest exportable recipe is 'nvfp4-w4a16' (NVFP4 weights, 16-bit "
                                 f"activations)")
-        if afmt == "nvfp4":
+        if afmt == "nvfp4" and act.get("input_amax") is None:
             raise QuantkitError(f"{where}: NVFP4 W4A4 needs an input_global_scale from an activation amax "
-                                f"recorded at calibration and quantkit records none (its NVFP4 activation scale "
-                                f"is computed per call); the nearest exportable recipe is 'nvfp4-w4a16'")
+                                f"recorded at calibration and this checkpoint has none (written before quantkit "
+                                f"recorded it): re-quantize it with this version, or export 'nvfp4-w4a16'")
         if afmt == "fmpq":
             raise QuantkitError(f"{where}: COMET activations (mixed INT4/INT8 blocks over permuted channels) "
                                 f"have no compressed-tensors form; the nearest exportable recipe is 'w4a8-rtn' "
                                 f"(4-bit g128 weights, dynamic per-token INT8 activations)")
-        if afmt != "int":
+        if afmt not in ("int", "nvfp4"):
             raise QuantkitError(f"{where}: activation format '{afmt}' has no compressed-tensors form; the "
                                 f"nearest exportable recipe is 'w4a8-rtn'")
-        if abits != 8:
+        if afmt == "int" and abits != 8:
             alt = "flexq-w6a8" if fmt == "int6" or bits == 6 else "w4a8-rtn"
             raise QuantkitError(f"{where}: {abits}-bit activations (W{bits}A{abits}) have no compressed-tensors "
                                 f"form that matches quantkit's (symmetric ±{(1 << (abits - 1)) - 1}) or that a "
@@ -117,10 +128,13 @@ def scheme_for(name: str, entry: dict, qc: dict) -> tuple[str, dict, dict | None
                             f"compressed-tensors stores whole groups only; re-quantize with {_divisor_hint(k)} "
                             f"(a group size that divides every Linear's input features) or per-channel")
     if fmt == "nvfp4":
-        weights = {"num_bits": 4, "type": "float", "strategy": "tensor_group", "group_size": 16,
-                   "symmetric": True, "dynamic": False, "scale_dtype": "torch.float8_e4m3fn",
-                   "zp_dtype": "torch.float8_e4m3fn"}
-        return FORMAT_NVFP4, weights, None
+        acts = None
+        if act is not None:  # plain NVFP4 activations (residual channels were refused above)
+            acts = {**_NVFP4_ARGS, "dynamic": "local", "observer": "static_minmax"}
+        return FORMAT_NVFP4, {**_NVFP4_ARGS, "dynamic": False}, acts
+    if act is not None and act.get("format") != "int":
+        raise QuantkitError(f"{where}: NVFP4 activations with '{fmt}' weights have no compressed-tensors form; "
+                            f"the nearest exportable recipe is 'nvfp4-rtn'")
     sym = True if fmt == "int6" else bool(entry.get("symmetric"))
     weights = {"num_bits": bits, "type": "int", "symmetric": sym, "dynamic": False,
                "strategy": "group" if g is not None else "channel"}
@@ -155,63 +169,96 @@ def _words(s: tuple[str, dict, dict | None] | None) -> str:
     _, w, a = s
     g = f"g{w['group_size']}" if w.get("group_size") else "per-channel"
     t = "nvfp4" if w["type"] == "float" else f"int{w['num_bits']}{'' if w['symmetric'] else ' asym'}"
+    if a and a["type"] == "float":
+        return f"{t} {g} + nvfp4 activations"
     return f"{t} {g}" + (f" + int8 {a['strategy']} activations" if a else "")
 
 
-def check_fused(model, schemes: dict) -> None:
-    """q/k/v and gate/up (the projections serving engines fuse into one matrix) need one scheme, and with
-    NVFP4 one tensor scale; a one-line QuantkitError otherwise."""
+def fused_groups(model) -> list[list[str]]:
+    """Full names of the Linears serving engines fuse into one matrix (q/k/v, gate/up), per group."""
     from torch import nn
 
     from quantkit.adapters import adapter_for
     from quantkit.nn import QuantLinear
 
-    groups = adapter_for(model, check=False).fusable_groups
+    out = []
     for parent, mod in model.named_modules():
-        for group in groups:
+        for group in adapter_for(model, check=False).fusable_groups:
             members = [(f"{parent}.{n}" if parent else n) for n in group if isinstance(getattr(mod, n, None),
                                                                                     (nn.Linear, QuantLinear))]
-            if len(members) < 2:
-                continue
-            first = members[0]
-            for other in members[1:]:
-                if schemes.get(first) != schemes.get(other):
-                    raise QuantkitError(
-                        f"'{first}' ({_words(schemes.get(first))}) and '{other}' ({_words(schemes.get(other))}) "
-                        f"differ, but serving engines fuse {'/'.join(group)} into one matrix with one scheme: "
-                        f"quantize them alike (one recipe override matching all of {', '.join(group)})")
-            s = schemes.get(first)
-            if s is not None and s[0] == FORMAT_NVFP4:
-                scales = {m: float(model.get_submodule(m).tensor_scale.reshape(-1)[0]) for m in members}
-                other = next((m for m in members if scales[m] != scales[first]), None)
-                if other is not None:
-                    raise QuantkitError(
-                        f"'{first}' and '{other}' have different NVFP4 tensor scales ({scales[first]:.6g} vs "
-                        f"{scales[other]:.6g}): "
-                        f"quantkit fits one per matrix, serving engines fuse {'/'.join(group)} under one global "
-                        f"scale, and re-deriving a shared one would re-round every block scale, so the export "
-                        f"would not be exact; use --dequantize for a 16-bit folder, or an int recipe "
-                        f"(rtn-w4g128) for compressed-tensors")
+            if len(members) > 1:
+                out.append(members)
+    return out
+
+
+def shared_input_amax(model, schemes: dict) -> dict[str, float]:
+    """module name -> the activation amax its input_global_scale is made from: the largest recorded amax of
+    its fused group (q/k/v read one input, so theirs agree; the largest keeps every member unsaturated)."""
+    amax = {n: float(model.get_submodule(n).act.input_amax) for n, s in schemes.items() if s[2] is not None
+            and s[0] == FORMAT_NVFP4}
+    for members in fused_groups(model):
+        shared = [amax[m] for m in members if m in amax]
+        if shared:
+            amax.update(dict.fromkeys((m for m in members if m in amax), max(shared)))
+    return amax
+
+
+def check_fused(model, schemes: dict) -> None:
+    """q/k/v and gate/up (the projections serving engines fuse into one matrix) need one scheme, and with
+    NVFP4 one tensor scale; a one-line QuantkitError otherwise."""
+    for members in fused_groups(model):
+        group = [m.rsplit(".", 1)[-1] for m in members]
+        first = members[0]
+        for other in members[1:]:
+            if schemes.get(first) != schemes.get(other):
+                raise QuantkitError(
+                    f"'{first}' ({_words(schemes.get(first))}) and '{other}' ({_words(schemes.get(other))}) "
+                    f"differ, but serving engines fuse {'/'.join(group)} into one matrix with one scheme: "
+                    f"quantize them alike (one recipe override matching all of {', '.join(group)})")
+        s = schemes.get(first)
+        if s is not None and s[0] == FORMAT_NVFP4:
+            scales = {m: float(model.get_submodule(m).tensor_scale.reshape(-1)[0]) for m in members}
+            other = next((m for m in members if scales[m] != scales[first]), None)
+            if other is not None:
+                raise QuantkitError(
+                    f"'{first}' and '{other}' have different NVFP4 tensor scales ({scales[first]:.6g} vs "
+                    f"{scales[other]:.6g}): serving engines fuse {'/'.join(group)} under one global scale, "
+                    f"and re-deriving a shared one would re-round every block scale; re-quantize with this "
+                    f"quantkit version (it fits one tensor scale per fused group), or use --dequantize")
 
 
 # ---------------------------------------------------------------------------------------------- tensors
 
 
-def module_tensors(m, scheme: tuple[str, dict, dict | None]) -> dict:
-    """The compressed-tensors tensors (local names) of QuantLinear `m` under `scheme`."""
+def input_global_scale(amax: float):
+    """compressed-tensors' input_global_scale for an activation amax: 448·6 / amax in fp32, [1] (its
+    `generate_gparam`; 1.0 where the amax is 0, as there)."""
+    import torch
+
+    a = torch.tensor(amax, dtype=torch.float32)
+    gs = torch.tensor(NVFP4_RANGE, dtype=torch.float32) / a.clamp_min(torch.finfo(torch.float32).tiny)
+    return torch.nan_to_num(gs, nan=1.0, posinf=1.0, neginf=1.0).reshape(1)
+
+
+def module_tensors(m, scheme: tuple[str, dict, dict | None], amax: float | None = None) -> dict:
+    """The compressed-tensors tensors (local names) of QuantLinear `m` under `scheme` (amax: the activation amax
+    of its input_global_scale, for NVFP4 activations)."""
     import torch
     from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
 
-    fmt, w, _ = scheme
+    fmt, w, a = scheme
     n, k = m.out_features, m.weight_in_features
     if fmt == FORMAT_NVFP4:
         kp = m.fmt.padded_k(k)
         if kp != k:  # excluded by the group-size check; kept as a guard
             raise QuantkitError(f"NVFP4 module with {k} input features (not a multiple of 16)")
         ts = m.tensor_scale.reshape(-1)[0].float()
-        return {"weight_packed": m.qweight.contiguous(),
-                "weight_scale": m.block_scales.contiguous(),
-                "weight_global_scale": (1.0 / ts).reshape(1).float()}
+        out = {"weight_packed": m.qweight.contiguous(),
+               "weight_scale": m.block_scales.contiguous(),
+               "weight_global_scale": (1.0 / ts).reshape(1).float()}
+        if a is not None:
+            out["input_global_scale"] = input_global_scale(amax)
+        return out
     bits = w["num_bits"]
     half = 1 << (bits - 1)
     codes, params = m.fmt.unpack(m.packed(), m.fmt.padded_k(k))
@@ -276,6 +323,7 @@ def export_compressed_tensors(ckpt, out, overwrite: bool = False, max_shard_byte
     ck.check_out_dir(out, overwrite)
     model = ck.load(ckpt)
     check_fused(model, schemes)
+    amax = shared_input_amax(model, schemes)
     qmods = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
     tensors = {}
     for key, t in ck._state_for_saving(model).items():
@@ -283,7 +331,7 @@ def export_compressed_tensors(ckpt, out, overwrite: bool = False, max_shard_byte
         if owner is None or key == f"{owner}.bias":
             tensors[key] = t
     for name, m in qmods.items():
-        for local, t in module_tensors(m, schemes[name]).items():
+        for local, t in module_tensors(m, schemes[name], amax.get(name)).items():
             tensors[f"{name}.{local}"] = t.detach().cpu().contiguous()
     tensors = dict(sorted(tensors.items()))
     qconfig = quantization_config(schemes, model, ct)

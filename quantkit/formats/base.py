@@ -121,6 +121,14 @@ class WeightFormat(ABC):
         kp = self.padded_k(k)
         return torch.nn.functional.pad(codes, (0, kp - codes.shape[1])) if kp > codes.shape[1] else codes
 
+    def bind(self, weights) -> WeightFormat:
+        """The format to quantize `weights` with when they must share any whole-matrix parameter: the
+        (transformed) weights of the Linears of one sub-block with this scheme, which read one input and which
+        serving engines fuse into one matrix (q/k/v, gate/up). The pipeline calls it once per such group, one
+        matrix for a Linear alone. Formats with per-group parameters only: self (the default); NVFP4 binds its
+        tensor scale."""
+        return self
+
     # fit / quantize / dequantize work on any leading dims: w [..., g] with params [..., (extra)]
     @abstractmethod
     def fit(self, w: torch.Tensor) -> Params: ...

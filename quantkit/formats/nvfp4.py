@@ -27,6 +27,9 @@ format object is *bound* to a tensor scale: `fmt.prepare(w)` returns a copy boun
 the whole matrix. `quantize_rtn` binds itself automatically; GPTQ needs the caller to pass a bound format
 (`gptq_quantize(w, H, fmt.prepare(w))`): groups are then fitted against exactly the stored S and e4m3 scales
 (GPTQ's updated weights may exceed the original amax; their block scales saturate at 448 and codes at ±6).
+`fmt.bind([w_q, w_k, w_v])` binds one S to several matrices (S = their largest amax / 2688): the pipeline
+binds the Linears of one sub-block (those that read one input, which serving engines fuse into one matrix
+with one global scale) this way, so q/k/v and gate/up share a tensor scale.
 An unbound format fits S from whatever tensor `fit` is given (used only for shape probes); `pack` refuses
 groups fitted with different tensor scales. With `scale_search: mse` the weight format picks each block scale
 by search instead of the block-scale rule above (any e4m3 value is a legal scale; everything else, including
@@ -263,8 +266,20 @@ class NVFP4Format(WeightFormat):
 
     def prepare(self, w: torch.Tensor) -> NVFP4Format:
         """A copy bound to the tensor scale of the whole weight matrix w [N, K] (S = amax(|w|)/2688)."""
-        _check_finite(w, "weight")
-        return type(self)(self.bits, self.group_size, tensor_scale=float(compute_tensor_scale(w.float())),
+        return self.bind([w])
+
+    def bind(self, weights) -> NVFP4Format:
+        """A copy bound to one tensor scale shared by `weights` (the matrices a serving engine fuses into one,
+        e.g. q/k/v): S = max over them of amax(|w|) / 2688, so the fused matrix has the S of its own amax.
+        One matrix gives `prepare`'s S bit for bit."""
+        amax = None
+        for w in weights:
+            _check_finite(w, "weight")
+            a = w.detach().abs().amax().float() if w.numel() else torch.zeros((), device=w.device)
+            amax = a if amax is None else torch.maximum(amax, a.to(amax.device))
+        if amax is None:
+            raise ValueError("NVFP4Format.bind needs at least one weight matrix")
+        return type(self)(self.bits, self.group_size, tensor_scale=float(compute_tensor_scale(amax)),
                           scale_search=self.scale_search)
 
     def _scale(self, w: torch.Tensor) -> torch.Tensor:

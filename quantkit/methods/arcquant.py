@@ -24,6 +24,10 @@ effectively meet), and the appended columns are copies of the quantized outlier 
 docs/methods/arcquant.md).
 
 `residual: false` gives plain NVFP4 W4A4 (recipe nvfp4-rtn): no reorder, no residual channels.
+
+Both variants record the largest |x| over all calibration tokens (`input_amax`, saved in the module's entry):
+a static statistic for exporters (compressed-tensors' input_global_scale = 448·6 / input_amax). quantkit's own
+runtime keeps its dynamic per-call tensor scale.
 """
 
 from __future__ import annotations
@@ -84,6 +88,26 @@ class ARCCollector:
     def residual_channels(self, rule: str, multiple: int = BLOCK, cap: float = 1.0) -> int:
         return _residual_count(self.k, self.ratio(rule), multiple, cap)
 
+    @property
+    def amax(self) -> float:
+        return float(self.chan_max.max()) if self.k else 0.0
+
+
+class AmaxCollector:
+    """max |x| over every calibration input: all plain NVFP4 activations (no residual channels) calibrate."""
+
+    def __init__(self):
+        self._amax = torch.zeros(())
+
+    @torch.no_grad()
+    def add(self, x: torch.Tensor) -> None:
+        if x.numel():
+            self._amax = torch.maximum(self._amax, x.detach().abs().amax().float().cpu())
+
+    @property
+    def amax(self) -> float:
+        return float(self._amax)
+
 
 def _residual_count(k: int, ratio: float, multiple: int, cap: float) -> int:
     """ratio · K rounded up to `multiple`, capped at cap · K (whole blocks)."""
@@ -127,6 +151,7 @@ class ARCActQuantizer(ActQuantizer):
             raise QuantkitError(f"ARCQuant residual channels = {residual} must be a multiple of {BLOCK} in "
                                 f"[0, {in_features}]")
         self.residual = int(residual)
+        self.input_amax: float | None = None  # max |x| over the calibration inputs (for exporters)
         self.kp = -(-in_features // BLOCK) * BLOCK
         self.register_buffer("reorder", reorder.to(torch.int32) if reorder is not None
                              else torch.arange(in_features, dtype=torch.int32))
@@ -141,21 +166,25 @@ class ARCActQuantizer(ActQuantizer):
 
     @classmethod
     def wants_calibration(cls, spec: ActSpec) -> bool:
-        return _residual_settings(spec)[0]
+        _residual_settings(spec)  # (checks the keys)
+        return True  # the reorder and residual count, or at least the activation amax
 
     @classmethod
     def collector(cls, spec: ActSpec, linear: nn.Module):
         use, rule, _, _ = _residual_settings(spec)
-        return ARCCollector(linear.in_features, (rule,)) if use else None
+        return ARCCollector(linear.in_features, (rule,)) if use else AmaxCollector()
 
     @classmethod
     def from_calibration(cls, spec: ActSpec, linear: nn.Module, collected) -> ActQuantizer:
         use, rule, mult, cap = _residual_settings(spec)
-        if not use or collected is None:
-            return cls(spec, linear.in_features)
-        reorder = torch.argsort(collected.chan_max, stable=True)
-        q = cls(spec, linear.in_features, reorder, collected.residual_channels(rule, mult, cap))
-        q.collected = collected  # in memory only: lets quantkit.eval.act_variants re-plan under another rule
+        if use and isinstance(collected, ARCCollector):
+            reorder = torch.argsort(collected.chan_max, stable=True)
+            q = cls(spec, linear.in_features, reorder, collected.residual_channels(rule, mult, cap))
+            q.collected = collected  # in memory only: lets quantkit.eval.act_variants re-plan under another rule
+        else:
+            q = cls(spec, linear.in_features)
+        if collected is not None:
+            q.input_amax = collected.amax
         return q
 
     @classmethod
@@ -170,15 +199,23 @@ class ARCActQuantizer(ActQuantizer):
 
     def with_spec(self, spec: ActSpec) -> ActQuantizer:
         c = getattr(self, "collected", None)
-        return type(self).from_calibration(spec, nn.Linear(self.in_features, 1, bias=False, device="meta"), c)
+        q = type(self).from_calibration(spec, nn.Linear(self.in_features, 1, bias=False, device="meta"), c)
+        q.input_amax = self.input_amax
+        return q
 
     def extra_state(self) -> dict[str, Any]:
-        return {"residual_channels": self.residual, "bits_per_activation": round(4.5 * (self.kp + self.residual)
-                                                                        / self.in_features, 4)}
+        e = {"residual_channels": self.residual, "bits_per_activation": round(4.5 * (self.kp + self.residual)
+                                                                     / self.in_features, 4)}
+        if self.input_amax is not None:
+            e["input_amax"] = self.input_amax  # an fp32 value: exact as a JSON float
+        return e
 
     @classmethod
     def from_entry(cls, spec: ActSpec, in_features: int, extra: dict[str, Any]) -> ActQuantizer:
-        return cls(spec, in_features, None, int(extra.get("residual_channels", 0)))
+        q = cls(spec, in_features, None, int(extra.get("residual_channels", 0)))
+        amax = extra.get("input_amax")
+        q.input_amax = None if amax is None else float(amax)
+        return q
 
     def _gather(self, t: torch.Tensor) -> torch.Tensor:
         idx = self.reorder.to(device=t.device, dtype=torch.long)
