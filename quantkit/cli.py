@@ -50,20 +50,61 @@ def cli() -> None:
 @click.option("--max-activation-memory", default="4GB", show_default=True,
               help="Calibration activations kept on the device (e.g. 512MB, 4GB); the rest spill to disk.")
 @click.option("--dry-run", is_flag=True, help="With --offload: print the peak RAM / VRAM / disk estimate only.")
+@click.option("--gpus", type=click.IntRange(1), default=None,
+              help="Spread the work over this many GPUs of this host (torch.distributed, NCCL); implies "
+                   "--device cuda. The checkpoint is byte-identical to the one-GPU run.")
+@click.option("--nproc", type=click.IntRange(1), default=None,
+              help="Spread the work over this many processes on --device (gloo on CPU); as --gpus.")
 def quantize(model, recipe, out, dataset, nsamples, seq_len, seed, device, overwrite, offload, offload_dir,
-             max_activation_memory, dry_run):
-    """Quantize MODEL ('demo', an HF folder or a .gguf file) with a recipe and write a packed checkpoint."""
+             max_activation_memory, dry_run, gpus, nproc):
+    """Quantize MODEL ('demo', an HF folder or a .gguf file) with a recipe and write a packed checkpoint.
+
+    Several processes: `--gpus N` / `--nproc N` start them (through torch.distributed's launcher), or run
+    `torchrun --nproc-per-node N -m quantkit.cli quantize ...` directly."""
     import quantkit as qk
     from quantkit.checkpoint import check_out_dir
     from quantkit.data import load_text
     from quantkit.pipeline import needs_calibration
 
+    if gpus is not None and nproc is not None and gpus != nproc:
+        raise QuantkitError(f"--gpus {gpus} and --nproc {nproc} disagree: give one of them")
+    if gpus is not None:
+        if not device.startswith("cuda"):
+            device = "cuda"
+    n = gpus or nproc or 1
     _check_device(device)
     rec = qk.load_recipe(recipe)
     if dry_run and not offload:
         raise QuantkitError("--dry-run estimates a streamed run: add --offload")
     if not dry_run:
         check_out_dir(out, overwrite)  # not empty, not writable: fail before the long part, not after
+    from quantkit import distributed
+
+    if n > 1 and not distributed.in_torchrun():
+        if dry_run:
+            raise QuantkitError("--dry-run estimates one process: drop --gpus / --nproc (the estimate per process "
+                                "is the same: each holds one layer and its share of the activations)")
+        import torch
+
+        if device.startswith("cuda") and gpus is not None and torch.cuda.device_count() < n:
+            raise QuantkitError(f"--gpus {n} asked for, but torch sees {torch.cuda.device_count()} GPU(s); use at "
+                                f"most that many")
+        argv = ["quantize", str(model), "--recipe", str(recipe), "--out", str(out), "--dataset", str(dataset),
+                "--nsamples", str(nsamples), "--seq-len", str(seq_len), "--seed", str(seed), "--device", device,
+                "--max-activation-memory", str(max_activation_memory)]
+        argv += ["--overwrite"] * overwrite + ["--offload"] * offload
+        if offload_dir is not None:
+            argv += ["--offload-dir", str(offload_dir)]
+        t0 = time.perf_counter()
+        code = distributed.launch(n, argv)
+        if code:
+            sys.exit(code)
+        click.echo(f"quantized with '{rec.name}' on {n} processes in {time.perf_counter() - t0:.1f} s -> {out}")
+        return
+    if distributed.in_torchrun():
+        _quantize_worker(model, rec, out, dataset, nsamples, seq_len, seed, device, overwrite, offload, offload_dir,
+                         max_activation_memory, dry_run)
+        return
     if offload:
         if needs_calibration(rec) and not dry_run:
             load_text(dataset, "train")
@@ -83,6 +124,54 @@ def quantize(model, recipe, out, dataset, nsamples, seq_len, seed, device, overw
     qk.save(m, out, overwrite=overwrite)
     click.echo(f"quantized {len(m.quantkit_report.modules)} modules with '{rec.name}' in {secs:.1f} s "
                f"-> {out}")
+
+
+def _quantize_worker(model, rec, out, dataset, nsamples, seq_len, seed, device, overwrite, offload, offload_dir,
+                     max_activation_memory, dry_run) -> None:
+    """One rank of a run over several processes (started by torchrun or `--gpus/--nproc`): every rank runs the
+    pipeline on its share of the calibration windows; rank 0 writes. A failure stops this rank with one line
+    (for the launcher, in its error folder) and a nonzero status; the launcher then stops the others."""
+    import os
+
+    import quantkit as qk
+    from quantkit import distributed
+    from quantkit.data import load_text
+    from quantkit.pipeline import needs_calibration
+
+    dist = distributed.Dist()
+    try:
+        dist, device = distributed.init_from_env(device)
+        if needs_calibration(rec) and not dry_run:
+            load_text(dataset, "train")
+        t0 = time.perf_counter()
+        if offload:
+            res = qk.quantize_streaming(model, rec, out, dataset=dataset, nsamples=nsamples, seq_len=seq_len,
+                                        device=device, seed=seed, offload_dir=offload_dir,
+                                        max_activation_memory=max_activation_memory, overwrite=overwrite,
+                                        dry_run=dry_run, progress=dist.is_writer,
+                                        log=None if dist.is_writer else (lambda s: None))
+        else:
+            m = qk.quantize(model, rec, dataset=dataset, nsamples=nsamples, seq_len=seq_len, device=device,
+                            seed=seed, progress=dist.is_writer)
+            res = out
+            if dist.is_writer:
+                qk.save(m, out, overwrite=overwrite)
+        dist.barrier()
+        if dist.is_writer and not dry_run and not os.environ.get(distributed.ERROR_DIR_ENV):  # else: the launcher
+            click.echo(f"quantized with '{rec.name}' (rank 0 of {dist.world}) in {time.perf_counter() - t0:.1f} s "
+                       f"-> {res}")
+        distributed.shutdown()
+    except QuantkitError as e:
+        code = distributed.report_error(dist, str(e))
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)  # no teardown: the peers may be stuck in a collective; the launcher stops them
+    except Exception as e:  # noqa: BLE001 (a broken collective after a peer died, or a bug: reported below)
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        code = distributed.report_error(dist, None, f"{type(e).__name__}: {first}")
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
 
 
 @cli.group(name="eval")

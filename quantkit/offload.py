@@ -26,8 +26,14 @@ the last manifest update), reloads the recorded activations and continues with t
 layer is computed from exactly the bytes an uninterrupted run would use: the result is bit-identical. The
 manifest records the settings that decide the result (source shards, recipe, calibration tokens, dtype,
 device type); a rerun with different ones is refused. Debugging hook for the kill tests:
-`QUANTKIT_DEBUG_KILL=<point>:<layer>` (point = after-shard | after-acts | after-manifest) SIGKILLs the
-process at that point.
+`QUANTKIT_DEBUG_KILL=<point>:<layer>[@<rank>]` (point = after-shard | after-acts | after-manifest) SIGKILLs
+the process (rank 0, or the rank named) at that point; `raise-<point>:...` raises a QuantkitError there.
+
+Several processes (torchrun, `quantkit quantize --gpus N`): every rank streams each layer from the input shards
+and runs its contiguous share of the calibration windows through it (`pipeline.quantize_layer` reduces the
+statistics and spreads the solves); rank 0 alone writes shards, the manifest and the final folder. The saved
+activations file holds every window, each rank writing its share at its offset (then rank 0 renames it), so
+it has the same bytes as a one-process run and a rerun may resume with any number of processes.
 """
 
 from __future__ import annotations
@@ -67,6 +73,7 @@ from quantkit.checkpoint import (
     write_error,
     write_shard,
 )
+from quantkit.distributed import Dist, current
 from quantkit.errors import QuantkitError
 from quantkit.methods import algorithm_for
 from quantkit.models import adapter_for, decoder_layers
@@ -177,7 +184,11 @@ class SourceCheckpoint:
 
 def _debug_kill(point: str, layer: int) -> None:
     spec = os.environ.get("QUANTKIT_DEBUG_KILL")
-    if spec and spec == f"{point}:{layer}":
+    if spec and "@" not in spec:
+        spec += "@0"  # several processes: rank 0 unless the point names another
+    if spec and spec == f"raise-{point}:{layer}@{current().rank}":  # a failing rank, for the tests
+        raise QuantkitError(f"debug failure at {point} of layer {layer} on rank {current().rank}")
+    if spec and spec == f"{point}:{layer}@{current().rank}":
         sys.stdout.flush()
         sys.stderr.flush()
         os.kill(os.getpid(), signal.SIGKILL)
@@ -368,6 +379,8 @@ def _drop_partial_without_work(fn):
         try:
             return fn(model, recipe, out, **kwargs)
         except BaseException:
+            if not current().is_writer:
+                raise  # rank 0 owns `<out>.partial`
             partial = Path(out).expanduser()
             partial = partial.with_name(partial.name + ".partial")
             mpath = partial / MANIFEST_NAME
@@ -419,6 +432,7 @@ def quantize_streaming(
     or with `dry_run` the estimate dict (nothing is written).
     """
     log = log or (lambda s: print(s, file=sys.stderr, flush=True))
+    dist = current()
     rec = load_recipe(recipe)
     device = torch.device(device)
     max_act = parse_size(max_activation_memory)
@@ -446,26 +460,31 @@ def quantize_streaming(
     if data:
         calib = _calibration(path, config, calibration, tokenizer, dataset, nsamples, seq_len, seed, log)
     settings = _settings(path, src, rec, calib, nsamples, seq_len, seed, dataset, device, dtype)
-    manifest = _open_manifest(partial, settings, n_layers)
+    windows = dist.shard(calib.shape[0]) if calib is not None else (0, 0)
+    manifest = _open_manifest(partial, settings, n_layers) if dist.is_writer else None
     run = _StreamedRun(src=src, skel=skel, layers=layers, prefix=prefix, rec=rec, device=device, dtype=dtype,
                        partial=partial, manifest=manifest, n_shards=n_layers + 2, data=data,
-                       cache_weights=cache_weights, host_factorization=host_factorization)
+                       cache_weights=cache_weights, host_factorization=host_factorization, dist=dist,
+                       windows=windows, n_windows=calib.shape[0] if calib is not None else 0)
     prologue = _write_outer_units(run, config)
+    run.manifest = manifest = dist.broadcast_object(manifest)  # rank 0 has cleaned up `<out>.partial`
     t0 = time.perf_counter()
     start = _first_layer_to_do(run)
     spill_root = Path(offload_dir).expanduser() / f"{out.name}.activations" if offload_dir else \
         partial / "activations"
+    if dist.active:
+        spill_root = spill_root / f"rank{dist.rank}"
     remove_tree(spill_root)  # chunks left by a killed run are never reused
     budget = ActivationBudget(max_act)
     xs = ActivationStore(device, budget, spill_root, "in")
     layer_kwargs: list[dict] = []
     if start < n_layers and data:
         layer_kwargs = _capture_inputs(run, prologue, calib, start, xs)
-    if manifest.pop("resumed", False):
+    if manifest.pop("resumed", False) and dist.is_writer:
         log(f"resuming '{partial}': {start} of {n_layers} layers were done")
 
     bar = tqdm(range(start, n_layers), desc=f"quantize [{rec.name}] (offload)", unit="layer",
-               disable=not progress, initial=start, total=n_layers)
+               disable=not progress or not dist.is_writer, initial=start, total=n_layers)
     try:
         for li in bar:
             t_layer = time.perf_counter()
@@ -474,15 +493,21 @@ def quantize_streaming(
             if data and li < n_layers - 1:
                 ys = ActivationStore(device, budget, spill_root, f"out{li % 2}")
             _quantize_streamed_layer(run, li, xs, ys, kwargs, bar)
-            _log_layer(bar if progress else None, log, li, n_layers, time.perf_counter() - t_layer, device)
+            if dist.is_writer:
+                _log_layer(bar if progress else None, log, li, n_layers, time.perf_counter() - t_layer, device)
             xs.close()
             if ys is not None:
                 xs = ys
     finally:
         xs.close()
         remove_tree(spill_root)
-    return _finalize(partial, out, manifest, config, path, tokenizer, n_layers, overwrite, log,
+    if not dist.is_writer:
+        dist.barrier()  # rank 0 writes the index and config.json and renames the folder
+        return out
+    out = _finalize(partial, out, manifest, config, path, tokenizer, n_layers, overwrite, log,
                      time.perf_counter() - t0, budget)
+    dist.barrier()
+    return out
 
 
 @dataclass
@@ -502,6 +527,9 @@ class _StreamedRun:
     data: bool  # the recipe needs calibration data
     cache_weights: bool
     host_factorization: bool
+    dist: Dist = Dist()
+    windows: tuple[int, int] = (0, 0)  # this rank's calibration windows [lo, hi)
+    n_windows: int = 0  # all ranks' windows
 
 
 def _open_source(model, device: torch.device, dtype: torch.dtype | None):
@@ -559,6 +587,8 @@ def _write_outer_units(run: _StreamedRun, config) -> list:
     prologue = adapter.before_layers(run.skel)
     embed_names = [n for n in non_layer if n.startswith(tuple(f"{p}." for p, _ in prologue))]
     head_names = [n for n in non_layer if n not in embed_names]
+    if not run.dist.is_writer:
+        return prologue
     for unit, names, idx in (("embed", embed_names, 1), ("head", head_names, run.n_shards)):
         if unit in run.manifest["units"]:
             continue
@@ -598,7 +628,8 @@ def _capture_inputs(run: _StreamedRun, prologue: list, calib: torch.Tensor, star
             hooks.append(mod.register_forward_hook(lambda m, args, y: y.to(dtype)))
         else:
             _materialize(mod, name, run.src, device, dtype)
-    windows = calib if start == 0 else calib[:1]  # on resume only the kwargs are needed
+    lo, hi = run.windows
+    windows = calib[lo:hi] if start == 0 else calib[lo : lo + 1]  # on resume only the kwargs are needed
     sink = xs.append if start == 0 else (lambda x: None)
     _, layer_kwargs = capture_layer_inputs(run.skel, windows, device, device, sink=sink)
     for h in hooks:
@@ -610,9 +641,14 @@ def _capture_inputs(run: _StreamedRun, prologue: list, calib: torch.Tensor, star
         if acts is None or acts["after_layer"] != start - 1:
             raise QuantkitError(f"'{run.partial / MANIFEST_NAME}' has no saved activations for layer {start}; "
                                 f"the resume state is damaged: delete '{run.partial}' to start over")
-        for x in read_samples(run.partial / acts["file"], acts["n"], tuple(acts["shape"]),
-                              getattr(torch, acts["dtype"])):
-            xs.append(x)
+        if not run.dist.active:
+            for x in read_samples(run.partial / acts["file"], acts["n"], tuple(acts["shape"]),
+                                  getattr(torch, acts["dtype"])):
+                xs.append(x)
+        else:
+            for x in _read_window_slice(run.partial / acts["file"], acts["n"], tuple(acts["shape"]),
+                                        getattr(torch, acts["dtype"]), lo, hi):
+                xs.append(x)
     return layer_kwargs
 
 
@@ -628,10 +664,18 @@ def _quantize_streamed_layer(run: _StreamedRun, li: int, xs: ActivationStore, ys
                          quantized_modules(layer, lprefix, run.rec))
     report = QuantizeReport(recipe=run.rec.name)
     quantize_layer(layer, lprefix, run.rec, xs, kwargs, device, report, bar, cache_weights=run.cache_weights,
-                   host_factorization=run.host_factorization,
+                   host_factorization=run.host_factorization, dist=run.dist,
                    input_groups=adapter_for(run.skel.config).sub_blocks)
     if ys is not None:
         layer_outputs(layer, xs, kwargs, device, ys.append)
+    if not run.dist.is_writer:
+        _follow_streamed_layer(run, li, ys)
+        run.layers[li] = torch.nn.Module()
+        del layer
+        _trim_host_memory()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        return
     # the shard: packed tensors of quantized Linears, everything else as stored in the input
     sd = layer.state_dict()
     keep = {f"{lprefix}.{k}": v for k, v in sd.items()}
@@ -644,9 +688,12 @@ def _quantize_streamed_layer(run: _StreamedRun, li: int, xs: ActivationStore, ys
     old_acts = manifest["acts"]
     if ys is not None:
         afile = f"acts-{li:05d}.bin"
-        _write_or_fail(partial / afile, lambda: write_samples(ys, partial / afile), partial / f"{afile}.tmp")
+        if run.dist.active:
+            _write_window_slice(run, ys, partial / afile, li)
+        else:
+            _write_or_fail(partial / afile, lambda: write_samples(ys, partial / afile), partial / f"{afile}.tmp")
         x0 = ys[0]
-        manifest["acts"] = {"after_layer": li, "file": afile, "n": len(ys), "shape": list(x0.shape),
+        manifest["acts"] = {"after_layer": li, "file": afile, "n": run.n_windows, "shape": list(x0.shape),
                             "dtype": str(x0.dtype).replace("torch.", "")}
         _debug_kill("after-acts", li)
     manifest["units"][f"layer.{li}"] = {
@@ -654,6 +701,7 @@ def _quantize_streamed_layer(run: _StreamedRun, li: int, xs: ActivationStore, ys
         "modules": dict(report.modules)}
     _write_json(partial / MANIFEST_NAME, manifest)
     _debug_kill("after-manifest", li)
+    run.dist.barrier()  # the others wait until this layer is recorded
     if old_acts is not None and old_acts["file"] != (manifest["acts"] or {}).get("file"):
         (partial / old_acts["file"]).unlink(missing_ok=True)
     del tensors
@@ -664,6 +712,58 @@ def _quantize_streamed_layer(run: _StreamedRun, li: int, xs: ActivationStore, ys
     _trim_host_memory()
     if device.type == "cuda":
         torch.cuda.empty_cache()
+
+
+def _follow_streamed_layer(run: _StreamedRun, li: int, ys) -> None:
+    """A rank other than 0 after layer `li`: write its share of the saved activations, wait for the record."""
+    if ys is not None:
+        _write_window_slice(run, ys, run.partial / f"acts-{li:05d}.bin", li)
+    run.dist.barrier()
+
+
+def _write_window_slice(run: _StreamedRun, ys, path: Path, li: int) -> None:
+    """Several processes: the saved activations of all windows in one file, each rank writing its windows at
+    their offset into `<file>.tmp` (created by rank 0); rank 0 renames it once every rank has synced."""
+    dist, (lo, _) = run.dist, run.windows
+    tmp = path.with_name(path.name + ".tmp")
+    x0 = ys[0]
+    nbytes = x0.numel() * x0.element_size()
+    if dist.is_writer:
+        def create():
+            with open(tmp, "wb") as f:
+                f.truncate(run.n_windows * nbytes)
+        _write_or_fail(path, create, tmp)
+    dist.barrier()
+
+    def write():
+        with open(tmp, "r+b") as f:
+            f.seek(lo * nbytes)
+            for i in range(len(ys)):
+                ys[i].to("cpu").contiguous().view(-1).view(torch.uint8).numpy().tofile(f)
+            f.flush()
+            os.fsync(f.fileno())
+    _write_or_fail(path, write)
+    if not dist.is_writer:
+        _debug_kill("after-acts", li)  # (rank 0's point is after the rename)
+    dist.barrier()
+    if dist.is_writer:
+        _write_or_fail(path, lambda: os.replace(tmp, path), tmp)
+
+
+def _read_window_slice(path: Path, n: int, shape: tuple[int, ...], dtype: torch.dtype, lo: int, hi: int):
+    """Samples lo..hi-1 of a file `write_samples` (or `_write_window_slice`) wrote, one at a time."""
+    import numpy as np
+
+    nbytes = int(np.prod(shape)) * torch.empty((), dtype=dtype).element_size()
+    size = path.stat().st_size
+    if size != n * nbytes:
+        raise QuantkitError(f"saved activations '{path}' hold {size} bytes, expected {n * nbytes}; the resume "
+                            f"state is damaged: delete the .partial folder to start over")
+    for i in range(lo, hi):
+        mm = np.memmap(path, dtype=np.uint8, mode="r", offset=i * nbytes, shape=(nbytes,))
+        t = torch.from_numpy(np.array(mm))
+        del mm
+        yield t.view(dtype).reshape(shape)
 
 
 def _peak_rss_gib() -> float:

@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 
@@ -19,6 +20,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from quantkit.distributed import Dist, ExactSum, current
 from quantkit.errors import QuantkitError
 from quantkit.formats import make_format
 from quantkit.methods import WeightAlgorithm, algorithm_for
@@ -312,7 +314,8 @@ def _run_block_hook(layer: nn.Module, last: nn.Module, fn, xs, kwargs: dict, dev
         handle.remove()
 
 
-def _calibrate_acts(layer, block: list[str], targets: dict, act_specs: dict, xs, kwargs, device) -> dict:
+def _calibrate_acts(layer, block: list[str], targets: dict, act_specs: dict, xs, kwargs, device,
+                    dist: Dist | None = None) -> dict:
     """Activation quantizers of a sub-block's Linears, from one calibration pass where any needs data."""
     collectors = {}
     for n in block:
@@ -322,16 +325,91 @@ def _calibrate_acts(layer, block: list[str], targets: dict, act_specs: dict, xs,
             if c is not None:
                 collectors[n] = c
     if collectors:
-        _run_block_hook(layer, targets[block[-1]][0], lambda x: [c.add(x) for c in collectors.values()],
-                        xs, kwargs, device)
+        dist = dist or current()
+        # several processes: the collectors visit the ranks in turn (rank r holds the windows after rank r-1's),
+        # so every collector sees its inputs in the one-process order, whatever it sums
+        for r in range(dist.world):
+            if r == dist.rank:
+                _run_block_hook(layer, targets[block[-1]][0], lambda x: [c.add(x) for c in collectors.values()],
+                                xs, kwargs, device)
+            collectors = dist.pass_on(collectors, r, device)
     return {n: _act_class(act_specs[n]).from_calibration(act_specs[n], targets[n][0], collectors.get(n))
             for n in block if act_specs.get(n) is not None}
 
 
 @torch.no_grad()
+def _block_statistics(algo: WeightAlgorithm, k: int, layer: nn.Module, last: nn.Module, act, xs, kwargs: dict,
+                      device: torch.device, dist: Dist):
+    """The algorithm's statistics over every calibration input of a sub-block (None if it collects none).
+
+    Each window gets its own accumulator (`algo.statistics`, fed that window only), and the per-window
+    results, row-means by the contract, are summed exactly (`ExactSum`) and reduced over the ranks: the result
+    has the same bits for any number of processes and any split of the windows."""
+    first = algo.statistics(k, device)
+    if first is None:
+        return None
+    pending = [first]
+    total = ExactSum()
+
+    def per_window(x):
+        acc = pending.pop() if pending else algo.statistics(k, device)
+        x = act.hessian_input(x) if act is not None else x
+        acc.add(x)
+        total.add(acc.result(), x.numel() // max(x.shape[-1], 1))
+
+    _run_block_hook(layer, last, per_window, xs, kwargs, device)
+    total.reduce(dist)
+    return total.result()
+
+
+def _solve_cost(algo: WeightAlgorithm, mod: nn.Linear, act, device: torch.device, host_factorization: bool) -> float:
+    """What spreading the solves over ranks balances: the algorithm's temporaries for this Linear (they grow
+    with the work, K² for GPTQ's factorization) plus its weight."""
+    k = act.gptq_in_features if act is not None else mod.in_features
+    dev, host = algo.work_bytes(mod.out_features, k, device, host_factorization)
+    return float(dev + host + mod.out_features * k)
+
+
+def _install(layer: nn.Module, n: str, targets: dict, q: QuantLinear, recipe: Recipe, report: QuantizeReport,
+             cache_weights: bool, lprefix: str) -> None:
+    del targets[n]
+    q.cache_weight = cache_weights  # later sub-blocks and the output pass reuse it
+    _set_module(layer, n, q)
+    report.modules[f"{lprefix}.{n}"] = _scheme_entry(q, recipe)
+
+
+def _share_quant_linear(dist: Dist, owner: int, q: QuantLinear | None, mod: nn.Linear, spec: WeightSpec, act,
+                        device: torch.device) -> QuantLinear:
+    """The QuantLinear rank `owner` solved, on every rank: its packed tensors are broadcast as raw bytes, the
+    other ranks build the same module around them (their activation quantizer is already the same)."""
+    if not dist.active:
+        return q
+    meta = dist.broadcast_object([(n, tuple(t.shape), str(t.dtype).replace("torch.", ""))
+                                  for n, t in q.packed().items()] if q is not None else None, owner)
+    packed = {}
+    for name, shape, dtype in meta:
+        dt = getattr(torch, dtype)
+        if q is not None:
+            t = q.packed()[name]
+            dist.broadcast_(t.contiguous().reshape(-1).view(torch.uint8), owner)
+        else:
+            nbytes = math.prod(shape) * torch.empty((), dtype=dt).element_size()
+            buf = dist.broadcast_(torch.empty(nbytes, dtype=torch.uint8, device=device), owner)
+            packed[name] = buf.view(dt).reshape(shape)
+    if q is not None:
+        return q
+    bias = mod.bias.detach().clone() if mod.bias is not None else None
+    q = QuantLinear(mod.in_features, mod.out_features, spec, packed, bias, act).to(mod.weight.device)
+    if act is not None:
+        act.enabled = False  # as _quantize_linear leaves it
+    return q
+
+
+@torch.no_grad()
 def quantize_layer(layer: nn.Module, lprefix: str, recipe: Recipe, xs, kwargs: dict, device: torch.device,
                    report: QuantizeReport, bar=None, cache_weights: bool = True,
-                   host_factorization: bool = False, input_groups: tuple[tuple[str, ...], ...] = ()) -> None:
+                   host_factorization: bool = False, input_groups: tuple[tuple[str, ...], ...] = (),
+                   dist: Dist | None = None) -> None:
     """Quantize one decoder layer in place (its Linears become QuantLinear): the per-layer step that the
     in-memory driver (`quantize_model`) and the streaming driver (`quantkit.offload`) share.
 
@@ -342,10 +420,13 @@ def quantize_layer(layer: nn.Module, lprefix: str, recipe: Recipe, xs, kwargs: d
     forwards, one more float copy of the layer in memory; the values are the same either way).
     host_factorization: let the algorithm factorize wide statistics on the host, not the GPU
     (the streaming pipeline's VRAM bound; same result up to the devices' float rounding).
+    dist: the process group (default `distributed.current()`): `xs` holds this rank's calibration windows;
+    statistics are reduced over the ranks, solves spread over them, every rank ends with the same layer.
     input_groups: the layer's Linears that read one input as the adapter declares them (`sub_blocks`, names
     under the layer): with calibration data the groups are traced instead. Each group's weight formats are
     bound together (`WeightFormat.bind`: e.g. one tensor scale for q/k/v, one for gate/up).
     """
+    dist = dist or current()
     targets = _targets(layer, lprefix, recipe)
     act_specs = {n: recipe.act_scheme_for(f"{lprefix}.{n}") for n in targets}
     algo = algorithm_for(recipe.method)
@@ -360,38 +441,43 @@ def quantize_layer(layer: nn.Module, lprefix: str, recipe: Recipe, xs, kwargs: d
         for block in blocks:
             if bar is not None:
                 bar.set_postfix_str(",".join(n.rsplit(".", 1)[-1] for n in block))
-            acts = _calibrate_acts(layer, block, targets, act_specs, xs, kwargs, device)
+            acts = _calibrate_acts(layer, block, targets, act_specs, xs, kwargs, device, dist)
             # every module of a sub-block reads the same tensor: one set of statistics serves them all
             # (modules of a block share their activation transform: same format, same calibration input)
             first = acts.get(block[0])
             k = first.gptq_in_features if first is not None else targets[block[0]][0].in_features
-            acc = algo.statistics(k, device)
-            if acc is not None:
-                _run_block_hook(layer, targets[block[-1]][0],
-                                (lambda x, a=acc, f=first: a.add(f.hessian_input(x))) if first is not None else acc.add,
-                                xs, kwargs, device)
-            stats = acc.result() if acc is not None else None
-            del acc
+            stats = _block_statistics(algo, k, layer, targets[block[-1]][0], first, xs, kwargs, device, dist)
             fmts = {}
             for g in bind_groups:
                 members = [n for n in g if n in block]
                 if members:
                     fmts.update(_bound_formats(lprefix, members, targets, acts))
-            for j, n in enumerate(block):
-                mod, spec = targets.pop(n)  # drop the float module as soon as its QuantLinear exists
-                # the block's last module takes the statistics over: the algorithm may use them as scratch and
-                # free them as it goes (GPTQ: no K x K copy kept alive for the sweep, which decides a streamed
-                # 8B layer's VRAM)
+            # the solves are spread over the ranks (longest first); each rank solves its share, then every
+            # solved Linear is sent from its owner to all ranks, in block order
+            owners = dist.assign([_solve_cost(algo, targets[n][0], acts.get(n), device, host_factorization)
+                                  for n in block])
+            mine = [n for n, o in zip(block, owners, strict=True) if o == dist.rank]
+            if not mine:
+                stats = None
+            solved = {}
+            for n in mine:
+                mod, spec = targets[n]
+                # the last module this rank solves takes the statistics over: the algorithm may use them as
+                # scratch and free them as it goes (GPTQ: no K x K copy kept alive for the sweep, which decides a
+                # streamed 8B layer's VRAM)
                 arg = stats
-                if stats is not None and j == len(block) - 1:
+                if stats is not None and n == mine[-1]:
                     arg, stats = [stats], None
-                q = _quantize_linear(f"{lprefix}.{n}", mod, spec, algo, arg, act=acts.get(n),
-                                     host_factorization=host_factorization, fmt=fmts[n])
-                del arg
-                q.cache_weight = cache_weights  # later sub-blocks and the output pass reuse it
-                _set_module(layer, n, q)
-                report.modules[f"{lprefix}.{n}"] = _scheme_entry(q, recipe)
-                del mod
+                solved[n] = _quantize_linear(f"{lprefix}.{n}", mod, spec, algo, arg, act=acts.get(n),
+                                             host_factorization=host_factorization, fmt=fmts[n])
+                del arg, mod
+                if not dist.active:  # one process: drop the float module as soon as its QuantLinear exists
+                    _install(layer, n, targets, solved.pop(n), recipe, report, cache_weights, lprefix)
+            for n, owner in zip(block, owners, strict=True):
+                if n in targets:
+                    mod, spec = targets[n]
+                    q = _share_quant_linear(dist, owner, solved.pop(n, None), mod, spec, acts.get(n), device)
+                    _install(layer, n, targets, q, recipe, report, cache_weights, lprefix)
     else:
         acts = {n: _act_class(a).from_calibration(a, targets[n][0], None) for n, a in act_specs.items()
                 if a is not None}
@@ -474,7 +560,9 @@ def quantize_model(
 ) -> QuantizeReport:
     """Quantize `model` in place, layer by layer. calibration: LongTensor [nsamples, seq_len] or None.
 
-    The model stays where it is (normally CPU); each decoder layer visits `device` for its turn.
+    The model stays where it is (normally CPU); each decoder layer visits `device` for its turn. Under
+    torchrun (`distributed.init_from_env` called) every rank holds the model and runs its share of the windows;
+    all ranks end with the same quantized model.
     (`quantkit.offload.quantize_streaming` runs the same per-layer step on a model streamed from disk.)
     """
     device = torch.device(device)
@@ -494,11 +582,14 @@ def quantize_model(
 
     xs: list[torch.Tensor] = []
     layer_kwargs: list[dict] = []
+    dist = current()
     if needs_data:
         report.nsamples, report.seq_len = calibration.shape
-        xs, layer_kwargs = capture_layer_inputs(model, calibration, device, store)
+        lo, hi = dist.shard(calibration.shape[0])  # several processes: this rank's windows
+        xs, layer_kwargs = capture_layer_inputs(model, calibration[lo:hi], device, store)
 
-    bar = tqdm(range(len(layers)), desc=f"quantize [{recipe.name}]", unit="layer", disable=not progress)
+    bar = tqdm(range(len(layers)), desc=f"quantize [{recipe.name}]", unit="layer",
+               disable=not progress or not dist.is_writer)
     for li in bar:
         layer = layers[li].to(device)
         kwargs = to_device(layer_kwargs[li], device) if needs_data else {}
