@@ -8,7 +8,8 @@ For Llama-3-8B linear shapes (K, N) and batch sizes M it times, in one process, 
               quantization not counted)
 - `tinygemm`  `torch.ops.aten._weight_int4pack_mm` (int4, group 128, bf16 scales+zeros) with its packing op
 - ours        per format and path: `gemv` (split-K GEMV), `gemm` (dequant in registers + tl.dot),
-              `dequant` (dequantize into a bf16 workspace, then cuBLAS); `auto` is what QuantLinear dispatches
+              `dequant_kn` / `dequant_nk` (dequantize into a bf16 workspace, [K, N] or nn.Linear's [N, K],
+              then cuBLAS); the row marked `dispatch` is the path QuantLinear takes at that M
 - `roofline`  bytes the format must move (weights + params + activations + output) / measured copy bandwidth
 
 Every contender rotates among copies of its weights (> 2.5× L2 in total), and every row is timed the same
@@ -180,11 +181,10 @@ def bench_shape(k: int, n: int, ms: list[int], formats: list, l2: int, bw: float
         ps = [p0] + [clone_prepared(p0) for _ in range(n_copies(pb, l2) - 1)]
         name = f"{fmt}{bits}_g{gs}"
         for m in [m for m in ms if m in fms]:
-            paths = ["gemv", "gemm"] if m <= 16 else ["gemm", "dequant"]
-            if m <= dispatch.GEMV_MAX_M:
-                auto = "gemv"
-            else:
-                auto = "gemm" if m < dispatch.DEQUANT_MIN_M else "dequant"
+            paths = ["gemv", "gemm"] if m <= 16 else ["gemm", "dequant_kn", "dequant_nk"]
+            auto = dispatch.choose_path(p0, m)
+            if auto not in paths:
+                paths.append(auto)
             for path in paths:
                 calls = [lambda p=p, x=xs[m], path=path: dispatch.matmul(p, x, None, path) for p in ps]
                 try:
@@ -241,6 +241,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--quick", action="store_true", help="one shape (4096×14336), M ∈ {1, 16, 4096}, int4 only")
     ap.add_argument("--out", default="out/bench_kernels.json", help="JSON output path")
     ap.add_argument("--no-others", action="store_true", help="only int4 g128 (skip int3/int2/hlq rows)")
+    ap.add_argument("--ms", default=None, help="batch sizes M, comma-separated (default 1,16,128,1024,4096)")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("bench kernels needs a CUDA GPU")
@@ -254,13 +255,13 @@ def main(argv: list[str] | None = None) -> dict:
           f"{bw / 1e12:.2f} TB/s (read + write); torch {torch.__version__}, triton {triton.__version__}",
           flush=True)
     shapes = [(4096, 14336)] if args.quick else SHAPES
-    ms = [1, 16, 4096] if args.quick else MS
+    ms = [int(v) for v in args.ms.split(",")] if args.ms else [1, 16, 4096] if args.quick else MS
     rows = []
     out = Path(args.out)
     for k, n in shapes:
         formats = [(*MAIN_FORMAT, ms)]
         if not args.quick and not args.no_others and (k, n) == (4096, 14336):
-            formats += [(*f, [1, 16, 4096]) for f in OTHER_FORMATS]
+            formats += [(*f, [m for m in ms if m in (1, 16, 4096)] or ms[-1:]) for f in OTHER_FORMATS]
         rows += bench_shape(k, n, ms, formats, l2, bw, dev, lambda s: print(s, flush=True))
         write_json(out, {"partial": True, "rows": rows})
     summary = summarize(rows)

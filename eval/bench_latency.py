@@ -78,6 +78,12 @@ from quantkit.eval.latency_timing import (
 from quantkit.eval.report import Column, environment, format_table, write_json
 
 
+PREFILL_EAGER = "eager forward over the prompt into the StaticCache (logits of the last token)"
+PREFILL_GRAPHS = ("the prefill (cache reset, forward over the prompt into the StaticCache, argmax of the last "
+                  "token) captured once as a CUDA graph and replayed, in every model alike; the eager forward "
+                  "is timed in the same runs (prefill_eager_*: host launch overhead included)")
+
+
 def _dtype(name: str) -> torch.dtype:
     try:
         return {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16,
@@ -171,6 +177,7 @@ def _variants(source: str | None, shape: str | None, recipes: list[str], dev: to
 SUMMARY_COLUMNS = [
     Column("variant", "model", "<", "<"), Column("batch", "B", "d"),
     Column("prefill_tok_s", "prefill tok/s", ",.0f"), Column("prefill_x", "x base", ".2f"),
+    Column("prefill_eager_tok_s", "eager prefill", ",.0f"), Column("prefill_eager_x", "x base", ".2f"),
     Column("decode_ms_per_token", "decode ms/step", ".3f"), Column("decode_tok_s", "decode tok/s", ",.1f"),
     Column("decode_x", "x base", ".2f"), Column("decode_x_limit", "x limit", ".2f"),
     Column("vs_floor", "/floor", ".2f"), Column("peak_gib", "peak GiB", ".2f"),
@@ -190,6 +197,10 @@ def summarize(variants: list[dict]) -> list[dict]:
             rows.append({
                 "variant": v["name"], "batch": r["batch"], "prefill_tok_s": r["prefill_tok_s"],
                 "prefill_x": r["prefill_tok_s"] / b["prefill_tok_s"] if b else None,
+                "prefill_eager_tok_s": r.get("prefill_eager_tok_s"),
+                "prefill_eager_x": (r["prefill_eager_tok_s"] / b["prefill_eager_tok_s"]
+                                    if b and r.get("prefill_eager_tok_s") and b.get("prefill_eager_tok_s")
+                                    else None),
                 "decode_ms_per_token": r["decode_ms_per_token"], "decode_tok_s": r["decode_tok_s"],
                 "decode_x": r["decode_tok_s"] / b["decode_tok_s"] if b else None,
                 "decode_x_limit": bfl["floor_ms"] / fl["floor_ms"] if fl and bfl else None,
@@ -259,7 +270,7 @@ def run_latency(source: str | None = None, shape: str | None = None, recipes: li
               "copy_bw_Bps": bw, "decode_method": (METHOD_GRAPHS if graphs_on else METHOD_EAGER)
               + (METHOD_COMPILE if cfg.compile else "") + (METHOD_FUSE if cfg.fuse else "")
               + (METHOD_PDL if cfg.pdl else ""),
-              "prefill_method": "eager forward over the prompt into the StaticCache (logits of the last token)",
+              "prefill_method": (PREFILL_GRAPHS if graphs_on and cfg.prefill_graphs else PREFILL_EAGER),
               "timing": f"median of {cfg.repeats} runs after {cfg.warmup} warm-up runs; each run = prefill "
                         f"(B x {cfg.prompt} tokens) + {cfg.gen - 1} decode steps (the prefill gives the first "
                         f"of {cfg.gen} tokens); decode tok/s = B x steps / decode time",
@@ -295,10 +306,18 @@ def run_latency(source: str | None = None, shape: str | None = None, recipes: li
             r["floor"] = decode_floors(mb, r, bw)
             entry["runs"].append(r)
             chk = r.get("check", {})
-            log(f"[{v.name}] B={b}: prefill {r['prefill_tok_s']:,.0f} tok/s ({r['prefill_ms']:.2f} ms), decode "
+            log(f"[{v.name}] B={b}: prefill {r['prefill_tok_s']:,.0f} tok/s ({r['prefill_ms']:.2f} ms"
+                + (f"; eager {r['prefill_eager_ms']:.2f} ms" if r.get("prefill_graphs") else "") + "), decode "
                 f"{r['decode_ms_per_step']:.3f} ms/step = {r['decode_tok_s']:,.1f} tok/s, graphs "
                 f"{'yes' if r['cuda_graphs'] else 'no'}, check rel_err {chk.get('rel_err', float('nan')):.2e}"
                 + (f", peak {r['peak_gpu_bytes'] / 2**30:.2f} GiB" if r.get("peak_gpu_bytes") else ""))
+            pp = r.get("prefill_profile", {})
+            for src in ("eager", "graph_replay"):
+                if pp.get(src, {}).get("categories"):
+                    q = pp[src]
+                    cats = ", ".join(f"{c['category']} {c['us']:.0f}" for c in q["categories"][:6])
+                    log(f"[{v.name}] B={b}: prefill {src}: {q['device_kernels']} kernels, {q['kernel_us']:.0f} us "
+                        f"of kernels, idle {q['idle_us']:.0f} us of {q['span_us']:.0f}; {cats}")
             if r.get("profile", {}).get("categories"):
                 cats = ", ".join(f"{c['category']} {c['us_per_step']:.0f}" for c in r["profile"]["categories"][:5])
                 log(f"[{v.name}] B={b}: kernels per step (us, {r['profile']['source']}): {cats}")

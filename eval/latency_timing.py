@@ -49,6 +49,7 @@ class LatencyConfig:
     lm_head_bits: int | None = None  # also measure each on-the-fly variant with an int (g128) lm_head
     fuse: bool = True  # q/k/v and gate/up as one Linear each (quantkit.nn.fused), every model alike
     pdl: bool = False  # decode GEMVs with programmatic dependent launch (QUANTKIT_PDL=1 for this run)
+    prefill_graphs: bool = True  # on CUDA (with graphs on): also time the prefill as a CUDA-graph replay
 
 
 def _compiled(model: nn.Module):
@@ -98,10 +99,10 @@ def _category(name: str) -> str:
         return "inductor-fused glue (Triton)"
     if "triton" in n:
         return "other Triton"
+    if any(s in n for s in ("softmax", "flash", "fmha", "attention")):  # before "cutlass": fmha_cutlassF_...
+        return "attention softmax / SDPA"
     if any(s in n for s in ("gemm", "gemv", "nvjet", "cutlass", "xmma", "cublas", "splitk", "sm90_", "wgmma")):
         return "cuBLAS matmul (bf16 Linears, lm_head, attention bmm)"
-    if any(s in n for s in ("softmax", "flash", "fmha", "attention")):
-        return "attention softmax / SDPA"
     if any(s in n for s in ("argmax", "reduce", "norm")):
         return "reductions (argmax, RMSNorm)"
     if "memcpy" in n or "memset" in n:
@@ -141,7 +142,9 @@ def measure(model: nn.Module, batch: int, cfg: LatencyConfig, log: Callable[[str
     p_len, gen = cfg.prompt, cfg.gen
     if gen < 2:
         raise QuantkitError("--gen must be at least 2 (one token from the prefill, then decode steps)")
-    total_len = p_len + gen
+    # the static cache holds the prompt, the generated tokens and the untimed steps run after one prefill (warm-up
+    # 3, graph capture 2, profiler 4) for short --gen
+    total_len = p_len + max(gen, 8)
     vocab = model.config.vocab_size
     custom = model.config._attn_implementation == DECODE_ATTN
     if cuda:
@@ -183,8 +186,13 @@ def measure(model: nn.Module, batch: int, cfg: LatencyConfig, log: Callable[[str
     # eager warm-up: compilation, autotuning (prefill M = B*P and decode M = B shapes), allocator
     t_w = time.perf_counter()
 
+    first_ms = []
+
     def warm():
+        t = time.perf_counter()
         prefill()
+        _sync(dev)
+        first_ms.append((time.perf_counter() - t) * 1e3)
         for _ in range(3):
             step()
         _sync(dev)
@@ -199,6 +207,8 @@ def measure(model: nn.Module, batch: int, cfg: LatencyConfig, log: Callable[[str
         fwd["f"] = model
         warm()
     res["warmup_s"] = time.perf_counter() - t_w
+    res["kernel_paths"] = kernel_paths(model, batch * p_len, batch)
+    first_prefill_ms = first_ms[-1]  # the first prefill of this shape: kernel compilation and autotuning included
     graph, static_logits = None, None
     if cuda and cfg.graphs:
         try:
@@ -231,6 +241,16 @@ def measure(model: nn.Module, batch: int, cfg: LatencyConfig, log: Callable[[str
             return static_logits
         return step()
 
+    pre_graph = None
+    if cuda and cfg.graphs and cfg.prefill_graphs:
+        pre_graph = _capture(prefill, dev, res, "prefill_graph_error", log)
+
+    def run_prefill():
+        if pre_graph is not None:
+            pre_graph.replay()
+        else:
+            prefill()
+
     if cfg.check:  # first decode step vs an uncached forward over prompt + first token
         prefill()
         first = tok.clone()
@@ -241,12 +261,18 @@ def measure(model: nn.Module, batch: int, cfg: LatencyConfig, log: Callable[[str
                         "argmax_agree": float((logits.argmax(-1) == ref.argmax(-1)).float().mean()),
                         "what": "first decode step logits vs an uncached forward over prompt + first token"}
     timer = _Timer(dev)
-    pre_ms, dec_ms = [], []
+    pre_ms, eager_ms, dec_ms, warm_pre = [], [], [], []
     for r in range(cfg.warmup + cfg.repeats):
         a = timer.mark()
         prefill()
         b = timer.mark()
-        p_ms = timer.ms(a, b)
+        e_ms = timer.ms(a, b)
+        p_ms = e_ms
+        if pre_graph is not None:
+            a = timer.mark()
+            pre_graph.replay()
+            b = timer.mark()
+            p_ms = timer.ms(a, b)
         c = timer.mark()
         for _ in range(gen - 1):
             run_step()
@@ -254,12 +280,18 @@ def measure(model: nn.Module, batch: int, cfg: LatencyConfig, log: Callable[[str
         d_ms = timer.ms(c, d)
         if r >= cfg.warmup:
             pre_ms.append(p_ms)
+            eager_ms.append(e_ms)
             dec_ms.append(d_ms)
+        else:
+            warm_pre.append(e_ms)
     steps = gen - 1
-    pm, dm = statistics.median(pre_ms), statistics.median(dec_ms)
+    pm, dm, em = statistics.median(pre_ms), statistics.median(dec_ms), statistics.median(eager_ms)
     res.update(prefill_ms=pm, prefill_tok_s=batch * p_len / (pm / 1e3), decode_ms_per_step=dm / steps,
                decode_ms_per_token=dm / steps, decode_tok_s=batch * steps / (dm / 1e3),
                e2e_tok_s=batch * gen / ((pm + dm) / 1e3), prefill_ms_all=pre_ms,
+               prefill_graphs=pre_graph is not None,
+               prefill_eager_ms=em, prefill_eager_tok_s=batch * p_len / (em / 1e3), prefill_eager_ms_all=eager_ms,
+               prefill_first_ms=first_prefill_ms, prefill_warmup_ms=warm_pre,
                decode_ms_per_step_all=[x / steps for x in dec_ms], decode_steps=steps)
     kv = sum(t.numel() * t.element_size() for layer in cache.layers
              for t in (getattr(layer, "keys", None), getattr(layer, "values", None)) if t is not None)
@@ -269,7 +301,120 @@ def measure(model: nn.Module, batch: int, cfg: LatencyConfig, log: Callable[[str
         res["peak_gpu_reserved_bytes"] = torch.cuda.max_memory_reserved(dev)
     if cuda and cfg.profile:
         res["profile"] = _profile(run_step, step, prefill, graph is not None, dev)
+        res["prefill_profile"] = _profile_prefill(prefill, pre_graph, dev)
     return res  # the cache and the graph's pool are freed with this frame (the next call collects first)
+
+
+def kernel_paths(model: nn.Module, m_prefill: int, m_decode: int) -> dict:
+    """Which weight-only kernel path (`quantkit.kernels.dispatch.choose_path`) each quantized Linear takes at the
+    prefill's and a decode step's M: {"prefill": {"KxN path": count}, "decode": {...}} (empty for other models)."""
+    out: dict[str, dict[str, int]] = {"prefill": {}, "decode": {}}
+    mods = [m for m in model.modules() if getattr(m, "_kernel_prepared", None) is not None]
+    if not mods:
+        return out
+    from quantkit.kernels.dispatch import choose_path
+
+    for mod in mods:
+        p = mod._kernel_prepared[1]
+        for phase, m in (("prefill", m_prefill), ("decode", m_decode)):
+            key = f"{p.k}x{p.n} {choose_path(p, m)}"
+            out[phase][key] = out[phase].get(key, 0) + 1
+    return out
+
+
+def _capture(fn, dev, res: dict, err_key: str, log):
+    """`fn` captured as a CUDA graph (after a side-stream warm-up run), or None (reason in res[err_key])."""
+    try:
+        s = torch.cuda.Stream(dev)
+        s.wait_stream(torch.cuda.current_stream(dev))
+        with torch.cuda.stream(s):
+            fn()
+        torch.cuda.current_stream(dev).wait_stream(s)
+        torch.cuda.synchronize(dev)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            fn()
+        torch.cuda.synchronize(dev)
+        return g
+    except Exception as e:
+        torch.cuda.synchronize(dev)
+        res[err_key] = f"{type(e).__name__}: {e}"[:500]
+        log(f"  CUDA graph capture failed ({err_key}): {res[err_key]}")
+        return None
+
+
+def _busy_and_span(kernels: list[tuple[float, float]]) -> tuple[float, float]:
+    """(µs during which at least one kernel ran, µs from the first kernel's start to the last one's end)."""
+    if not kernels:
+        return 0.0, 0.0
+    kernels = sorted(kernels)
+    busy, cur_s, cur_e = 0.0, kernels[0][0], kernels[0][1]
+    for s, e in kernels[1:]:
+        if s > cur_e:
+            busy += cur_e - cur_s
+            cur_s, cur_e = s, e
+        else:
+            cur_e = max(cur_e, e)
+    busy += cur_e - cur_s
+    return busy, max(e for _, e in kernels) - kernels[0][0]
+
+
+def _one_prefill_profile(fn, dev, cpu: bool) -> dict:
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CUDA] + ([ProfilerActivity.CPU] if cpu else [])
+    torch.cuda.synchronize(dev)
+    with profile(activities=acts) as prof:
+        t0 = time.perf_counter()
+        fn()
+        torch.cuda.synchronize(dev)
+        wall = (time.perf_counter() - t0) * 1e6
+    br = _kernel_breakdown(prof, 1)
+    spans, launches = [], 0
+    host: dict[str, list] = {}
+    for e in prof.events():
+        if e.device_type == DeviceType.CUDA:
+            tr = e.time_range
+            if tr.end > tr.start:
+                spans.append((tr.start, tr.end))
+                launches += 1
+        elif cpu and e.device_type == DeviceType.CPU:
+            h = host.setdefault(e.name, [0, 0.0])
+            h[0] += 1
+            h[1] += e.self_cpu_time_total
+    busy, span = _busy_and_span(spans)
+    out = {"wall_us": wall, "device_kernels": launches, "kernel_us": br["kernel_us_per_step"],
+           "busy_us": busy, "span_us": span, "idle_us": span - busy,
+           "idle_share": (span - busy) / span if span else None,
+           "categories": [{"category": c["category"], "us": c["us_per_step"], "share": c["share"]}
+                          for c in br["categories"]],
+           "top_kernels": [{"kernel": r["kernel"], "calls": r["calls_per_step"], "us": r["us_per_step"],
+                            "category": r["category"]} for r in br["top_kernels"]]}
+    if cpu:
+        ops = sorted(host.items(), key=lambda kv: -kv[1][1])
+        copies = {k: v for k, v in host.items() if k in ("aten::copy_", "aten::contiguous", "aten::clone",
+                                                              "aten::to", "aten::_to_copy")}
+        out["host_top_ops"] = [{"op": k[:120], "calls": v[0], "self_cpu_us": v[1]} for k, v in ops[:15]]
+        out["host_copies"] = {k: {"calls": v[0], "self_cpu_us": v[1]} for k, v in copies.items()}
+        out["note"] = ("eager prefill under the CPU + CUDA profiler: host times include the profiler's own "
+                       "overhead; idle_us = device time between the first and last kernel with no kernel running "
+                       "(launch gaps: the host not keeping up)")
+    return out
+
+
+def _profile_prefill(prefill, pre_graph, dev) -> dict:
+    """Per-op profile of one prefill: the eager forward (kernels by kind, top kernels, device idle time between
+    kernels, host ops and copies) and, when captured, one CUDA-graph replay of it (kernels and idle time)."""
+    out = {}
+    try:
+        prefill()
+        out["eager"] = _one_prefill_profile(prefill, dev, cpu=True)
+        if pre_graph is not None:
+            out["graph_replay"] = _one_prefill_profile(pre_graph.replay, dev, cpu=False)
+    except Exception as e:
+        out["error"] = f"{type(e).__name__}: {e}"[:300]
+    return out
 
 
 def _profile(run_step, step, prefill, graphed: bool, dev, steps: int = 4) -> dict:

@@ -15,6 +15,15 @@ triton 3.6, weights rotated over > 2.5x L2, CUDA-graph replays; JSON in docs/res
                                  3 of 4 shapes (lost 4096x14336: 76.7 vs 63.7 us, first benchmark) and at
                                  M = 1024 / 4096 on all (M = 4096: ~1.0-1.1x cuBLAS bf16, whose own time moved
                                  614-702 us between runs; the fused tl.dot GEMM ran 2.2-2.4x slower than it).
+                                 int4 moves to 256 (`dequant_min_m`): on an H100 (experiments/device/
+                                 prefill_gemm_sweep.py, docs/results/prefill_gemm_h100.json) the fused GEMM beat the
+                                 workspace at M = 128 on 4 of the 5 fused Llama-3-8B shapes (4096x28672: 168 vs 194
+                                 us; lost 4096x4096, 30.5 vs 28.0), while for hlq 2-bit the workspace won all three
+                                 shapes measured. From M = 512 the workspace won every shape and format by 1.5-2x over
+                                 the fused GEMM's best config. The workspace costs the dequantization's write of 2
+                                 bytes per weight (at the copy-bandwidth floor: 4096x28672 105 us), so it is ~1.6x
+                                 cuBLAS bf16 at M = 512, ~1.1-1.3x at M = 1024 and ~1.0-1.1x at M = 2048. Its layout
+                                 ([K, N] or nn.Linear's [N, K], `DEQUANT_NK`) made no consistent difference.
 No weight is repacked for 2/4 bits (the kernels read the stored layout); 3-bit weights are split once into a
 2-bit and a 1-bit stream (`prepare`), cached on the module by `prepared_for`, stored buffers untouched.
 """
@@ -29,6 +38,8 @@ import torch
 
 GEMV_MAX_M = 2
 DEQUANT_MIN_M = 128
+DEQUANT_NK = False  # the dequantize-then-cuBLAS path's workspace layout (see `dequant_matmul`)
+DEQUANT_MIN_M_BY_FORMAT = {(0, 4): 256}  # (fmt code, bits) -> first M of the workspace path, where measured apart
 
 _FMT_CODE = {"int": 0, "hlq": 1}
 ONE = 0x3F800000  # bits of 1.0f, a runtime kernel argument (see wq_gemm._f)
@@ -187,39 +198,60 @@ def gemm(p: Prepared, x: torch.Tensor, bias: torch.Tensor | None = None, config:
 
 
 def dequant(p: Prepared, dtype: torch.dtype, device: torch.device | None = None,
-            block_n: int = 128, block_k: int | None = None) -> torch.Tensor:
-    """The weight transposed, wt: [K, N] in `dtype` (for cuBLAS)."""
+            block_n: int = 128, block_k: int | None = None, nk: bool = False, num_warps: int = 4) -> torch.Tensor:
+    """The weight transposed, wt: [K, N] in `dtype` (for cuBLAS); `nk`: the weight itself, [N, K]."""
     import triton
 
     from quantkit.kernels import wq_gemm
 
     if block_k is None:
         block_k = min(128, p.gs) if p.gs else 128
-    wt = torch.empty(p.k, p.n, dtype=dtype, device=device or p.q0.device)
+    shape = (p.n, p.k) if nk else (p.k, p.n)
+    wt = torch.empty(*shape, dtype=dtype, device=device or p.q0.device)
     grid = (triton.cdiv(p.n, block_n), triton.cdiv(p.k, block_k))
     wq_gemm._dequant_kernel[grid](p.q0, p.q1, p.scales, p.zeros, wt, p.n, p.k, p.q0.shape[0], p.q1.shape[0], ONE,
                                   GS=p.gs, FMT=p.fmt, BITS=p.bits, HAS_ZERO=p.has_zero, BLOCK_N=block_n,
-                                  BLOCK_K=block_k, num_warps=4)
+                                  BLOCK_K=block_k, NK=nk, num_warps=num_warps)
     return wt
 
 
-def dequant_matmul(p: Prepared, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """Dequantize into a workspace, then cuBLAS."""
+def dequant_matmul(p: Prepared, x: torch.Tensor, bias: torch.Tensor | None = None,
+                   nk: bool | None = None) -> torch.Tensor:
+    """Dequantize into a workspace, then cuBLAS (`nk`: the workspace in nn.Linear's [N, K] layout, the product
+    the one the bf16 model runs; default DEQUANT_NK)."""
+    if nk if nk is not None else DEQUANT_NK:
+        w = dequant(p, x.dtype, x.device, nk=True)
+        return torch.nn.functional.linear(x, w, bias.to(x.dtype) if bias is not None else None)
     wt = dequant(p, x.dtype, x.device)
     return torch.addmm(bias.to(x.dtype), x, wt) if bias is not None else x @ wt
 
 
+def dequant_min_m(p: Prepared) -> int:
+    """The first M at which weight `p` goes through the dequantize-then-cuBLAS workspace."""
+    return DEQUANT_MIN_M_BY_FORMAT.get((p.fmt, p.bits), DEQUANT_MIN_M)
+
+
+def choose_path(p: Prepared, m: int) -> str:
+    """The path `matmul` takes for M rows of weight `p` (module docstring: the measurements behind it)."""
+    return "gemv" if m <= GEMV_MAX_M else ("gemm" if m < dequant_min_m(p) else "dequant")
+
+
 def matmul(p: Prepared, x: torch.Tensor, bias: torch.Tensor | None = None, path: str | None = None):
-    """y = x @ Wᵀ + bias for x: [M, K]; `path` in {None (by M), "gemv" (half2), "gemv_f32", "gemm", "dequant"}."""
+    """y = x @ Wᵀ + bias for x: [M, K]; `path` in {None (by M: `choose_path`), "gemv" (half2), "gemv_f32",
+    "gemm", "dequant", "dequant_kn", "dequant_nk"}."""
     m = x.shape[0]
     if path is None:
-        path = "gemv" if m <= GEMV_MAX_M else ("gemm" if m < DEQUANT_MIN_M else "dequant")
+        path = choose_path(p, m)
     if path == "gemv":
         return gemv_h2(p, x, bias)
     if path == "gemv_f32":
         return gemv(p, x, bias)
     if path == "gemm":
         return gemm(p, x, bias)
+    if path == "dequant_nk":
+        return dequant_matmul(p, x, bias, nk=True)
+    if path == "dequant_kn":
+        return dequant_matmul(p, x, bias, nk=False)
     return dequant_matmul(p, x, bias)
 
 

@@ -407,15 +407,20 @@ def _gemm_kernel(x_ptr, q0_ptr, q1_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, ws_ptr,
 @triton.jit
 def _dequant_kernel(q0_ptr, q1_ptr, s_ptr, z_ptr, wt_ptr, N, K, R0, R1, ONE,
                     GS: tl.constexpr, FMT: tl.constexpr, BITS: tl.constexpr, HAS_ZERO: tl.constexpr,
-                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """wt: [K, N] (x dtype) = dequantized weight, transposed. Grid (cdiv(N, BLOCK_N), cdiv(K, BLOCK_K))."""
+                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NK: tl.constexpr = False):
+    """wt: [K, N] (x dtype) = dequantized weight, transposed; NK: [N, K] instead (the layout of an nn.Linear
+    weight: each thread then stores its column's consecutive codes contiguously, and cuBLAS runs the same
+    product as for the bf16 model). Grid (cdiv(N, BLOCK_N), cdiv(K, BLOCK_K))."""
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     k0 = tl.program_id(1) * BLOCK_K
     offs_k = k0 + tl.arange(0, BLOCK_K)
     w = _dequant_tile(q0_ptr, q1_ptr, s_ptr, z_ptr, k0, offs_n, N, R0, R1, GS, FMT, BITS, HAS_ZERO, BLOCK_K,
                       BLOCK_N, ONE.to(tl.uint32))
-    tl.store(wt_ptr + offs_k[None, :] * N + offs_n[:, None], w.to(wt_ptr.dtype.element_ty),
-             mask=(offs_k[None, :] < K) & (offs_n[:, None] < N))
+    mask = (offs_k[None, :] < K) & (offs_n[:, None] < N)
+    if NK:
+        tl.store(wt_ptr + offs_n[:, None] * K + offs_k[None, :], w.to(wt_ptr.dtype.element_ty), mask=mask)
+    else:
+        tl.store(wt_ptr + offs_k[None, :] * N + offs_n[:, None], w.to(wt_ptr.dtype.element_ty), mask=mask)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -479,6 +484,9 @@ GEMM_LARGE_CONFIGS = [
     _c(4, 4, BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8),
     _c(8, 3, BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, GROUP_M=8),
     _c(4, 4, BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, GROUP_M=8),
+    # M = 128 (int4 g128 on an H100, experiments/device/prefill_gemm_sweep.py): the fastest of the small-M configs
+    # tried there on all five fused Llama-3-8B shapes, and faster than the bf16 workspace + cuBLAS path on four
+    _c(4, 4, BLOCK_M=32, BLOCK_N=64, BLOCK_K=128, GROUP_M=8, SWAP=True),
 ]
 
 

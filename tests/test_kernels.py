@@ -117,6 +117,51 @@ def test_dequant_kernel_exact():
         torch.testing.assert_close(wt.t(), ref, rtol=1e-6, atol=1e-6)
 
 
+def test_dequant_workspace_layouts_and_paths_agree():
+    """The [N, K] workspace is the [K, N] one transposed, bit for bit, and both workspace paths give the
+    product of the reference weight (any format, bits, group size)."""
+    for fmt, bits, gs in (("int", 4, 64), ("hlq", 2, 32), ("int", 3, None)):
+        k, n, m = 96, 40, 5
+        p = random_packed(fmt, bits, gs, k, n, device=DEV)
+        prep = dispatch.prepare(fmt, bits, gs, k, n, p)
+        kn = dispatch.dequant(prep, torch.float32, block_n=32, block_k=32)
+        nk = dispatch.dequant(prep, torch.float32, block_n=32, block_k=32, nk=True)
+        assert nk.shape == (n, k) and torch.equal(nk, kn.t())
+        x = torch.randn(m, k, device=DEV)
+        ref = x.double() @ dequantize(fmt, bits, gs, k, p["qweight"], p["scales"], p.get("zeros"),
+                                      p.get("offsets")).double().t()
+        for path in ("dequant_kn", "dequant_nk"):
+            assert _rel(dispatch.matmul(prep, x, None, path), ref) < 1e-4, path
+
+
+def test_choose_path_by_rows_and_format():
+    """Decode M goes to the GEMV, small M to the fused GEMM, large M to the workspace; int4 keeps the fused
+    GEMM up to its own measured threshold, other formats switch at the default one."""
+    mk = lambda fmt, bits: dispatch.Prepared(dispatch._FMT_CODE[fmt], bits, 128, 4096, 4096, *([None] * 5))
+    i4, h2, i3 = mk("int", 4), mk("hlq", 2), mk("int", 3)
+    assert [dispatch.choose_path(i4, m) for m in (1, 2, 3, 128, 255, 256, 2048)] == \
+        ["gemv", "gemv", "gemm", "gemm", "gemm", "dequant", "dequant"]
+    for p in (h2, i3):
+        lo = dispatch.DEQUANT_MIN_M
+        assert [dispatch.choose_path(p, m) for m in (2, 3, lo - 1, lo)] == ["gemv", "gemm", "gemm", "dequant"]
+    assert dispatch.dequant_min_m(i4) > dispatch.DEQUANT_MIN_M
+
+
+def test_large_m_gemm_configs_run_in_interpreter_or_gpu():
+    """Every autotuner config for M > 64 computes the product (explicit launch, small shape)."""
+    from quantkit.kernels import wq_gemm
+
+    k, n, m = 256, 96, 40
+    p = random_packed("int", 4, 128, k, n, device=DEV)
+    prep = dispatch.prepare("int", 4, 128, k, n, p)
+    x = torch.randn(m, k, device=DEV, dtype=torch.float32 if DEV == "cpu" else torch.bfloat16)
+    ref = x.double() @ dequantize("int", 4, 128, k, p["qweight"], p["scales"], p.get("zeros"), None).double().t()
+    for c in wq_gemm.GEMM_LARGE_CONFIGS[-1:]:  # the M = 128 config (SWAP)
+        cfg = {**c.kwargs, "SPLIT_K": 1}
+        cfg.pop("PPS", None)
+        assert _rel(dispatch.gemm(prep, x, None, cfg), ref) < (1e-5 if DEV == "cpu" else 1e-2)
+
+
 def test_dispatch_registration_and_fallback():
     from quantkit.nn.quant_linear import load_kernels
 
