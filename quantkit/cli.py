@@ -17,10 +17,10 @@ def _device_option(f):
                         help="Where each layer is quantized / the model runs: cpu, cuda, cuda:1, ...")(f)
 
 
-def _check_device(device: str) -> None:
+def _check_device(device: str, need_gpu: bool = True) -> None:
     import torch
 
-    if device.startswith("cuda") and not torch.cuda.is_available():
+    if need_gpu and device.startswith("cuda") and not torch.cuda.is_available():
         raise QuantkitError(f"--device {device} asked for, but torch sees no CUDA GPU; use --device cpu")
     if not (device == "cpu" or device.startswith("cuda")):
         raise QuantkitError(f"unknown --device '{device}': use cpu or cuda[:N]")
@@ -72,7 +72,7 @@ def quantize(model, recipe, out, dataset, nsamples, seq_len, seed, device, overw
         if not device.startswith("cuda"):
             device = "cuda"
     n = gpus or nproc or 1
-    _check_device(device)
+    _check_device(device, need_gpu=not dry_run)  # an estimate for GPUs may be made without one
     rec = qk.load_recipe(recipe)
     if dry_run and not offload:
         raise QuantkitError("--dry-run estimates a streamed run: add --offload")
@@ -80,10 +80,12 @@ def quantize(model, recipe, out, dataset, nsamples, seq_len, seed, device, overw
         check_out_dir(out, overwrite)  # not empty, not writable: fail before the long part, not after
     from quantkit import distributed
 
+    if n > 1 and dry_run:  # the estimate per process: nothing to launch
+        qk.quantize_streaming(model, rec, out, dataset=dataset, nsamples=nsamples, seq_len=seq_len, device=device,
+                              seed=seed, offload_dir=offload_dir, max_activation_memory=max_activation_memory,
+                              overwrite=overwrite, dry_run=True, nproc=n)
+        return
     if n > 1 and not distributed.in_torchrun():
-        if dry_run:
-            raise QuantkitError("--dry-run estimates one process: drop --gpus / --nproc (the estimate per process "
-                                "is the same: each holds one layer and its share of the activations)")
         import torch
 
         if device.startswith("cuda") and gpus is not None and torch.cuda.device_count() < n:
@@ -397,11 +399,19 @@ def recipes():
 @click.option("--nsamples", default=8, show_default=True, help="Calibration windows (of --seq-len tokens).")
 @click.option("--seq-len", default=2048, show_default=True)
 @click.option("--max-windows", default=6, show_default=True, help="PTB test windows evaluated (of 47).")
+@click.option("--seed", default=0, show_default=True, help="Seed that draws the calibration windows.")
 @click.option("--out", type=click.Path(path_type=Path), default=None,
               help="Checkpoint folder (default: under the quantkit cache).")
 @_device_option
-def demo(recipe, nsamples, seq_len, max_windows, out, device):
-    """Built-in model -> quantize -> save -> reload -> perplexity and size, before and after."""
+def demo(recipe, nsamples, seq_len, max_windows, seed, out, device):
+    """Built-in model -> quantize -> save -> reload -> perplexity and size, before and after.
+
+    Deterministic for a given environment (library versions, device, thread count): the calibration windows
+    come from --seed and torch runs its deterministic algorithms."""
+    import os
+
+    import torch
+
     import quantkit as qk
     from quantkit.checkpoint_info import inspect_checkpoint
     from quantkit.eval import perplexity
@@ -410,9 +420,14 @@ def demo(recipe, nsamples, seq_len, max_windows, out, device):
     _check_device(device)
     out = out or cache_dir() / "demo-out" / recipe
     rec = qk.load_recipe(recipe)
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS's reproducible workspace
+    before = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    click.get_current_context().call_on_close(lambda: torch.use_deterministic_algorithms(before[0],
+                                                                                          warn_only=before[1]))
     click.echo(f"demo: SmolLM2-135M-Instruct, recipe {rec.name}, {nsamples} x {seq_len} calibration tokens from "
-               f"PTB train; perplexity on the first {max_windows} PTB test windows of {seq_len} tokens "
-               f"(capped for speed: `quantkit eval ppl` runs all 47)")
+               f"PTB train (seed {seed}); perplexity on the first {max_windows} PTB test windows of {seq_len} tokens "
+               f"(capped for speed: `quantkit eval ppl` runs all 47); {torch.get_num_threads()} CPU threads")
     stages: list[tuple[str, float]] = []
 
     def stage(name: str):
@@ -428,7 +443,7 @@ def demo(recipe, nsamples, seq_len, max_windows, out, device):
     del fp
     done()
     done = stage(f"quantize with {rec.name}")
-    m = qk.quantize("demo", rec, nsamples=nsamples, seq_len=seq_len, device=device)
+    m = qk.quantize("demo", rec, nsamples=nsamples, seq_len=seq_len, device=device, seed=seed)
     done()
     done = stage("save the checkpoint")
     qk.save(m, out, overwrite=True)

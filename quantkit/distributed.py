@@ -197,9 +197,9 @@ def shutdown() -> None:
 # ---------------------------------------------------------------------------------------------------------
 # exact, order-independent sums
 
-_FRAC_BITS = 40  # each term is rounded to 2^-40 of the power of two above its largest entry
-_BAND_BITS = 8  # terms whose largest entries lie within the same 8 binades share one int64 accumulator
-MAX_TERMS = 1 << 22  # 2^22 terms of magnitude < 2^40 fit an int64 band
+_FRAC_BITS = 46  # each term is rounded to 2^-46 of its band's top (the power of two above its largest entry)
+_BAND_BITS = 16  # terms whose largest entries lie within the same 16 binades share one int64 accumulator
+MAX_TERMS = 1 << 16  # 2^16 terms of magnitude < 2^46 fit an int64 band (below 2^62)
 _ROWS = 1024  # rows per conversion step (bounds the float64 temporaries)
 
 
@@ -208,13 +208,14 @@ class ExactSum:
     and the grouping of the terms, so that N processes summing disjoint parts and reducing them give exactly
     the bits one process gets.
 
-    Each term is turned into integers once, by itself: r_i · w_i · 2^(40 − b_i), rounded to nearest, where
-    2^b_i (b_i a multiple of 8) bounds its largest magnitude; terms with the same b_i are summed in an int64
-    tensor (exact; below 2^62 for up to 2^22 terms). Integer sums commute, so the per-band totals are the same
+    Each term is turned into integers once, by itself: r_i · w_i · 2^(46 − b_i), rounded to nearest, where
+    2^b_i (b_i a multiple of 16) bounds its largest magnitude; terms with the same b_i are summed in an int64
+    tensor (exact; below 2^62 for up to 2^16 terms). Integer sums commute, so the per-band totals are the same
     for any split of the terms over processes (reduced with an int64 all-reduce); `result` converts the bands
-    to float64 in ascending order and divides by Σ w_i. Each term keeps 40 bits below its largest entry,
-    far more than the float32 running sums it replaces. NaN/±inf entries are carried separately (their sums
-    do not depend on order either)."""
+    to float64 in ascending order and divides by Σ w_i. Each term keeps at least 30 bits below its largest
+    entry (46 below its band's top), more than the float32 running sums it replaces (24). Terms of one
+    Linear have similar magnitudes: one band, sometimes two (one int64 tensor of the statistic's shape each).
+    NaN/±inf entries are carried separately (their sums do not depend on order either)."""
 
     def __init__(self):
         self.bands: dict[int, torch.Tensor] = {}
@@ -271,6 +272,8 @@ class ExactSum:
         cols = math.prod(shape) // rows
         self.weight = sum(m[2] for m in meta)
         self.terms = sum(m[3] for m in meta)
+        if self.terms > MAX_TERMS:
+            raise QuantkitError(f"more than {MAX_TERMS} calibration windows: lower --nsamples")
         for band in sorted({b for m in meta for b in m[0]}):
             acc = self.bands.get(band)
             if acc is None:

@@ -75,7 +75,7 @@ from quantkit.checkpoint import (
 )
 from quantkit.distributed import Dist, current
 from quantkit.errors import QuantkitError
-from quantkit.methods import algorithm_for
+from quantkit.methods import WeightAlgorithm, algorithm_for
 from quantkit.models import adapter_for, decoder_layers
 from quantkit.nn import ACT_QUANTIZERS
 from quantkit.pipeline import (
@@ -245,8 +245,9 @@ def _calibration_hash(calib: torch.Tensor | None) -> str | None:
 
 def estimate(src: SourceCheckpoint, config, recipe: Recipe, prefix: str, n_layers: int, nsamples: int,
              seq_len: int, device: torch.device, dtype: torch.dtype, max_act: int,
-             cache_weights: bool = True, host_factorization: bool = False) -> dict:
-    """Peak RAM / VRAM / disk of a streamed run, from the shard headers and the recipe (bytes)."""
+             cache_weights: bool = True, host_factorization: bool = False, nproc: int = 1) -> dict:
+    """Peak RAM / VRAM / disk of a streamed run, from the shard headers and the recipe (bytes); with `nproc`
+    processes, per process (each holds one layer and its share of the calibration windows)."""
     ec = torch.empty((), dtype=dtype).element_size()
     adapter = adapter_for(config)
     text = adapter.text_config(config)
@@ -256,6 +257,9 @@ def estimate(src: SourceCheckpoint, config, recipe: Recipe, prefix: str, n_layer
     layer_src = layer_compute = 0
     algo = algorithm_for(recipe.method)
     algo_work = host_factor = 0
+    # statistics of one sub-block, summed exactly (`pipeline._block_statistics`): one window's accumulator
+    # (float32) + the int64 band accumulators (one, at worst two) while collecting; then the float32 result
+    collects = type(algo).statistics is not WeightAlgorithm.statistics and algo.needs_data
     out_bytes = 0
     for li in range(n_layers):
         lp = f"{prefix}.{li}."
@@ -273,6 +277,8 @@ def estimate(src: SourceCheckpoint, config, recipe: Recipe, prefix: str, n_layer
             nout, k = shape
             out_bytes += sum(_nbytes(s, d) for s, d in packed_names(spec, k, nout).values())
             dev_work, host_work = algo.work_bytes(nout, k, device, host_factorization)
+            if collects:
+                dev_work = max(dev_work, k * k * (4 + 2 * 8))
             algo_work = max(algo_work, dev_work)
             host_factor = max(host_factor, host_work)
     other = [n for n in src.meta if not n.startswith(f"{prefix}.")]
@@ -281,7 +287,8 @@ def estimate(src: SourceCheckpoint, config, recipe: Recipe, prefix: str, n_layer
     embed = max([_nbytes(src.meta[n][1], dtype) for n in other if n.startswith(adapter.embed_path + ".")] or [0])
     data = needs_calibration(recipe)
     sample = seq_len * hidden * ec
-    acts = 2 * nsamples * sample if data else 0  # a layer's inputs and outputs
+    per_rank = -(-nsamples // max(nproc, 1))  # the largest share of the windows
+    acts = 2 * per_rank * sample if data else 0  # a layer's inputs and outputs (this process's windows)
     acts_dev = min(acts, max_act)
     spill = acts - acts_dev
     fwd = (seq_len * inter * ec * 3 + heads * seq_len * seq_len * 4 + 4 * sample) if data else 0
@@ -295,17 +302,18 @@ def estimate(src: SourceCheckpoint, config, recipe: Recipe, prefix: str, n_layer
     else:
         # + the CUDA runtime's host memory (measured ~1 GiB RSS on an H100 with torch 2.11); VRAM + context
         ram, vram = base_ram + 1024**3 + staging + sample, dev_peak + 300 * 1024**2
-    disk = out_bytes + (nsamples * sample if data else 0) + spill
+    disk = out_bytes + (nsamples * sample if data else 0) + spill * max(nproc, 1)  # one host: every spill
     return {"source_bytes": sum(src.nbytes(n) for n in src.meta), "layer_source_bytes": layer_src,
             "activation_bytes": acts, "activation_on_device_bytes": acts_dev, "activation_spill_bytes": spill,
             "peak_ram_bytes": ram, "peak_vram_bytes": vram, "disk_bytes": disk, "output_bytes": out_bytes,
-            "device": str(device), "dtype": str(dtype).replace("torch.", "")}
+            "device": str(device), "dtype": str(dtype).replace("torch.", ""), "nproc": nproc}
 
 
 def format_estimate(e: dict) -> str:
     f = format_size
-    lines = [f"offload estimate ({e['device']}, compute {e['dtype']}): source {f(e['source_bytes'])}, largest "
-             f"layer {f(e['layer_source_bytes'])}",
+    per = f", per process of {e['nproc']}" if e.get("nproc", 1) > 1 else ""
+    lines = [f"offload estimate ({e['device']}, compute {e['dtype']}{per}): source {f(e['source_bytes'])}, "
+             f"largest layer {f(e['layer_source_bytes'])}",
              f"  peak RAM  ~{f(e['peak_ram_bytes'])}" + (" (calibration activations included)"
                                                         if e["device"] == "cpu" else ""),
              f"  peak VRAM ~{f(e['peak_vram_bytes'])}" if e["device"] != "cpu" else "  peak VRAM 0 (CPU run)",
@@ -419,6 +427,7 @@ def quantize_streaming(
     host_factorization: bool = False,
     progress: bool = True,
     log=None,
+    nproc: int | None = None,
 ) -> Path | dict:
     """Quantize the HF safetensors folder `model` with `recipe` into the checkpoint folder `out`, streaming
     one decoder layer at a time (see the module docstring). Resumes an interrupted run of the same settings.
@@ -429,7 +438,8 @@ def quantize_streaming(
     (default: on CPU, where re-dequantizing for every forward costs more time than the float copy costs
     memory; GPU forwards use the kernels and never read it). host_factorization: on a GPU, factorize wide
     GPTQ Hessians (K x K >= 256 MB) on the host: ~2 K x K less VRAM, ~3 K x K more host RAM. Returns `out`,
-    or with `dry_run` the estimate dict (nothing is written).
+    or with `dry_run` the estimate dict (nothing is written). nproc: the processes the estimate is for (default:
+    those of the running group, `distributed.current()`).
     """
     log = log or (lambda s: print(s, file=sys.stderr, flush=True))
     dist = current()
@@ -449,8 +459,9 @@ def quantize_streaming(
     if cache_weights is None:
         cache_weights = device.type == "cpu"
     est = estimate(src, config, rec, prefix, n_layers, nsamples, seq_len, device, dtype, max_act, cache_weights,
-                   host_factorization)
-    log(format_estimate(est))
+                   host_factorization, nproc=nproc or dist.world)
+    if dist.is_writer:
+        log(format_estimate(est))
     if dry_run:
         return est
 

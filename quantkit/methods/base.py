@@ -9,7 +9,9 @@ An algorithm registers itself under a name (the recipe's `method.name`) and decl
   execution order, collecting each sub-block's calibration inputs after the earlier ones are quantized
   (default); False collects once, at the layer's last Linear, for all of them.
 - `statistics(in_features, device)`: an accumulator with `add(x)` fed with every calibration input of the
-  Linears it serves, and `result()`; None when it collects nothing.
+  Linears it serves, and `result()`, a float32 mean over the rows it was fed (the pipeline gives each
+  calibration window its own accumulator and combines them exactly, for any number of processes); None when
+  it collects nothing.
 - `quantize(weight, fmt, stats, act=..., host_factorization=...)` → (codes, params), the same shapes as
   `fmt.quantize_rtn`.
 - `work_bytes(n_out, k, device, host_factorization)`: its temporaries for one Linear (device, host), for the
