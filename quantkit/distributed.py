@@ -239,12 +239,15 @@ class ExactSum:
         if self.terms > MAX_TERMS:
             raise QuantkitError(f"more than {MAX_TERMS} calibration windows: lower --nsamples")
         flat = r.reshape(r.shape[0], -1) if r.dim() > 1 else r.reshape(1, -1)
-        finite = torch.isfinite(flat)
-        if not bool(finite.all()):
+        m = float(flat.abs().max()) if flat.numel() else 0.0  # NaN/inf if any entry is (max propagates NaN)
+        if not math.isfinite(m):
+            finite = torch.isfinite(flat)
             sp = torch.where(finite, torch.zeros_like(flat), flat)
             self.special = sp if self.special is None else self.special + sp
             flat = torch.where(finite, flat, torch.zeros_like(flat))
-        m = float(flat.abs().max()) * w if flat.numel() else 0.0
+            del finite
+            m = float(flat.abs().max())
+        m *= w
         if m == 0.0:
             return
         band = _BAND_BITS * math.ceil(math.frexp(m)[1] / _BAND_BITS)  # m < 2^band
