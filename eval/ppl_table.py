@@ -3,14 +3,14 @@
     python -m quantkit.eval.ppl_table --recipes rtn-w4g128,gptq-w4g128 --nsamples 32 --json out/table.json
 
 For each recipe: quantize (timed), save the packed checkpoint, reload it, perplexity over all full windows
-(or --max-windows), bits/weight from the checkpoint. FP is evaluated once. Prints a table, writes JSON.
+(or --max-windows), bits/weight from the checkpoint (the steps of `quantkit.eval.quality`, on one text). FP is
+evaluated once. Prints a table, writes JSON.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import time
 from pathlib import Path
 
 import torch
@@ -18,7 +18,6 @@ import torch
 
 def main(argv=None) -> None:
     import quantkit as qk
-    from quantkit.checkpoint_info import inspect_checkpoint
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="demo")
@@ -54,20 +53,15 @@ def main(argv=None) -> None:
                      "quant_seconds": 0.0, "eval": r})
         dump()
         del m
+    from quantkit.eval.quality import measure_recipe
+
     for name in args.recipes.split(","):
-        t0 = time.perf_counter()
-        m = qk.quantize(args.model, name, dataset=args.dataset, nsamples=args.nsamples, seq_len=args.seq_len,
-                        device=args.device)
-        secs = time.perf_counter() - t0
-        ck = qk.save(m, out_dir / name, overwrite=True)
-        del m
-        q = qk.load(ck, device=args.device)
-        r = qk.eval.perplexity(q, dataset=args.dataset, seq_len=args.seq_len, max_windows=args.max_windows)
-        info = inspect_checkpoint(ck)["totals"]
+        row = measure_recipe(args.model, name, out_dir, [(args.dataset, args.max_windows)], args.nsamples,
+                             args.seq_len, 0, args.device, calibration=args.dataset)
+        r = row["eval"][args.dataset]
         rows.append({"recipe": name, "ppl": r["ppl"], "windows": r["windows"],
-                     "bits_per_weight": info["bits_per_weight"], "quant_seconds": round(secs, 1), "eval": r})
+                     "bits_per_weight": row["bits_per_weight"], "quant_seconds": row["quant_seconds"], "eval": r})
         dump()
-        del q
     print(f"\n{args.model}, {args.dataset} test, seq_len {args.seq_len}, calibration {args.nsamples} x "
           f"{args.seq_len}")
     print(f"{'recipe':<18} {'ppl':>10} {'windows':>8} {'bits/w':>8} {'quant s':>8}")

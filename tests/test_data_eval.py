@@ -102,3 +102,36 @@ def test_enwiki_without_gensim_says_what_to_install(monkeypatch):
             load_text("enwiki", "test")
     finally:
         load_text.cache_clear()
+
+
+def test_quality_job_measures_both_texts_and_merges_only_within_one_environment(demo_dir, tmp_path):
+    pytest.importorskip("gensim")
+    from quantkit.eval import quality
+
+    out = tmp_path / "q.json"
+    args = ["--recipes", "rtn-w4g128", "--seq-len", "128", "--nsamples", "2", "--ptb-windows", "2",
+            "--heldout-windows", "1", "--out-dir", str(tmp_path / "ck"), "--json", str(out)]
+    quality.main(args)
+    doc = json.loads(out.read_text())
+    assert [(r["recipe"], r["seed"]) for r in doc["rows"]] == [("fp", None), ("rtn-w4g128", 0)]
+    assert doc["texts"] == [{"dataset": "ptb", "split": "test", "windows": 2},
+                            {"dataset": "enwiki", "split": "test", "windows": 1}]
+    fp, q = doc["rows"]
+    for ds in ("ptb", "enwiki"):
+        assert fp["eval"][ds]["windows"] == (2 if ds == "ptb" else 1)
+        assert q["ppl"][ds] > fp["ppl"][ds] > 1  # 4-bit RTN loses something on either text
+    assert 4 < q["bits_per_weight"] < 5 and q["quant_seconds"] >= 0
+    assert doc["env"]["threads"] == torch.get_num_threads()
+    # --merge adds a seed row to the same file, replacing nothing else
+    quality.main(args[:-2] + ["--json", str(out), "--merge", "--no-fp", "--seeds", "1"])
+    doc2 = json.loads(out.read_text())
+    assert [(r["recipe"], r["seed"]) for r in doc2["rows"]] == [("fp", None), ("rtn-w4g128", 0), ("rtn-w4g128", 1)]
+    assert doc2["rows"][:2] == doc["rows"] and len(doc2["commands"]) == 2
+    # ... but not to one measured in another environment, or with other texts
+    doc2["env"]["transformers"] = "0.0"
+    out.write_text(json.dumps(doc2))
+    with pytest.raises(QuantkitError, match=r"another environment \(transformers: 0.0 vs"):
+        quality.main(args + ["--merge", "--no-fp"])
+    with pytest.raises(QuantkitError, match="unknown recipe|not found|no recipe"):
+        quality.main(["--recipes", "no-such-recipe", "--json", str(tmp_path / "x.json")])
+    assert not (tmp_path / "x.json").exists()
