@@ -140,3 +140,20 @@ def test_sink_weight_reaches_the_pipeline_and_protects_the_first_token():
     assert errs[1e4] < errs[1.0], errs
     with pytest.raises(QuantkitError, match=r"method.sink_weight = 0.0 must be > 0"):
         recipe_from_dict({"name": "x", "method": {"name": "gptq", "sink_weight": 0}})
+
+
+def test_act_order_fits_every_group_on_the_original_weights():
+    # K = 160 with groups of 64: two full groups and a short last one of 32 columns. With act-order the
+    # columns are visited by descending diag(H), the groups stay contiguous and are fitted up front on the
+    # weights as given (what RTN fits); plain order fits each group on the error-updated weights
+    x, w, h = _problem(k=160)
+    fmt = UniformInt(4, 64)
+    _, p_rtn = rtn_quantize(w, fmt)
+    codes, p_act = gptq_quantize(w, h, fmt, act_order=True, block_size=48)
+    assert p_act["scale"].shape == (w.shape[0], 3)
+    assert torch.equal(p_act["scale"], p_rtn["scale"]) and torch.equal(p_act["zero"], p_rtn["zero"])
+    _, p_plain = gptq_quantize(w, h, fmt, act_order=False, block_size=48)
+    assert torch.equal(p_plain["scale"][:, 0], p_rtn["scale"][:, 0])
+    assert not torch.equal(p_plain["scale"][:, 1:], p_rtn["scale"][:, 1:])
+    # the codes come back in the original column order: they decode under the contiguous groups
+    assert _out_err(x, w, fmt, codes, p_act) < 0.8 * _out_err(x, w, fmt, *rtn_quantize(w, fmt))
