@@ -246,7 +246,7 @@ def main(argv=None) -> dict | None:
             if a.device.startswith("cuda") else None
         rss = max(x["peak_rss_bytes"] for x in r["ranks"])
         print(f"{r['nproc']:>5} {r['backend']:>7} {r['wall_s']:>8.1f} {r['wall_ratio']:>6.3f} "
-              f"{str(r['identical_to_first']):>9} {_fmt_gib(vram):>12} {_fmt_gib(r['vram_bound_bytes']):>10} "
+              f"{r['identical_to_first']!s:>9} {_fmt_gib(vram):>12} {_fmt_gib(r['vram_bound_bytes']):>10} "
               f"{_fmt_gib(rss):>11} {_fmt_gib(r['estimate']['peak_vram_bytes']):>8} "
               f"{_fmt_gib(r['estimate']['peak_ram_bytes']):>7}")
     print(f"\n--dry-run estimate per process, 70B shape ({SHAPE_70B['layers']} layers, hidden {SHAPE_70B['hidden']}), "

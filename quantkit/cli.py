@@ -68,9 +68,8 @@ def quantize(model, recipe, out, dataset, nsamples, seq_len, seed, device, overw
 
     if gpus is not None and nproc is not None and gpus != nproc:
         raise QuantkitError(f"--gpus {gpus} and --nproc {nproc} disagree: give one of them")
-    if gpus is not None:
-        if not device.startswith("cuda"):
-            device = "cuda"
+    if gpus is not None and not device.startswith("cuda"):
+        device = "cuda"
     n = gpus or nproc or 1
     _check_device(device, need_gpu=not dry_run)  # an estimate for GPUs may be made without one
     rec = qk.load_recipe(recipe)
@@ -168,7 +167,7 @@ def _quantize_worker(model, rec, out, dataset, nsamples, seq_len, seed, device, 
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)  # no teardown: the peers may be stuck in a collective; the launcher stops them
-    except Exception as e:  # noqa: BLE001 (a broken collective after a peer died, or a bug: reported below)
+    except Exception as e:  # a broken collective after a peer died, or a bug: reported below
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         code = distributed.report_error(dist, None, f"{type(e).__name__}: {first}")
         sys.stdout.flush()

@@ -45,7 +45,7 @@ import os
 import signal
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -538,7 +538,7 @@ class _StreamedRun:
     data: bool  # the recipe needs calibration data
     cache_weights: bool
     host_factorization: bool
-    dist: Dist = Dist()
+    dist: Dist = field(default_factory=Dist)
     windows: tuple[int, int] = (0, 0)  # this rank's calibration windows [lo, hi)
     n_windows: int = 0  # all ranks' windows
 

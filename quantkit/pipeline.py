@@ -330,7 +330,7 @@ def _calibrate_acts(layer, block: list[str], targets: dict, act_specs: dict, xs,
         # so every collector sees its inputs in the one-process order, whatever it sums
         for r in range(dist.world):
             if r == dist.rank:
-                _run_block_hook(layer, targets[block[-1]][0], lambda x: [c.add(x) for c in collectors.values()],
+                _run_block_hook(layer, targets[block[-1]][0], lambda x, cs=collectors: [c.add(x) for c in cs.values()],
                                 xs, kwargs, device)
             collectors = dist.pass_on(collectors, r, device)
     return {n: _act_class(act_specs[n]).from_calibration(act_specs[n], targets[n][0], collectors.get(n))

@@ -13,8 +13,8 @@ import torch
 def main() -> None:
     src, out_root, calib_path, recipes = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3], sys.argv[4].split(",")
     import quantkit as qk
-    from quantkit import distributed
     from conftest import tiny_llama
+    from quantkit import distributed
     from quantkit.pipeline import quantize_model
     from quantkit.recipe import load_recipe
 

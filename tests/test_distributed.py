@@ -9,13 +9,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_offload import files_bytes, make_source, stream
 
 import quantkit as qk
 from conftest import tiny_llama
 from quantkit.distributed import Dist, ExactSum
 from quantkit.pipeline import quantize_model
 from quantkit.recipe import load_recipe
-from test_offload import files_bytes, make_source, stream
 
 HERE = Path(__file__).parent
 RECIPES = ["rtn-w4g128", "gptq-w4g128", "w4a8-gptq"]  # no data; Hessians; an activation scheme + GPTQ
