@@ -5,8 +5,8 @@
 - `enwiki`: English Wikipedia articles (encyclopedic prose: a domain apart from PTB's newswire), from the
   shortened 2006 article dump that the PyPI package `gensim` ships as test data (`pip install
   'quantkit[enwiki]'`); gensim's own `filter_wiki` strips the markup and only prose paragraphs are kept
-  (lines of at least 12 words: no tables, lists or headings). 107 articles in dump order: every tenth
-  (index 9, 19, ...) is `test`, the one before each (8, 18, ...) is `valid`, the rest `train`.
+  (lines of at least 12 words: no tables, lists or headings). 107 articles in dump order: articles
+  9, 19, 29, ... (one in 10) are `test`, the one before each (8, 18, ...) is `valid`, the rest `train`.
 - `wikitext2`, `c4`: through `datasets` when reachable (online or in the local HF cache).
 - a local `.txt` / `.jsonl` / `.parquet` file (the `text` field for jsonl/parquet): the same text serves
   both splits.

@@ -6,6 +6,7 @@ stored tensors) and, where transformers' compressed-tensors route supports it, a
 intermediate 256, so that groups of 128 divide every K.
 """
 
+import inspect
 import json
 import sys
 from pathlib import Path
@@ -99,7 +100,10 @@ def _quant_modules(model) -> dict[str, QuantLinear]:
 def _hf(folder: Path, dequantize: bool = False):
     from transformers import AutoModelForCausalLM, CompressedTensorsConfig
 
-    kw = {"quantization_config": CompressedTensorsConfig(dequantize=True)} if dequantize else {}
+    # newer transformers: `dequantize=True`; older 5.x releases (5.0, the lower bound) call it `run_compressed=False`
+    flag = {"dequantize": True} if "dequantize" in inspect.signature(CompressedTensorsConfig).parameters \
+        else {"run_compressed": False}
+    kw = {"quantization_config": CompressedTensorsConfig(**flag)} if dequantize else {}
     return AutoModelForCausalLM.from_pretrained(str(folder), **kw).eval()
 
 
@@ -411,3 +415,43 @@ def test_mixed_schemes_ignored_linears_and_untied_head(root):
     assert bits[8] == ["model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj"]
     assert "model.layers.1.self_attn.q_proj" in bits[4]
     torch.testing.assert_close(_logits(_hf(out)), _logits(load(ck)), rtol=0, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------ the demo model
+
+W4_SYM_G64 = {"name": "w4-sym-g64", "weights": {"format": "int", "bits": 4, "group_size": 64, "symmetric": True}}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe,dtype", [(W4_SYM_G64, torch.float32), ("nvfp4-w4a16", torch.bfloat16)],
+                         ids=["w4-sym-g64", "nvfp4-w4a16"])
+def test_demo_model_exports(demo_dir, tmp_path, recipe, dtype):
+    """The demo model (SmolLM2-135M: K = 576 and 1536, so g64 rather than g128): compressed-tensors'
+    decompression of the exported folder gives quantkit's weights, and transformers' compressed-tensors route
+    gives quantkit's logits within bf16 rounding."""
+    from quantkit.api import load_model
+
+    m, _ = load_model(demo_dir, dtype=dtype)
+    rec = load_recipe(recipe)
+    quantize_model(m, rec, CALIB[:1, :32], progress=False)
+    m.quantkit_recipe = rec.to_dict()
+    ck = save(m, tmp_path / "q")
+    out = export(ck, tmp_path / "ct", to="compressed-tensors")
+    q = load(ck)
+    mods = _quant_modules(q)
+    assert len(mods) == 7 * q.config.num_hidden_layers
+    for name, (w, _) in _ct_decompress(out, mods).items():
+        if dtype == torch.float32:  # int: exact in the fp16 of the stored scales
+            assert torch.equal(w, mods[name].dequantize_weight(torch.float16)), name
+        else:  # nvfp4: compressed-tensors computes in bf16 (scale quotient, then product): two bf16 roundings
+            ref = mods[name].dequantize_weight(torch.float32)
+            assert w.dtype == torch.bfloat16 and bool(((w.float() - ref).abs() <= ref.abs() * 2.0**-7).all()), name
+    ids = CALIB[:1, :32]
+    with torch.no_grad():
+        ref = q(ids).logits.float()
+        got = _hf(out).to(dtype)(ids).logits.float()
+        if dtype == torch.float32:
+            _bf16_close(ref, got)
+        else:  # 30 bf16 layers: within what bf16 itself does to quantkit's model (its fp32 run as the yardstick)
+            noise = float((q.float()(ids).logits.float() - ref).abs().max())
+            assert float((got - ref).abs().max()) <= 2 * noise, (float((got - ref).abs().max()), noise)
