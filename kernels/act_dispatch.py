@@ -6,8 +6,9 @@
 - "fmpq:int"             → COMET: channel gather + per-block INT4/INT8 activations, same GEMM;
 - "nvfp4:nvfp4"          → ARCQuant / plain NVFP4 W4A4 through `nvfp4_gemm.arc_linear`.
 A forward returns None (QuantLinear then runs its torch reference) when the module is outside what the
-kernels serve: activation quantization switched off (calibration), per-token activation groups other
-than 128, weight groups the int8 kernels cannot read, or unsupported dtypes. Prepared weights are cached
+kernels serve: activation quantization switched off (calibration), activation groups other than 128
+channels or the whole token (per-token scales: the activation kernel writes the token's one scale into
+every group, the GEMM is unchanged), weight groups the int8 kernels cannot read, or unsupported dtypes. Prepared weights are cached
 on the module (`_act_kernel_cache`); the stored buffers are never modified.
 
 Under torch.compile each forward is one opaque custom op (`quantkit::lowbit_act_linear`,
@@ -38,17 +39,19 @@ def _cached(mod, build=None):
 @torch.library.custom_op("quantkit::lowbit_act_linear", mutates_args=())
 def lowbit_act_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
                       block_bits: torch.Tensor | None, perm: torch.Tensor | None, bias: torch.Tensor | None,
-                      act_bits: int, bits: int, k: int, group_size: int) -> torch.Tensor:
-    """`int8_gemm.lowbit_linear` as one op (FlexQ: act_bits per layer; COMET: block_bits + perm)."""
+                      act_bits: int, bits: int, k: int, group_size: int, per_token: bool = False) -> torch.Tensor:
+    """`int8_gemm.lowbit_linear` as one op (FlexQ: act_bits per layer; COMET: block_bits + perm; per_token:
+    one activation scale per token)."""
     from quantkit.kernels.int8_gemm import lowbit_linear
     from quantkit.kernels.int8_reference import LowbitWeight
 
     w = LowbitWeight(bits, k, qweight.shape[0], qweight, scales, zeros, group_size or None)
-    return lowbit_linear(x, w, block_bits if block_bits is not None else act_bits, perm, bias)
+    return lowbit_linear(x, w, block_bits if block_bits is not None else act_bits, perm, bias, per_token)
 
 
 @lowbit_act_linear.register_fake
-def _lowbit_act_linear_fake(x, qweight, scales, zeros, block_bits, perm, bias, act_bits, bits, k, group_size):
+def _lowbit_act_linear_fake(x, qweight, scales, zeros, block_bits, perm, bias, act_bits, bits, k, group_size,
+                            per_token=False):
     return x.new_empty(*x.shape[:-1], qweight.shape[0])
 
 
@@ -72,10 +75,11 @@ def int8_forward(mod, x: torch.Tensor) -> torch.Tensor | None:
 
     act = mod.act
     spec = mod.spec
-    if act is None or not act.enabled or x.dtype not in _DTYPES or act.spec.group_size != ACT_GROUP:
+    if act is None or not act.enabled or x.dtype not in _DTYPES or act.spec.group_size not in (ACT_GROUP, None):
         return None
     if not supports(spec.format, spec.bits, spec.group_size):
         return None
+    per_token = act.spec.group_size is None  # one scale per token (e.g. W4A8 / W8A8-style recipes)
     if torch.compiler.is_compiling():
         prepared = _cached(mod)
         if prepared is None:
@@ -83,7 +87,7 @@ def int8_forward(mod, x: torch.Tensor) -> torch.Tensor | None:
         w, bits, perm = prepared
         block_bits, act_bits = (bits, 0) if isinstance(bits, torch.Tensor) else (None, int(bits))
         return lowbit_act_linear(x, w.qweight, w.scales, w.zeros, block_bits, perm, mod.bias, act_bits, w.bits,
-                                 w.k, w.group_size or 0)
+                                 w.k, w.group_size or 0, per_token)
 
     def build():
         packed, k = mod.packed(), mod.weight_in_features
@@ -95,7 +99,9 @@ def int8_forward(mod, x: torch.Tensor) -> torch.Tensor | None:
         return w, layout.bits, None
 
     w, bits, perm = _cached(mod, build)
-    return lowbit_linear(x, w, bits, perm, mod.bias)
+    if per_token and (isinstance(bits, torch.Tensor) or perm is not None):
+        return None  # per-block widths / a channel order come with 128-channel groups only
+    return lowbit_linear(x, w, bits, perm, mod.bias, per_token)
 
 
 def nvfp4_forward(mod, x: torch.Tensor) -> torch.Tensor | None:

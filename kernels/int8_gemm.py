@@ -91,12 +91,41 @@ def _act_quant_kernel(x_ptr, perm_ptr, bits_ptr, q_ptr, s_ptr, qs_ptr, K, G, str
     tl.store(qs_ptr + m * stride_s + gs, tl.sum(qi, axis=1), mask=gmask)
 
 
+@triton.jit
+def _act_quant_token_kernel(x_ptr, q_ptr, s_ptr, qs_ptr, K, G, stride_x, stride_q, stride_s,
+                            QMAX: tl.constexpr, GB: tl.constexpr):
+    """One program: one row, one scale for all K channels (per-token activations). The scale is stored once per
+    128-channel group (the GEMM reads per-group activation scales: all equal here), with each group's code sum."""
+    m = tl.program_id(0).to(tl.int64)
+    amax = tl.zeros([GB], tl.float32)
+    for g0 in range(0, G, GB):
+        cols = (g0 + tl.arange(0, GB))[:, None] * 128 + tl.arange(0, 128)[None, :]
+        x = tl.load(x_ptr + m * stride_x + cols, mask=cols < K, other=0).to(tl.float32)
+        amax = tl.maximum(amax, tl.max(tl.abs(x), axis=1))
+    a = tl.max(amax, axis=0)
+    scale = tl.math.div_rn(tl.zeros([GB, 128], tl.float32) + a, tl.full([GB, 128], QMAX, tl.float32))
+    scale = tl.where(scale > 0, scale, 1.0)
+    for g0 in range(0, G, GB):
+        gs = g0 + tl.arange(0, GB)
+        gmask = gs < G
+        cols = gs[:, None] * 128 + tl.arange(0, 128)[None, :]
+        x = tl.load(x_ptr + m * stride_x + cols, mask=cols < K, other=0).to(tl.float32)
+        v = tl.math.div_rn(x, scale)
+        r = (v + MAGIC_F) - MAGIC_F  # round half to even (|v| <= 127.x)
+        r = tl.minimum(tl.maximum(r, -QMAX), QMAX)
+        qi = r.to(tl.int32)
+        tl.store(q_ptr + m * stride_q + cols, qi.to(tl.int8), mask=gmask[:, None])
+        tl.store(s_ptr + m * stride_s + gs, tl.max(scale, axis=1), mask=gmask)
+        tl.store(qs_ptr + m * stride_s + gs, tl.sum(qi, axis=1), mask=gmask)
+
+
 def quantize_act(x: torch.Tensor, bits: int | torch.Tensor, perm: torch.Tensor | None = None,
-                 group_blocks: int = 8) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                 group_blocks: int = 8, per_token: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """x [M, K] bf16/fp16/fp32 (row-contiguous) → (qa int8 [M, Kp], a_scale fp32 [M, G], a_sum int32 [M, G]).
 
     bits: an int in 2..8, or an int32 tensor [G] on x's device (one width per 128-channel block);
-    perm: int32/int64 [K] on x's device, the kernel reads x[:, perm] (COMET's outlier gathering)."""
+    perm: int32/int64 [K] on x's device, the kernel reads x[:, perm] (COMET's outlier gathering);
+    per_token: one scale per row over all K channels (int bits, no perm), repeated in each group's a_scale."""
     if x.stride(-1) != 1:
         x = x.contiguous()
     m, k = x.shape
@@ -104,6 +133,15 @@ def quantize_act(x: torch.Tensor, bits: int | torch.Tensor, perm: torch.Tensor |
     q = torch.empty(m, g * ACT_GROUP, dtype=torch.int8, device=x.device)
     s = torch.empty(m, g, dtype=torch.float32, device=x.device)
     qs = torch.empty(m, g, dtype=torch.int32, device=x.device)
+    if per_token:
+        if isinstance(bits, torch.Tensor) or perm is not None or not 2 <= bits <= 8:
+            raise ValueError("per-token activations take one width in 2..8 and no channel permutation")
+        if m:
+            _act_quant_token_kernel[(m,)](x, q, s, qs, k, g, x.stride(0), q.stride(0), s.stride(0),
+                                          QMAX=float((1 << (bits - 1)) - 1), GB=min(group_blocks,
+                                                                                 triton.next_power_of_2(g)),
+                                          num_warps=4)
+        return q, s, qs
     if isinstance(bits, torch.Tensor):
         if bits.numel() != g:
             raise ValueError(f"bits has {bits.numel()} entries for {g} channel groups")
@@ -379,14 +417,16 @@ def lowbit_gemm(qa: torch.Tensor, a_scale: torch.Tensor, a_sum: torch.Tensor, w:
 
 
 def lowbit_linear(x: torch.Tensor, w: LowbitWeight, act_bits: int | torch.Tensor,
-                  perm: torch.Tensor | None = None, bias: torch.Tensor | None = None) -> torch.Tensor:
+                  perm: torch.Tensor | None = None, bias: torch.Tensor | None = None,
+                  per_token: bool = False) -> torch.Tensor:
     """y = Q_act(x[..., perm]) @ Wᵀ (+ bias): x [..., K] bf16/fp16 on CUDA → [..., N] in x's dtype.
 
     act_bits: int (FlexQ: 6 or 8 per layer) or int32 tensor [ceil(K/128)] on x's device (COMET: 4/8 per block,
-    in the permuted channel order); perm: int32 [K] (COMET) or None."""
+    in the permuted channel order); perm: int32 [K] (COMET) or None; per_token: one activation scale per token
+    instead of one per 128-channel group (int act_bits, no perm)."""
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
-    qa, s, qs = quantize_act(x2, act_bits, perm)
+    qa, s, qs = quantize_act(x2, act_bits, perm, per_token=per_token)
     y = lowbit_gemm(qa, s, qs, w, bias, out_dtype=x.dtype)
     return y.reshape(*lead, w.n)
 

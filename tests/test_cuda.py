@@ -43,7 +43,7 @@ def test_quantize_on_cuda_matches_cpu_and_round_trips(recipe, calib, tmp_path):
 
 
 @pytest.mark.parametrize("recipe,key", [("flexq-w6a6", "int:int6"), ("comet-w4ax", "fmpq:int"),
-                                        ("arcquant-nvfp4", "nvfp4:nvfp4")])
+                                        ("arcquant-nvfp4", "nvfp4:nvfp4"), ("w4a8-rtn", "int:int")])
 def test_activation_kernels_match_reference_end_to_end(recipe, key, calib):
     """A model quantized with an activation recipe gives the same logits through the Triton kernels as
     through the torch reference on the same GPU (bf16), and the kernels really serve its Linears."""
@@ -92,7 +92,7 @@ def test_compiled_fused_model_matches_eager_kernels(calib):
         torch.testing.assert_close(out.float(), eager.float(), rtol=2e-2, atol=2e-2)
 
 
-@pytest.mark.parametrize("recipe", ["flexq-w6a8", "comet-w4ax", "arcquant-nvfp4"])
+@pytest.mark.parametrize("recipe", ["flexq-w6a8", "comet-w4ax", "arcquant-nvfp4", "w4a8-rtn"])
 def test_compiled_activation_quantized_model_traces_kernel_ops(recipe, calib):
     """torch.compile traces activation-quantized QuantLinears into their custom ops (one graph, no breaks):
     same logits as the eager kernels at prompt and single-token shapes."""

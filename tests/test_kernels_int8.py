@@ -85,6 +85,25 @@ def test_act_quant_bit_exact(k, bits, use_perm):
         assert torch.equal(q2, q) and torch.equal(s2, s) and torch.equal(qs2, qs)
 
 
+@pytest.mark.parametrize("k", [200, 1100, 77])
+@pytest.mark.parametrize("bits", [4, 8])
+def test_act_quant_per_token_bit_exact(k, bits):
+    """Per-token activations: one scale over the whole row (act_int with the group = K), written into every
+    128-channel group's scale; codes and group sums as for grouped scales."""
+    groups = -(-k // 128)
+    for m, dtype in ((1, torch.bfloat16), (5, torch.float16), (3, torch.float32)):
+        x = _x(m, k, dtype, seed=m)
+        x[0, k // 2] = 40.0  # one outlier sets the whole row's scale
+        x[-1, :] = 0  # an all-zero row: scale 1, codes 0
+        q, s, qs = kg.quantize_act(x, bits, per_token=True, group_blocks=4)
+        q_ref, s_ref = quantize_act_int(x, bits, k)
+        assert torch.equal(q[:, :k], q_ref) and not q[:, k:].any()
+        assert torch.equal(s, s_ref.expand(m, groups))
+        assert torch.equal(qs, q.view(m, groups, 128).sum(-1, dtype=torch.int32))
+    with pytest.raises(ValueError, match="per-token"):
+        kg.quantize_act(x, torch.tensor([8] * groups, dtype=torch.int32, device=DEV), per_token=True)
+
+
 def test_act_quant_ties_round_half_to_even():
     # scale = amax/7 = 1 (bits 4): x = j + 0.5 are exact ties; torch.round (and the kernel) go to even
     x = torch.zeros(1, 128)
@@ -182,6 +201,29 @@ def test_linear_matches_reference(wcase):
         xf = (xq[0].view(m, groups, 128).double() * xq[1].double().unsqueeze(-1)).view(m, -1)[:, :k]
         y_fq = xf @ ref.dequantize(w).double().t() + bias.double()
         assert ((y_ref - y_fq).norm() / y_fq.norm()).item() < 1e-6
+
+
+@pytest.mark.parametrize("wcase", [(4, 128, False), (6, None, True)], ids=_wid)
+def test_linear_per_token_matches_fake_quant(wcase):
+    """`lowbit_linear(per_token=True)` = the torch reference QuantLinear runs for per-token activations
+    (fake-quantized x with one scale per token @ the dequantized weight)."""
+    from quantkit.formats.act_int import fake_quant_act_int
+
+    bits, gs, sym = wcase
+    k, n = 300, 40
+    w = _weight(bits, k, n, gs, sym, seed=7)
+    bias = torch.randn(n, generator=torch.Generator().manual_seed(8)).to(DEV, torch.bfloat16)
+    for m in (1, 9):
+        x = _x(m, k, torch.bfloat16, seed=m)
+        y_ref = fake_quant_act_int(x.double(), 8, k) @ ref.dequantize(w).double().t() + bias.double()
+        qa, s, qs = kg.quantize_act(x, 8, per_token=True)
+        ys = [kg.lowbit_gemm(qa, s, qs, w, bias, out_dtype=torch.bfloat16, config=CONFIGS["m16-splitk2"]),
+              kg.lowbit_gemm(qa, s, qs, w, bias, out_dtype=torch.bfloat16, config=PREFILL_CONFIGS["prefill"],
+                             path="prefill")]
+        if DEV == "cuda":  # the autotuned entry point (the interpreter cannot autotune)
+            ys.append(kg.lowbit_linear(x, w, 8, None, bias, per_token=True))
+        for y in ys:
+            assert y.dtype == torch.bfloat16 and ((y.double() - y_ref).norm() / y_ref.norm()).item() < 1e-2, m
 
 
 def test_split_k_is_deterministic_and_resets_counters():
