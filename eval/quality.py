@@ -45,9 +45,26 @@ def environment(device: str) -> dict:
         except md.PackageNotFoundError:
             env[p] = None
     env["python"] = platform.python_version()
+    env["quantkit_commit"], env["quantkit_dirty"] = _commit()
     env["threads"] = torch.get_num_threads()
     env["deterministic_algorithms"] = torch.are_deterministic_algorithms_enabled()
     return env
+
+
+def _commit() -> tuple[str | None, bool | None]:
+    """The git commit of the quantkit checkout this runs from, and whether its tracked files differ from it
+    (None, None outside a checkout)."""
+    import subprocess
+
+    root = Path(__file__).resolve().parent.parent
+    try:
+        head = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
+                              check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, check=True).stdout.strip() != ""
+    except (OSError, subprocess.CalledProcessError):
+        return None, None
+    return head, dirty
 
 
 def texts(ptb_windows: int, heldout: str, heldout_windows: int) -> list[tuple[str, int]]:
@@ -141,6 +158,7 @@ def main(argv=None) -> None:
     out_dir = Path(args.out_dir)
 
     def put(row: dict) -> None:
+        row["quantkit_commit"] = env["quantkit_commit"]  # per row: --merge may add rows from a later commit
         doc["rows"] = [r for r in doc["rows"] if (r["recipe"], r.get("seed")) != (row["recipe"], row.get("seed"))]
         doc["rows"].append(row)
         json_path.parent.mkdir(parents=True, exist_ok=True)
