@@ -111,8 +111,12 @@ def _category(name: str) -> str:
 
 
 def _kernel_breakdown(prof, steps: int) -> dict:
+    from torch.autograd import DeviceType
+
     rows = []
     for e in prof.key_averages():
+        if getattr(e, "device_type", DeviceType.CUDA) == DeviceType.CPU:
+            continue  # host ops (profiled with CPU activity) carry their kernels' time too: count kernels once
         t = getattr(e, "self_device_time_total", None)
         if t is None:
             t = getattr(e, "self_cuda_time_total", 0)
@@ -293,9 +297,9 @@ def measure(model: nn.Module, batch: int, cfg: LatencyConfig, log: Callable[[str
                prefill_eager_ms=em, prefill_eager_tok_s=batch * p_len / (em / 1e3), prefill_eager_ms_all=eager_ms,
                prefill_first_ms=first_prefill_ms, prefill_warmup_ms=warm_pre,
                decode_ms_per_step_all=[x / steps for x in dec_ms], decode_steps=steps)
-    kv = sum(t.numel() * t.element_size() for layer in cache.layers
+    kv_bytes = sum(t.numel() * t.element_size() for layer in cache.layers
              for t in (getattr(layer, "keys", None), getattr(layer, "values", None)) if t is not None)
-    res["kv_cache_bytes"] = kv
+    res["kv_cache_bytes"] = kv_bytes
     if cuda:
         res["peak_gpu_bytes"] = torch.cuda.max_memory_allocated(dev)
         res["peak_gpu_reserved_bytes"] = torch.cuda.max_memory_reserved(dev)

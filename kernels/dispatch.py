@@ -19,10 +19,10 @@ triton 3.6, weights rotated over > 2.5x L2, CUDA-graph replays; JSON in docs/res
                                  prefill_gemm_sweep.py, docs/results/prefill_gemm_h100.json) the fused GEMM beat the
                                  workspace at M = 128 on 4 of the 5 fused Llama-3-8B shapes (4096x28672: 168 vs 194
                                  us; lost 4096x4096, 30.5 vs 28.0), while for hlq 2-bit the workspace won all three
-                                 shapes measured. From M = 512 the workspace won every shape and format by 1.5-2x over
+                                 shapes measured. From M = 512 the workspace won every shape and format by 1.3-1.9x over
                                  the fused GEMM's best config. The workspace costs the dequantization's write of 2
-                                 bytes per weight (at the copy-bandwidth floor: 4096x28672 105 us), so it is ~1.6x
-                                 cuBLAS bf16 at M = 512, ~1.1-1.3x at M = 1024 and ~1.0-1.1x at M = 2048. Its layout
+                                 bytes per weight (at the copy-bandwidth floor: 4096x28672 105 us), so it is ~1.5-1.7x
+                                 cuBLAS bf16 at M = 512, ~1.1-1.35x at M = 1024 and ~1.0-1.15x at M = 2048. Its layout
                                  ([K, N] or nn.Linear's [N, K], `DEQUANT_NK`) made no consistent difference.
 No weight is repacked for 2/4 bits (the kernels read the stored layout); 3-bit weights are split once into a
 2-bit and a 1-bit stream (`prepare`), cached on the module by `prepared_for`, stored buffers untouched.
