@@ -366,6 +366,91 @@ def t_latency_act(res: Results) -> str:
     return _latency(res, "latency_act_compiled_h200")
 
 
+PREFILL_FILES = ("latency_prefill_p512_h100", "latency_prefill_p2048_h100")
+PREFILL_VARIANTS = ("bf16", "rtn-w4g128", "hlq-rtn-w2g64")  # the weight-only models of those runs
+
+
+def t_latency_prefill(res: Results) -> str:
+    """Prefill (CUDA-graph replay and eager) and decode of the same runs, one block of rows per prompt length."""
+    rows = []
+    for name in PREFILL_FILES:
+        d = res(name)
+        for r in d["summary"]:
+            if r["variant"] not in PREFILL_VARIANTS:
+                continue
+            rows.append([r["variant"], str(d["config"]["prompt"]), f"{r['prefill_tok_s']:,.0f}", _f(r["prefill_x"]),
+                         f"{r['prefill_eager_tok_s']:,.0f}" if r.get("prefill_eager_tok_s") else "–",
+                         _f(r.get("prefill_eager_x")), _f(r["decode_ms_per_token"], ".3f"), _f(r["decode_x"])])
+    t = _table(["model", "prompt", "prefill tok/s", "× bf16", "eager prefill tok/s", "× bf16", "decode ms/token",
+                "× bf16"], "lrrrrrrr", rows)
+    c = res(PREFILL_FILES[0])["config"]
+    return (t + f"\n\nLlama-3-8B shape, random weights, batch {c['batches'][0]}, {c['gen']} new tokens, "
+            f"{c['dtype']}; prefill tok/s: the prefill replayed as a CUDA graph (GPU time); eager: the same forward "
+            "launched from Python (host overhead included); decode: CUDA graphs"
+            f"{', torch.compile' if c.get('compile') else ''}. " + res.source(*PREFILL_FILES))
+
+
+def t_prefill_profile(res: Results) -> str:
+    """Where one prefill's GPU time goes: one CUDA-graph replay under torch.profiler, per model and prompt (an
+    eager prefill's span and idle time where no graph was captured)."""
+    cats = [("cuBLAS matmul", "cuBLAS"), ("quant dequant", "dequantize"), ("quant GEMM", "fused GEMM"),
+            ("attention", "attention"), ("elementwise", "elementwise"), ("reductions", "norms / argmax")]
+    rows = []
+    for name in PREFILL_FILES:
+        d = res(name)
+        for v in d["variants"]:
+            if v["name"] not in PREFILL_VARIANTS:
+                continue
+            for r in v["runs"]:
+                pp = r.get("prefill_profile", {})
+                q = pp.get("graph_replay")
+                if q:
+                    us = [sum(c["us"] for c in q["categories"] if c["category"].startswith(key)) for key, _ in cats]
+                    other = q["kernel_us"] - sum(us)
+                    cells = [f"{u / 1e3:.2f}" for u in us] + [f"{other / 1e3:.2f}"]
+                    how = "graph"
+                elif pp.get("eager"):
+                    q, cells, how = pp["eager"], ["–"] * (len(cats) + 1), "eager"
+                else:
+                    continue
+                rows.append([v["name"], str(r["prompt"]), how, str(q["device_kernels"]), f"{q['span_us'] / 1e3:.2f}"]
+                            + cells + [f"{q['idle_us'] / 1e3:.2f}"])
+    t = _table(["model", "prompt", "run", "kernels", "GPU span ms"] + [label for _, label in cats] + ["other", "idle"],
+               "lllrr" + "r" * (len(cats) + 2), rows)
+    return (t + "\n\nms per prefill under torch.profiler; graph: one CUDA-graph replay (kernel times by kind), eager: "
+            "the forward launched from Python where no graph could be captured (span and idle only); idle: time "
+            "between the first and last kernel with no kernel running. " + res.source(*PREFILL_FILES))
+
+
+def t_prefill_gemm(res: Results) -> str:
+    """Weight-only GEMMs at prefill sizes: cuBLAS bf16, the fused GEMM's best config, the workspace path (both
+    layouts), and the path `dispatch.choose_path` takes, per fused Llama-3-8B shape, format and M."""
+    from quantkit.kernels import dispatch
+
+    d = res("prefill_gemm_h100")
+    bf = {(r["K"], r["N"], r["M"]): r["us"] for r in d["rows"] if r["contender"] == "bf16"}
+    by: dict[tuple, dict[str, float]] = {}
+    for r in d["rows"]:
+        if r["M"] == 0 or r["contender"] == "bf16" or r["us"] != r["us"]:
+            continue
+        path = "gemm" if r["contender"].startswith("gemm") else r["contender"]
+        cell = by.setdefault((r["K"], r["N"], r["format"], r["M"]), {})
+        cell[path] = min(cell.get(path, float("inf")), r["us"])
+    rows = []
+    for (k, n, f, m), c in sorted(by.items(), key=lambda kv: (kv[0][2], kv[0][0], kv[0][1], kv[0][3])):
+        fmt, bits = ("hlq", int(f[3])) if f.startswith("hlq") else ("int", int(f[3]))
+        p = dispatch.Prepared(dispatch._FMT_CODE[fmt], bits, 0, k, n, *([None] * 5))
+        chosen = dispatch.choose_path(p, m)
+        us = c["gemm"] if chosen == "gemm" else c["dequant_nk" if dispatch.DEQUANT_NK else "dequant_kn"]
+        b = bf[(k, n, m)]
+        rows.append([f, f"{k}×{n}", str(m), f"{b:.1f}", _f(c.get("gemm"), ".1f"), _f(c.get("dequant_kn"), ".1f"),
+                     _f(c.get("dequant_nk"), ".1f"), chosen, f"{us / b:.2f}"])
+    t = _table(["format", "K×N", "M", "cuBLAS bf16 µs", "fused GEMM µs (best config)", "workspace [K, N] µs",
+                "workspace [N, K] µs", "dispatch", "dispatch × bf16"], "llrrrrrlr", rows)
+    return (t + "\n\nµs per GEMM, CUDA-graph replays over weight copies > 2.5× L2; fused GEMM: the fastest of "
+            "the block-size / warp / stage / operand-order configs tried at that M. " + res.source("prefill_gemm_h100"))
+
+
 def t_offload(res: Results) -> str:
     g, c = res("offload_gpu_h100"), res("offload_cpu")
     gib = 2**30
@@ -384,7 +469,8 @@ TABLES: dict[str, Callable[[Results], str]] = {
     "recipes": t_recipes, "recipe-list": t_recipe_list, "backbone": t_backbone, "hlq": t_hlq, "flexq": t_flexq, "int6-proxy": t_int6_proxy,
     "arcquant": t_arcquant, "arcquant-gemma3": t_arcquant_gemma3, "comet": t_comet, "kv4-bytes": t_kv4_bytes,
     "kv4-ppl": t_kv4_ppl, "kv4-generate": t_kv4_generate, "kernels-wq": t_kernels_wq, "kernels-act": t_kernels_act,
-    "latency-wq": t_latency_wq, "latency-act": t_latency_act, "offload": t_offload,
+    "latency-wq": t_latency_wq, "latency-act": t_latency_act, "latency-prefill": t_latency_prefill,
+    "prefill-profile": t_prefill_profile, "prefill-gemm": t_prefill_gemm, "offload": t_offload,
 }
 
 
