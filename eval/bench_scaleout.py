@@ -163,6 +163,15 @@ def _worker(a) -> None:
     distributed.shutdown()
 
 
+def _version(dist: str) -> str | None:
+    import importlib.metadata
+
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
 def _fmt_gib(b) -> str:
     return "-" if b is None else f"{b / GIB:.2f}"
 
@@ -230,7 +239,16 @@ def main(argv=None) -> dict | None:
     est70 = {n: estimate_for_shape(SHAPE_70B, a.recipe, a.nsamples, a.seq_len, n, a.max_activation_memory)
              for n in a.estimate_nproc}
     gpu = next((x.get("gpu") for r in runs for x in r["ranks"] if x.get("gpu")), None)
-    res = {"shape": shape, "preset": a.preset, "recipe": a.recipe, "nsamples": a.nsamples, "seq_len": a.seq_len,
+    import platform
+
+    from quantkit.eval.tasks import library_versions
+
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                            cwd=Path(__file__).resolve().parent).stdout.strip() or None
+    env = {**library_versions(), "triton": _version("triton"), "python": platform.python_version(),
+           "commit": commit, "cpu_count": os.cpu_count()}
+    res = {"command": "python -m quantkit.eval.bench_scaleout " + " ".join(argv if argv is not None else sys.argv[1:]),
+           "env": env, "shape": shape, "preset": a.preset, "recipe": a.recipe, "nsamples": a.nsamples, "seq_len": a.seq_len,
            "device": a.device, "gpu": gpu, "gpus_visible": torch.cuda.device_count() if torch.cuda.is_available()
            else 0, "torch": torch.__version__, "runs": runs,
            "estimate_70b": {str(n): e for n, e in est70.items()},
