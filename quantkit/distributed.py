@@ -197,10 +197,18 @@ def shutdown() -> None:
 # ---------------------------------------------------------------------------------------------------------
 # exact, order-independent sums
 
-_FRAC_BITS = 46  # each term is rounded to 2^-46 of its band's top (the power of two above its largest entry)
-_BAND_BITS = 16  # terms whose largest entries lie within the same 16 binades share one int64 accumulator
+_FRAC_BITS = 46  # each term is rounded to 2^-46 of its band's top
+_BAND_BITS = 16  # bands of terms not in the main band: the power of two above the term, rounded up to 16 binades
+_HEADROOM_BITS = 8  # the main band's top: 2^8 above the first window's bound
 MAX_TERMS = 1 << 16  # 2^16 terms of magnitude < 2^46 fit an int64 band (below 2^62)
-_ROWS = 1024  # rows per conversion step (bounds the float64 temporaries)
+ROWS = 1024  # rows per storage chunk and conversion step (bounds the temporaries; chunks are freed one by one)
+
+
+def main_band(bound: float) -> int | None:
+    """The main band for terms like one bounded by `bound` (None: no usable bound)."""
+    if not math.isfinite(bound) or bound <= 0.0:
+        return None
+    return math.frexp(bound)[1] + _HEADROOM_BITS  # bound < 2^(e) <= 2^(band - 8)
 
 
 class ExactSum:
@@ -208,36 +216,65 @@ class ExactSum:
     and the grouping of the terms, so that N processes summing disjoint parts and reducing them give exactly
     the bits one process gets.
 
-    Each term is turned into integers once, by itself: r_i · w_i · 2^(46 − b_i), rounded to nearest, where
-    2^b_i (b_i a multiple of 16) bounds its largest magnitude; terms with the same b_i are summed in an int64
-    tensor (exact; below 2^62 for up to 2^16 terms). Integer sums commute, so the per-band totals are the same
-    for any split of the terms over processes (reduced with an int64 all-reduce); `result` converts the bands
-    to float64 in ascending order and divides by Σ w_i. Each term keeps at least 30 bits below its largest
-    entry (46 below its band's top), more than the float32 running sums it replaces (24). Terms of one
-    Linear have similar magnitudes: one band, sometimes two (one int64 tensor of the statistic's shape each).
-    NaN/±inf entries are carried separately (their sums do not depend on order either)."""
+    Each term is turned into integers once, by itself: r_i · w_i · 2^(46 − b), rounded to nearest, and summed
+    in an int64 tensor of band b (exact: below 2^62 for up to 2^16 terms). Integer sums commute, so the band
+    totals are the same for any split of the terms over processes (reduced with an int64 all-reduce); `result`
+    converts the bands to float64 in ascending order and divides by Σ w_i. The band of a term: the main band
+    `band` (given: 2^8 above the first calibration window's bound, the same on every rank) when the term is
+    below its top, else its own (the power of two above it, rounded up to 16 binades), so a Linear's terms
+    normally share one int64 tensor. A term keeps 46 bits below its band's top (38 below the first window's
+    largest entry), more than the float32 running sums it replaces (24). Storage is in row chunks of 1024, so
+    `result` frees each band chunk as it converts it. NaN/±inf entries are carried separately (their sums do not
+    depend on order either)."""
 
-    def __init__(self):
-        self.bands: dict[int, torch.Tensor] = {}
+    def __init__(self, band: int | None = None):
+        self.main = band
+        self.bands: dict[int, list[torch.Tensor | None]] = {}
         self.special: torch.Tensor | None = None
         self.weight = 0
         self.terms = 0
         self.shape: tuple[int, ...] | None = None
         self.device: torch.device | None = None
 
-    @torch.no_grad()
-    def add(self, r: torch.Tensor, w: int) -> None:
-        if r.dtype != torch.float32:
-            raise QuantkitError(f"a calibration statistic must be float32 to be reduced exactly, not {r.dtype}")
+    def _layout(self) -> tuple[int, int]:
+        rows = self.shape[0] if len(self.shape) > 1 else 1
+        return rows, math.prod(self.shape) // rows
+
+    def _band_of(self, m: float) -> int:
+        """The band of a term whose largest magnitude (times its weight) is m > 0."""
+        if self.main is not None and m < math.ldexp(1.0, self.main):
+            return self.main
+        return _BAND_BITS * math.ceil(math.frexp(m)[1] / _BAND_BITS)  # m < 2^band
+
+    def _chunks(self, band: int) -> list[torch.Tensor]:
+        acc = self.bands.get(band)
+        if acc is None:
+            rows, cols = self._layout()
+            acc = self.bands[band] = [torch.zeros((min(ROWS, rows - i), cols), dtype=torch.int64, device=self.device)
+                                      for i in range(0, rows, ROWS)]
+        return acc
+
+    def _start_term(self, shape: tuple[int, ...], device: torch.device, w: int) -> None:
         if self.shape is None:
-            self.shape, self.device = tuple(r.shape), r.device
-        elif tuple(r.shape) != self.shape:
+            self.shape, self.device = tuple(shape), device
+        elif tuple(shape) != self.shape:
             raise QuantkitError(f"calibration statistics of one Linear changed shape ({self.shape} -> "
-                                f"{tuple(r.shape)})")
+                                f"{tuple(shape)})")
         self.weight += int(w)
         self.terms += 1
         if self.terms > MAX_TERMS:
             raise QuantkitError(f"more than {MAX_TERMS} calibration windows: lower --nsamples")
+
+    @staticmethod
+    def _add_rows(chunk: torch.Tensor, rows: torch.Tensor, scale: float) -> None:
+        chunk += torch.round(rows.double() * scale).to(torch.int64)  # r·w·2^k is exact in float64
+
+    @torch.no_grad()
+    def add(self, r: torch.Tensor, w: int) -> None:
+        """One term r (float32) with weight w."""
+        if r.dtype != torch.float32:
+            raise QuantkitError(f"a calibration statistic must be float32 to be reduced exactly, not {r.dtype}")
+        self._start_term(r.shape, r.device, w)
         flat = r.reshape(r.shape[0], -1) if r.dim() > 1 else r.reshape(1, -1)
         m = float(flat.abs().max()) if flat.numel() else 0.0  # NaN/inf if any entry is (max propagates NaN)
         if not math.isfinite(m):
@@ -247,16 +284,31 @@ class ExactSum:
             flat = torch.where(finite, flat, torch.zeros_like(flat))
             del finite
             m = float(flat.abs().max())
-        m *= w
         if m == 0.0:
             return
-        band = _BAND_BITS * math.ceil(math.frexp(m)[1] / _BAND_BITS)  # m < 2^band
-        scale = math.ldexp(float(w), _FRAC_BITS - band)  # w · 2^(40 - band): exact in float64
-        acc = self.bands.get(band)
-        if acc is None:
-            acc = self.bands[band] = torch.zeros(flat.shape, dtype=torch.int64, device=flat.device)
-        for i in range(0, flat.shape[0], _ROWS):  # r·w·2^k is exact in float64; one rounding to an integer
-            acc[i : i + _ROWS] += torch.round(flat[i : i + _ROWS].double() * scale).to(torch.int64)
+        band = self._band_of(m * w)
+        scale = math.ldexp(float(w), _FRAC_BITS - band)  # w · 2^(46 - band): exact in float64
+        for ci, chunk in enumerate(self._chunks(band)):
+            self._add_rows(chunk, flat[ci * ROWS : ci * ROWS + chunk.shape[0]], scale)
+
+    @torch.no_grad()
+    def add_panels(self, shape: tuple[int, ...], device: torch.device, bound: float, rows, w: int) -> None:
+        """One term given by row panels: rows(lo, hi) -> float32 [hi - lo, cols] (the term's rows lo..hi, as
+        `algo.statistics`' `window_rows` hands them), `bound` >= its largest magnitude. Never holds the whole
+        term: what the statistics of a wide Linear cost on a GPU."""
+        self._start_term(shape, device, w)
+        if not math.isfinite(bound):  # a non-finite input: the term as a whole, by the general path
+            self.terms -= 1
+            self.weight -= int(w)
+            self.add(torch.cat([rows(lo, min(lo + ROWS, shape[0])) for lo in range(0, shape[0], ROWS)]), w)
+            return
+        if bound == 0.0:
+            return
+        band = self._band_of(bound * w)
+        scale = math.ldexp(float(w), _FRAC_BITS - band)
+        for ci, chunk in enumerate(self._chunks(band)):
+            lo = ci * ROWS
+            self._add_rows(chunk, rows(lo, lo + chunk.shape[0]), scale)
 
     @torch.no_grad()
     def reduce(self, dist: Dist) -> None:
@@ -271,38 +323,37 @@ class ExactSum:
         if self.shape is None:
             self.shape = shape
             self.device = self.device or torch.device("cpu")
-        rows = shape[0] if len(shape) > 1 else 1
-        cols = math.prod(shape) // rows
         self.weight = sum(m[2] for m in meta)
         self.terms = sum(m[3] for m in meta)
         if self.terms > MAX_TERMS:
             raise QuantkitError(f"more than {MAX_TERMS} calibration windows: lower --nsamples")
         for band in sorted({b for m in meta for b in m[0]}):
-            acc = self.bands.get(band)
-            if acc is None:
-                acc = self.bands[band] = torch.zeros((rows, cols), dtype=torch.int64, device=self.device)
-            dist.all_reduce_sum_(acc)
+            for chunk in self._chunks(band):
+                dist.all_reduce_sum_(chunk)
         if any(m[1] for m in meta):
             if self.special is None:
-                self.special = torch.zeros((rows, cols), dtype=torch.float32, device=self.device)
+                self.special = torch.zeros(self._layout(), dtype=torch.float32, device=self.device)
             dist.all_reduce_sum_(self.special)  # values in {0, ±inf, NaN}: their sum is order-independent
 
     @torch.no_grad()
     def result(self) -> torch.Tensor:
-        """Σ w_i r_i / Σ w_i in float32; frees the accumulators."""
+        """Σ w_i r_i / Σ w_i in float32; frees the accumulators as it goes."""
         if self.shape is None or self.weight == 0:
             raise QuantkitError("no calibration input reached this Linear's statistics")
-        rows = self.shape[0] if len(self.shape) > 1 else 1
-        cols = math.prod(self.shape) // rows
-        out = torch.zeros((rows, cols), dtype=torch.float32, device=self.device)
+        rows, cols = self._layout()
         bands = sorted(self.bands)
-        for i in range(0, rows, _ROWS):
-            acc = torch.zeros_like(out[i : i + _ROWS], dtype=torch.float64)
+        parts = []
+        for ci in range((rows + ROWS - 1) // ROWS):
+            n = min(ROWS, rows - ci * ROWS)
+            acc = torch.zeros((n, cols), dtype=torch.float64, device=self.device)
             for b in bands:  # fixed order: ascending bands
-                acc += self.bands[b][i : i + _ROWS].double() * math.ldexp(1.0, b - _FRAC_BITS)
-            out[i : i + _ROWS] = (acc / self.weight).float()
+                acc += self.bands[b][ci].double() * math.ldexp(1.0, b - _FRAC_BITS)
+                self.bands[b][ci] = None
+            parts.append((acc / self.weight).float())
             del acc
         self.bands.clear()
+        out = torch.cat(parts) if len(parts) > 1 else parts[0]
+        del parts
         if self.special is not None:
             out += self.special
             self.special = None

@@ -75,7 +75,7 @@ from quantkit.checkpoint import (
 )
 from quantkit.distributed import Dist, current
 from quantkit.errors import QuantkitError
-from quantkit.methods import WeightAlgorithm, algorithm_for
+from quantkit.methods import algorithm_for
 from quantkit.models import adapter_for, decoder_layers
 from quantkit.nn import ACT_QUANTIZERS
 from quantkit.pipeline import (
@@ -257,9 +257,10 @@ def estimate(src: SourceCheckpoint, config, recipe: Recipe, prefix: str, n_layer
     layer_src = layer_compute = 0
     algo = algorithm_for(recipe.method)
     algo_work = host_factor = 0
-    # statistics of one sub-block, summed exactly (`pipeline._block_statistics`): one window's accumulator
-    # (float32) + the int64 band accumulators (one, at worst two) while collecting; then the float32 result
-    collects = type(algo).statistics is not WeightAlgorithm.statistics and algo.needs_data
+    # statistics of one sub-block, summed exactly (`pipeline._block_statistics`): the int64 main band, plus
+    # one window's float32 result unless the accumulator hands it over by row panels (`window_rows`)
+    probe = algo.statistics(1, torch.device("meta")) if algo.needs_data else None
+    stats_per_elem = 0 if probe is None else 8 if hasattr(probe, "window_rows") else 12
     out_bytes = 0
     for li in range(n_layers):
         lp = f"{prefix}.{li}."
@@ -277,8 +278,8 @@ def estimate(src: SourceCheckpoint, config, recipe: Recipe, prefix: str, n_layer
             nout, k = shape
             out_bytes += sum(_nbytes(s, d) for s, d in packed_names(spec, k, nout).values())
             dev_work, host_work = algo.work_bytes(nout, k, device, host_factorization)
-            if collects:
-                dev_work = max(dev_work, k * k * (4 + 2 * 8))
+            if stats_per_elem:
+                dev_work = max(dev_work, k * k * stats_per_elem + 1024 * k * 12)
             algo_work = max(algo_work, dev_work)
             host_factor = max(host_factor, host_work)
     other = [n for n in src.meta if not n.startswith(f"{prefix}.")]

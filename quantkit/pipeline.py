@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from quantkit.distributed import Dist, ExactSum, current
+from quantkit.distributed import Dist, ExactSum, current, main_band
 from quantkit.errors import QuantkitError
 from quantkit.formats import make_format
 from quantkit.methods import WeightAlgorithm, algorithm_for
@@ -342,22 +342,38 @@ def _block_statistics(algo: WeightAlgorithm, k: int, layer: nn.Module, last: nn.
                       device: torch.device, dist: Dist):
     """The algorithm's statistics over every calibration input of a sub-block (None if it collects none).
 
-    Each window gets its own accumulator (`algo.statistics`, fed that window only), and the per-window
-    results, row-means by the contract, are summed exactly (`ExactSum`) and reduced over the ranks: the result
-    has the same bits for any number of processes and any split of the windows."""
-    first = algo.statistics(k, device)
-    if first is None:
+    Each window's statistics are computed alone (what `algo.statistics` gives when fed that window only; by row
+    panels where the accumulator offers `window_rows`), and the per-window results, row means by the contract,
+    are summed exactly (`ExactSum`, its main band set by the first window, which rank 0 holds) and reduced over
+    the ranks: the result has the same bits for any number of processes and any split of the windows."""
+    probe = algo.statistics(k, device)
+    if probe is None:
         return None
-    pending = [first]
-    total = ExactSum()
+    panels = getattr(probe, "window_rows", None)
+    state: dict = {}
 
     def per_window(x):
-        acc = pending.pop() if pending else algo.statistics(k, device)
         x = act.hessian_input(x) if act is not None else x
-        acc.add(x)
-        total.add(acc.result(), x.numel() // max(x.shape[-1], 1))
+        w = x.numel() // max(x.shape[-1], 1)  # rows: the weight of this window's mean
+        if panels is not None:
+            shape, bound, rows = panels(x)
+        else:
+            acc = algo.statistics(k, device)
+            acc.add(x)
+            r = acc.result()
+            del acc
+            bound = float(r.abs().max()) if r.numel() else 0.0
+        if "total" not in state:  # this rank's first window; rank 0's is the first of all
+            band = main_band(bound * w) if dist.is_writer else None
+            state["total"] = ExactSum(dist.broadcast_object(band, 0))
+        total = state["total"]
+        if panels is not None:
+            total.add_panels(shape, torch.device(device), bound, rows, w)
+        else:
+            total.add(r, w)
 
     _run_block_hook(layer, last, per_window, xs, kwargs, device)
+    total = state.get("total") or ExactSum(dist.broadcast_object(None, 0))
     total.reduce(dist)
     return total.result()
 

@@ -11,7 +11,9 @@ An algorithm registers itself under a name (the recipe's `method.name`) and decl
 - `statistics(in_features, device)`: an accumulator with `add(x)` fed with every calibration input of the
   Linears it serves, and `result()`, a float32 mean over the rows it was fed (the pipeline gives each
   calibration window its own accumulator and combines them exactly, for any number of processes); None when
-  it collects nothing.
+  it collects nothing. Optional on the accumulator: `window_rows(x)` -> (shape, bound, rows(lo, hi)), the
+  result of a fresh accumulator fed `x` alone, by row panels, with a bound of its magnitudes (the exact
+  sum then never holds it whole: GPTQ's K x K Hessian on a GPU).
 - `quantize(weight, fmt, stats, act=..., host_factorization=...)` → (codes, params), the same shapes as
   `fmt.quantize_rtn`.
 - `work_bytes(n_out, k, device, host_factorization)`: its temporaries for one Linear (device, host), for the

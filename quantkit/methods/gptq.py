@@ -37,16 +37,37 @@ class HessianAccumulator:
     sink_weight: the first position of each sequence (x: [batch, seq, K]) counts that many times."""
 
     def __init__(self, k: int, device: torch.device | str, sink_weight: float = 1.0):
-        self.h = torch.zeros(k, k, dtype=torch.float32, device=device)
+        self.k, self.device = k, torch.device(device)
+        self._h: torch.Tensor | None = None  # allocated by the first add (window_rows never needs it)
         self.n = 0
         self.sink_weight = float(sink_weight)
 
-    @torch.no_grad()
-    def add(self, x: torch.Tensor) -> None:
+    @property
+    def h(self) -> torch.Tensor:
+        if self._h is None:
+            self._h = torch.zeros(self.k, self.k, dtype=torch.float32, device=self.device)
+        return self._h
+
+    def _rows(self, x: torch.Tensor) -> torch.Tensor:
         if self.sink_weight != 1.0 and x.dim() >= 3:
             x = x.clone()
             x[..., 0, :] *= self.sink_weight ** 0.5
-        x = x.reshape(-1, x.shape[-1]).to(self.h.device, torch.float32)
+        return x.reshape(-1, x.shape[-1]).to(self.device, torch.float32)
+
+    @torch.no_grad()
+    def window_rows(self, x: torch.Tensor):
+        """The result of a fresh accumulator fed `x` alone, by row panels (for the pipeline's exact sum, which
+        then never holds a K x K float copy): (its shape, a bound of its entries' magnitudes,
+        rows(lo, hi) -> float32 [hi - lo, K])."""
+        x = self._rows(x)
+        x = x * (2.0 / max(x.shape[0], 1)) ** 0.5
+        # |H_ij| <= sqrt(H_ii H_jj) <= max_i H_ii (H is a Gram matrix); margin for the GEMM's rounding
+        bound = float((x * x).sum(0).max()) * (1 + 2**-8) if x.numel() else 0.0
+        return (self.k, self.k), bound, lambda lo, hi: x[:, lo:hi].t() @ x
+
+    @torch.no_grad()
+    def add(self, x: torch.Tensor) -> None:
+        x = self._rows(x)
         m = x.shape[0]
         if m == 0:
             return
