@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -96,6 +97,9 @@ def quantize(model, recipe, out, dataset, nsamples, seq_len, seed, device, overw
         argv += ["--overwrite"] * overwrite + ["--offload"] * offload
         if offload_dir is not None:
             argv += ["--offload-dir", str(offload_dir)]
+        if device.startswith("cuda") and "OMP_NUM_THREADS" not in os.environ:
+            # the host cores shared among the GPU workers (their host threads do not change the result)
+            os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // n))
         t0 = time.perf_counter()
         code = distributed.launch(n, argv)
         if code:
