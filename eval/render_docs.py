@@ -474,6 +474,95 @@ TABLES: dict[str, Callable[[Results], str]] = {
 }
 
 
+# ------------------------------------------------------------------------------- quality job, peers
+def _seed_stats(rows: list[dict], ds: str) -> tuple[float, float | None]:
+    v = [r["ppl"][ds] for r in rows]
+    mean = sum(v) / len(v)
+    return mean, ((sum((x - mean) ** 2 for x in v) / (len(v) - 1)) ** 0.5 if len(v) > 1 else None)
+
+
+def _pm(mean: float, sd: float | None, fmt) -> str:
+    return fmt(mean) if sd is None else f"{fmt(mean)} ± {fmt(sd)}"
+
+
+def _quality_source(res: Results, name: str) -> str:
+    d = res(name)
+    env = d["env"]
+    libs = ", ".join(f"{k} {env[k]}" for k in ("torch", "transformers", "numpy", "gensim") if env.get(k))
+    return (f"Source: `docs/results/{name}.json`: `{d['command']}` ({libs}, {env.get('threads')} thread{'' if env.get('threads') == 1 else 's'}, "
+            f"device {env.get('device')}).")
+
+
+def _quality_rows(d: dict) -> dict[str, list[dict]]:
+    """Rows by table line (the recipe, or the recipe and its label: a row measured with other settings than
+    the recipe ships with names them in its label), the seeds of one line together."""
+    by: dict[str, list[dict]] = {}
+    for r in d["rows"]:
+        by.setdefault(_label(r), []).append(r)
+    return by
+
+
+def t_quality(res: Results, name: str = "quality") -> str:
+    """Every recipe of the quality job on both texts; mean ± standard deviation over calibration seeds."""
+    d = res(name)
+    texts = [t["dataset"] for t in d["texts"]]
+    by = _quality_rows(d)
+    fp = {ds: _quality_rows(res("quality"))["fp"][0]["ppl"][ds] for ds in texts}
+    rows = []
+    for recipe, rs in by.items():
+        cells = ["FP (unquantized, fp32)" if recipe == "fp" else recipe]
+        for ds in texts:
+            m, sd = _seed_stats(rs, ds)
+            cells += [_pm(m, sd, _ppl), _pm(m / fp[ds], None if sd is None else sd / fp[ds], _x)]
+        secs = [r["quant_seconds"] for r in rs if "quant_seconds" in r]
+        cells += [_f(rs[0]["bits_per_weight"], ".3f"), f"{sum(secs) / len(secs):.0f} s" if secs else "–",
+                  str(len(rs)) if recipe != "fp" else "–"]
+        rows.append(cells)
+    head = ["recipe"]
+    for t in d["texts"]:
+        head += [f"{t['dataset']} ppl ({t['windows']} windows)", "× FP"]
+    t = _table(head + ["bits/weight", "quantize time", "seeds"], "l" + "rr" * len(texts) + "rrr", rows)
+    return t + "\n\n" + _quality_source(res, name)
+
+
+def t_gptq_variants(res: Results) -> str:
+    """GPTQ settings measured in memory (no save/reload) in the quality job's environment; FP from its file."""
+    return t_quality(res, "gptq_variants") + " FP: `docs/results/quality.json`."
+
+
+PEER_TWINS = ("gptq-w4g128", "gptq-w3g128", "hlq-w3g128")
+
+
+def t_peers(res: Results) -> str:
+    """quantkit's default GPTQ recipes beside the peers, by the same evaluator on the same windows."""
+    q, p = res("quality"), res("peers")
+    texts = [t["dataset"] for t in q["texts"]]
+    by = _quality_rows(q)
+    fp = {ds: by["fp"][0]["ppl"][ds] for ds in texts}
+    if (res.dir / "gptq_variants.json").exists():  # settings measured in memory, same environment
+        by.update({f"{line}, in memory": rs for line, rs in _quality_rows(res("gptq_variants")).items()})
+    rows = []
+    for line, rs in by.items():
+        if rs[0]["recipe"] in PEER_TWINS:
+            rs = [r for r in rs if r.get("seed") == 0] or rs
+            rows.append((rs[0]["bits_per_weight"], f"quantkit {line}", rs[0]["ppl"]))
+    for r in p["rows"]:
+        v = r["peer"].get("versions", {})
+        lib = (f"llm-compressor {v.get('llmcompressor')}" if r["peer"]["library"] == "llmc"
+               else f"hqq {v.get('hqq')}")
+        rows.append((r["bits_per_weight"], f"{lib}: `{r['config']}`", r["ppl"]))
+    rows.sort(key=lambda x: -x[0])
+    head = ["method", "bits/weight"] + [f"{ds} ppl" if i % 2 == 0 else "× FP" for ds in texts for i in range(2)]
+    body = [[name, _f(bits, ".3f")] + [c for ds in texts for c in (_ppl(ppl[ds]), _x(ppl[ds] / fp[ds]))]
+            for bits, name, ppl in rows]
+    t = _table(head, "lr" + "rr" * len(texts), body)
+    return (t + "\n\n" + _quality_source(res, "quality") + "\n" +
+            f"Peers: `docs/results/peers.json`: `{p['command']}`.")
+
+
+TABLES.update({"quality": t_quality, "gptq-variants": t_gptq_variants, "peers": t_peers})
+
+
 # -------------------------------------------------------------------------------------------- driver
 def render_text(text: str, res: Results, where: str = "") -> str:
     """`text` with every marked table re-rendered."""
