@@ -12,7 +12,8 @@ Steps: draw the calibration windows exactly as `quantkit quantize` does (32 x 20
 0), hand them to eval/peers/peer_quantize.py in the peers' environment, which writes each peer's
 fake-quantized weights as a plain HF folder; evaluate each folder with `quantkit eval ppl` on PTB test (first 8
 windows) and the held-out text (enwiki test, first 4 windows); write JSON with the perplexities, the peers'
-stored bits per weight (codes, scales and zero points as each library stores them) and the versions.
+stored bits per weight (codes, scales and zero points as each library stores them), the versions of the
+peers' environment (per row) and of the evaluator's (`env`).
 """
 
 from __future__ import annotations
@@ -87,7 +88,9 @@ def main(argv=None) -> None:
     args.out_dir.mkdir(parents=True, exist_ok=True)
     calib_path = args.out_dir / "calibration.pt"
     torch.save(calibration_windows(tok, "ptb", args.nsamples, args.seq_len, args.seed), calib_path)
-    doc = {"model": "demo", "nsamples": args.nsamples, "seq_len": args.seq_len, "calibration_seed": args.seed,
+    from quantkit.eval.quality import environment
+
+    doc = {"model": "demo", "env": environment("cpu"), "nsamples": args.nsamples, "seq_len": args.seq_len, "calibration_seed": args.seed,
            "texts": [{"dataset": "ptb", "windows": args.ptb_windows},
                      {"dataset": args.heldout, "windows": args.heldout_windows}],
            "command": "python eval/peers/run_peers.py " + " ".join(argv if argv is not None else sys.argv[1:]),
