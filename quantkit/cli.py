@@ -430,7 +430,7 @@ def demo(recipe, nsamples, seq_len, max_windows, seed, out, device):
                                                                                           warn_only=before[1]))
     click.echo(f"demo: SmolLM2-135M-Instruct, recipe {rec.name}, {nsamples} x {seq_len} calibration tokens from "
                f"PTB train (seed {seed}); perplexity on the first {max_windows} PTB test windows of {seq_len} tokens "
-               f"(capped for speed: `quantkit eval ppl` runs all 47); {torch.get_num_threads()} CPU threads")
+               f"(capped for speed: `quantkit eval ppl` runs all 47); CPU threads: {torch.get_num_threads()}")
     stages: list[tuple[str, float]] = []
 
     def stage(name: str):
