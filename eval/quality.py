@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import shlex
 import sys
@@ -119,7 +120,7 @@ def main(argv=None) -> None:
     ap.add_argument("--ptb-windows", type=int, default=8)
     ap.add_argument("--heldout", default="enwiki", help="second evaluation text (a quantkit dataset name)")
     ap.add_argument("--heldout-windows", type=int, default=4)
-    ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's own)")
+    ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads, factorizations included (default: torch's own)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--no-fp", action="store_true", help="skip the unquantized model")
     ap.add_argument("--merge", action="store_true", help="add to --json instead of replacing it")
@@ -128,6 +129,7 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+        os.environ["QUANTKIT_FACTOR_THREADS"] = str(args.threads)  # GPTQ's factorizations too
     recipes = [r for r in args.recipes.split(",") if r]
     seeds = [int(s) for s in args.seeds.split(",") if s]
     text_list = texts(args.ptb_windows, args.heldout, args.heldout_windows)

@@ -308,6 +308,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     torch.set_num_threads(settings["threads"])
+    os.environ["QUANTKIT_FACTOR_THREADS"] = str(settings["threads"])  # GPTQ's CPU factorizations too
     with contextlib.suppress(RuntimeError):  # only allowed before any inter-op work started
         torch.set_num_interop_threads(1)
     from transformers.utils import logging as hf_logging

@@ -116,6 +116,28 @@ def test_exact_sum_carries_nonfinite_entries():
     assert torch.isnan(r[1, 1]) and r[0, 2] == float("inf") and r[2, 2] == 1.0
 
 
+def test_cpu_factorization_bits_do_not_depend_on_the_callers_thread_count():
+    # N processes on one host run with fewer intra-op threads each than one process; LAPACK's Cholesky gives
+    # other bits with another thread count, so GPTQ factorizes on a fixed count (what made a GPU run with
+    # host factorization differ between one and two processes sharing the host)
+    from quantkit.methods.gptq import _inverse_cholesky
+
+    x = torch.randn(2048, 512, generator=torch.Generator().manual_seed(0))
+    h = x.T @ x / 2048
+    old = torch.get_num_threads()
+    try:
+        got = []
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            got.append(_inverse_cholesky(h.clone(), 0.01))
+            assert torch.get_num_threads() == threads  # restored
+    finally:
+        torch.set_num_threads(old)
+    assert torch.equal(got[0], got[1])
+    assert torch.allclose(got[0].T @ got[0] @ (h + 0.01 * h.diagonal().mean() * torch.eye(512)), torch.eye(512),
+                          atol=1e-3)
+
+
 def test_shards_and_solve_assignment():
     d = [Dist(r, 3) for r in range(3)]
     assert [x.shard(8) for x in d] == [(0, 3), (3, 6), (6, 8)]
@@ -193,6 +215,17 @@ def test_killed_rank_resumes_to_the_identical_checkpoint_and_a_failing_rank_is_o
     assert again.returncode == 0, again.stderr[-3000:]
     assert "1 of 3 layers were done" in again.stderr
     assert files_bytes(tmp_path / "q") == files_bytes(tmp_path / "ref")
+
+
+def test_failure_cause_names_the_killed_process_not_the_ones_the_launcher_stopped():
+    # rank 1 killed; rank 0 still running when the launcher noticed, so it was stopped with SIGTERM (seen on
+    # a loaded 2-core machine) or it saw the collective break first and left an "other" message
+    cause = distributed.failure_cause
+    assert cause({0: -15, 1: -9}, 2, None) == "process 1 of 2 was killed (SIGKILL)"
+    assert cause({0: 3, 1: -9}, 2, (0, "Connection closed by peer")) == "process 1 of 2 was killed (SIGKILL)"
+    assert cause({0: 3, 1: -15}, 2, (0, "boom")) == "process 0 of 2 failed (boom)"
+    assert cause({0: -15, 1: -15}, 2, None) == "process 0 of 2 was killed (SIGTERM)"  # all stopped: say so
+    assert cause({1: 7}, 2, None) == "process 1 of 2 failed with exit status 7"
 
 
 def test_dry_run_estimates_per_process(tmp_path):

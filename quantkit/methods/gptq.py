@@ -22,6 +22,7 @@ the layer's output on its own is e_j² · H_jj, so that is what its group-scale 
 from __future__ import annotations
 
 import contextlib
+import os
 from dataclasses import dataclass
 
 import torch
@@ -80,12 +81,45 @@ class HessianAccumulator:
         return self.h
 
 
+def factor_threads() -> int:
+    """Threads of CPU factorizations, whatever the process's intra-op thread count: LAPACK's Cholesky (MKL's
+    potrf) gives other bits with another thread count, so N processes sharing a host (fewer threads each)
+    would otherwise solve to another checkpoint than one process. `QUANTKIT_FACTOR_THREADS` (inherited by
+    the workers), else min(8, cores): the host's, not the process's."""
+    env = os.environ.get("QUANTKIT_FACTOR_THREADS", "").strip()
+    if env:
+        if not env.isdigit() or int(env) < 1:
+            raise QuantkitError(f"QUANTKIT_FACTOR_THREADS={env!r}: give a positive integer (threads)")
+        return int(env)
+    return max(1, min(8, os.cpu_count() or 1))
+
+
+@contextlib.contextmanager
+def _factor_threads(device: torch.device):
+    """Run a CPU factorization on `factor_threads()` threads (GPU factorizations do not depend on threads)."""
+    old, n = torch.get_num_threads(), factor_threads()
+    if device.type != "cpu" or old == n:
+        yield
+        return
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
 def _inverse_cholesky(h: torch.Tensor, damping: float) -> torch.Tensor:
     """Upper Cholesky factor of H⁻¹ with damping; escalates damping until H is positive definite.
 
     Uses `h` as scratch (callers pass a copy they own) and keeps at most two K x K matrices alive: on a
-    14336-wide down_proj each is 0.8 GB, which decides the peak of a streamed layer on a GPU.
+    14336-wide down_proj each is 0.8 GB, which decides the peak of a streamed layer on a GPU. On CPU it runs
+    on `factor_threads()` threads, so its bits do not depend on the caller's thread count.
     """
+    with _factor_threads(h.device):
+        return _inverse_cholesky_any_threads(h, damping)
+
+
+def _inverse_cholesky_any_threads(h: torch.Tensor, damping: float) -> torch.Tensor:
     diag = h.diagonal()
     mean_diag = torch.mean(diag).clamp_min(1e-8)
     orig = diag.clone()
