@@ -77,7 +77,6 @@ from quantkit.eval.latency_timing import (
 )
 from quantkit.eval.report import Column, environment, format_table, write_json
 
-
 PREFILL_EAGER = "eager forward over the prompt into the StaticCache (logits of the last token)"
 PREFILL_GRAPHS = ("the prefill (cache reset, forward over the prompt into the StaticCache, argmax of the last "
                   "token) captured once as a CUDA graph and replayed, in every model alike; the eager forward "

@@ -368,7 +368,6 @@ def launch(nproc: int, argv: list[str]) -> int:
     """Run `python -m quantkit.cli <argv>` in `nproc` workers through torch's elastic launcher (what torchrun
     runs). Returns 0, or prints one error line and returns the exit status of the failed run."""
     import logging
-    import signal
     import tempfile
     import uuid
 
@@ -394,25 +393,34 @@ def launch(nproc: int, argv: list[str]) -> int:
             if reported:
                 print(f"error: {reported[1]}", file=sys.stderr, flush=True)
                 return 2
-            killed = {r: f for r, f in e.failures.items() if f.exitcode is not None and f.exitcode < 0}
-            rank, failure = min(killed.items()) if killed else min(e.failures.items())
-            code = failure.exitcode
-            other = first("other")
-            if other and not killed:
-                what = f"process {other[0]} of {nproc} failed ({other[1]})"
-            elif code is not None and code < 0:
-                try:
-                    sig = signal.Signals(-code).name
-                except ValueError:
-                    sig = f"signal {-code}"
-                what = f"process {rank} of {nproc} was killed ({sig})"
-            else:
-                what = f"process {rank} of {nproc} failed with exit status {code}"
+            what = failure_cause({r: f.exitcode for r, f in e.failures.items()}, nproc, first("other"))
             print(f"error: {what}; the other processes were stopped. Rerun the same command (with --offload it "
                   f"resumes after the last finished layer)", file=sys.stderr, flush=True)
             return 1
         finally:
             os.environ.pop(ERROR_DIR_ENV, None)
+
+
+def failure_cause(exitcodes: dict[int, int | None], nproc: int, other: tuple[int, str] | None) -> str:
+    """What failed, from the workers' exit codes (negative: killed by that signal) and the first "other"
+    message (rank, text) a worker left. The launcher stops the remaining workers with SIGTERM once one has
+    failed, and a worker that sees a collective break after a peer died leaves an "other" message: neither is
+    the cause when a worker was killed."""
+    import signal
+
+    stopped = -int(signal.SIGTERM)
+    causes = {r: c for r, c in exitcodes.items() if c != stopped} or dict(exitcodes)
+    killed = {r: c for r, c in causes.items() if c is not None and c < 0}
+    rank, code = min(killed.items()) if killed else min(causes.items())
+    if other and not killed:
+        return f"process {other[0]} of {nproc} failed ({other[1]})"
+    if code is not None and code < 0:
+        try:
+            sig = signal.Signals(-code).name
+        except ValueError:
+            sig = f"signal {-code}"
+        return f"process {rank} of {nproc} was killed ({sig})"
+    return f"process {rank} of {nproc} failed with exit status {code}"
 
 
 def report_error(dist: Dist, message: str | None, other: str | None = None) -> int:
