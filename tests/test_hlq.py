@@ -111,6 +111,20 @@ def test_fit_never_worse_than_uniform_init(fit, bits):
     assert e_fit.sum() < 0.95 * e_init.sum()
 
 
+def test_code_sums_ordered_form_matches_scatter_add():
+    # the fixed-order per-code sums (used on GPUs, where scatter-add's atomics make the fit differ run to run)
+    from quantkit.formats.hlq import _code_sums
+
+    w = _weights(96, 64, seed=4)
+    codes = torch.randint(0, 8, (96, 64), generator=torch.Generator().manual_seed(5))
+    c0, t0 = _code_sums(codes, w, 8, ordered=False)
+    c1, t1 = _code_sums(codes, w, 8, ordered=True)
+    assert torch.equal(c0, c1) and torch.equal(c0.sum(1), torch.full((96,), 64.0))
+    assert torch.allclose(t0, t1, rtol=0, atol=1e-5) and torch.allclose(t1.sum(1), w.sum(1), atol=1e-4)
+    for c in (0, 5):
+        assert torch.allclose(t1[:, c], (w * (codes == c)).sum(1), atol=1e-6)
+
+
 def test_params_are_fp16_exact():
     fmt = HLQ(3, 64)
     p = fmt.fit(_weights(8, 64) + 0.1234567)

@@ -53,6 +53,24 @@ def value_table(scale: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
     return vals
 
 
+def _code_sums(codes: torch.Tensor, w: torch.Tensor, v: int,
+               ordered: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row of w [M, g]: how many entries got each of the v codes, and their sum ([M, v] float32 each).
+    On CPU a scatter-add (sequential within a row); on a GPU scatter-add sums with atomics in whatever order
+    the threads arrive, so the totals' last bits (and the fitted parameters) would change from run to run:
+    there, one masked row sum per code, a reduction in a fixed order (`ordered`: default off the CPU)."""
+    if not (w.device.type != "cpu" if ordered is None else ordered):
+        count = torch.zeros(w.shape[0], v, device=w.device).scatter_add_(1, codes, torch.ones_like(w))
+        return count, torch.zeros(w.shape[0], v, device=w.device).scatter_add_(1, codes, w)
+    count = torch.empty(w.shape[0], v, device=w.device)
+    total = torch.empty_like(count)
+    for c in range(v):
+        hit = codes == c
+        count[:, c] = hit.sum(dim=1)
+        total[:, c] = torch.where(hit, w, 0.0).sum(dim=1)
+    return count, total
+
+
 def _nearest(w: torch.Tensor, vals: torch.Tensor) -> torch.Tensor:
     """w [M, c], vals [M, V] → int64 codes [M, c] of the nearest value (first index on ties)."""
     m, c = w.shape
@@ -175,8 +193,8 @@ class HLQ(WeightFormat):
         best_s, best_z = scale, offset
         for _ in range(self.iterations):
             # normal equations of [bits | 1] from per-code counts and sums: O(M·2^n) memory, not O(M·g·n)
-            count = torch.zeros(m, v, device=w.device).scatter_add_(1, codes, torch.ones_like(w)).double()
-            total = torch.zeros(m, v, device=w.device).scatter_add_(1, codes, w).double()
+            count, total = _code_sums(codes, w, v)
+            count, total = count.double(), total.double()
             a = torch.einsum("mc,cb,cd->mbd", count, aug, aug) + lam * eye  # [M, n+1, n+1]
             prev = torch.cat([scale, offset.unsqueeze(-1)], dim=-1).double()
             rhs = total @ aug + lam * prev
@@ -204,8 +222,7 @@ class HLQ(WeightFormat):
             for _ in range(self.iterations):
                 with torch.no_grad():
                     codes = _nearest(wn, value_table(s, z))
-                    count = torch.zeros(m, v, device=w.device).scatter_add_(1, codes, torch.ones_like(wn))
-                    total = torch.zeros(m, v, device=w.device).scatter_add_(1, codes, wn)
+                    count, total = _code_sums(codes, wn, v)
                 vals = value_table(s, z)  # Σ_k (w_k − v_{c_k})² = Σ_c count_c·v_c² − 2·total_c·v_c + const
                 loss = (count * vals.square() - 2 * total * vals).sum()
                 opt.zero_grad(set_to_none=True)
