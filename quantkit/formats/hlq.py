@@ -183,7 +183,7 @@ class HLQ(WeightFormat):
         return codes, err
 
     def _fit_als(self, w, scale, offset):
-        m, g = w.shape
+        _, g = w.shape
         n = self.bits
         v = 1 << n
         aug = torch.cat([_plane_bits(n, w.device), torch.ones(v, 1, device=w.device)], dim=1).double()
@@ -212,7 +212,7 @@ class HLQ(WeightFormat):
         lo, hi = w.amin(dim=-1, keepdim=True), w.amax(dim=-1, keepdim=True)
         rng = (hi - lo).clamp_min(torch.finfo(torch.float32).tiny)
         wn = (w - lo) / rng
-        m, v = w.shape[0], 1 << self.bits
+        v = 1 << self.bits
         _, best_err = self._sq_error(w, scale, offset)
         best_s, best_z = scale, offset
         with torch.enable_grad():
