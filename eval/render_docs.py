@@ -133,7 +133,7 @@ def t_recipes(res: Results) -> str:
     import quantkit.recipes as shipped
 
     fp = res.fp_ppl
-    rows = []
+    rows, older = [], []
     family = ("rtn-", "gptq-", "hlq-", "int6-", "flexq-", "nvfp4-", "arcquant-", "w4a", "comet-")
 
     def order(p: Path):
@@ -146,15 +146,35 @@ def t_recipes(res: Results) -> str:
         acts = _bits(y.get("activations"), "16-bit")
         if kv:
             acts += f", KV cache {kv.get('format', 'int4')}"
+        changed = _method_change(r, y) if r else ""
+        if changed:
+            older.append(f"`{y['name']}` ({changed})")
         rows.append([f"`{y['name']}`", y.get("method", {}).get("name", "rtn"), _bits(y.get("weights"), "–"), acts,
                      y.get("description", "").split(" - ")[-1] if " - " in y.get("description", "")
                      else y.get("description", ""),
-                     _ppl(r["ppl"]) if r else "not measured", _x(r["ppl"] / fp) if r else "–"])
+                     (_ppl(r["ppl"]) + (" *" if changed else "")) if r else "not measured",
+                     _x(r["ppl"] / fp) if r else "–"])
     t = _table(["recipe", "method", "weights", "activations", "what it is", "PTB ppl", "× FP"], "lllllrr", rows)
+    note = ("\n\n\\* measured with an earlier `method` section: " + "; ".join(older) + ". The current settings on "
+            "two texts: docs/results.md, \"GPTQ on two texts, beside the peers\"." if older else "")
     return (t + f"\n\nFP (unquantized) PTB perplexity: {_ppl(fp)}. Demo model (SmolLM2-135M-Instruct), PTB test, "
             "sequence length 2048, all full windows, calibration 32 × 2048 tokens of PTB train. "
             "Sources: " + ", ".join(f"`docs/results/{f}.json`" for f in PPL_FILES)
-            + " (commands and library versions: docs/results.md).")
+            + " (commands and library versions: docs/results.md)." + note)
+
+
+def _method_change(row: dict, recipe: dict) -> str:
+    """How a recipe's method section now differs from the one a row recorded ("" if it does not, or the row
+    recorded none): "act_order false → true, sink_weight 1 → 1024"."""
+    was, now = row.get("method"), recipe.get("method", {"name": "rtn"})
+    if was is None or was == now:
+        return ""
+    defaults = {"sink_weight": 1}
+    keys = [k for k in dict.fromkeys([*was, *now]) if was.get(k, defaults.get(k)) != now.get(k, defaults.get(k))]
+
+    def v(x):
+        return str(x).lower() if isinstance(x, bool) else str(x)
+    return ", ".join(f"{k} {v(was.get(k, defaults.get(k)))} → {v(now.get(k, defaults.get(k)))}" for k in keys)
 
 
 def _flow(d: dict | None) -> str:
