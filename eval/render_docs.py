@@ -166,14 +166,21 @@ def t_recipes(res: Results) -> str:
 def _method_change(row: dict, recipe: dict) -> str:
     """How a recipe's method section now differs from the one a row recorded ("" if it does not, or the row
     recorded none): "act_order false → true, sink_weight 1 → 1024"."""
+    import dataclasses
+
+    from quantkit.methods import ALGORITHMS
+
     was, now = row.get("method"), recipe.get("method", {"name": "rtn"})
     if was is None or was == now:
         return ""
-    defaults = {"sink_weight": 1}
+    settings = getattr(ALGORITHMS.get(now.get("name")), "Settings", None)  # what an omitted key means
+    defaults = {f.name: f.default for f in dataclasses.fields(settings)} if settings else {}
     keys = [k for k in dict.fromkeys([*was, *now]) if was.get(k, defaults.get(k)) != now.get(k, defaults.get(k))]
 
     def v(x):
-        return str(x).lower() if isinstance(x, bool) else str(x)
+        if isinstance(x, bool):
+            return str(x).lower()
+        return str(int(x)) if isinstance(x, float) and x.is_integer() else str(x)
     return ", ".join(f"{k} {v(was.get(k, defaults.get(k)))} → {v(now.get(k, defaults.get(k)))}" for k in keys)
 
 

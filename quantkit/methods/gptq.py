@@ -95,10 +95,10 @@ def factor_threads() -> int:
 
 
 @contextlib.contextmanager
-def _factor_threads(device: torch.device):
-    """Run a CPU factorization on `factor_threads()` threads (GPU factorizations do not depend on threads)."""
-    old, n = torch.get_num_threads(), factor_threads()
-    if device.type != "cpu" or old == n:
+def _cpu_threads(device: torch.device, n: int | None):
+    """Run the body on `n` intra-op threads when on the CPU (None, or another device: unchanged)."""
+    old = torch.get_num_threads()
+    if device.type != "cpu" or n is None or old == n:
         yield
         return
     torch.set_num_threads(n)
@@ -115,7 +115,7 @@ def _inverse_cholesky(h: torch.Tensor, damping: float) -> torch.Tensor:
     14336-wide down_proj each is 0.8 GB, which decides the peak of a streamed layer on a GPU. On CPU it runs
     on `factor_threads()` threads, so its bits do not depend on the caller's thread count.
     """
-    with _factor_threads(h.device):
+    with _cpu_threads(h.device, factor_threads()):  # GPU factorizations do not depend on threads
         return _inverse_cholesky_any_threads(h, damping)
 
 
@@ -295,7 +295,9 @@ def gptq_quantize(
         del h
     # codes are < 2^8 for every format: uint8 during the sweep (1/8 of int64's memory), int64 on return
     codes = torch.zeros(n, k, dtype=torch.uint8, device=w.device)
-    with _few_threads(w.device, n * block_size):
+    # the column sweep is thousands of tiny ops: on CPU, intra-op threads cost more than they bring
+    # (measured 14x slower with 2 threads on a busy 2-core machine for a 576x576 layer), so use one
+    with _cpu_threads(w.device, 1 if n * block_size <= 2_000_000 else None):
         _sweep(w, u, codes, params, fmt, bounds, group_of, perm_cpu, block_size, act_order, hdiag)
     del u, w
     codes = codes.to(torch.int64)
@@ -306,21 +308,6 @@ def gptq_quantize(
 def _fit(fmt: WeightFormat, w: torch.Tensor, hdiag: torch.Tensor | None, s: int, e: int) -> Params:
     """fmt.fit of group columns s..e, with diag(H)[s:e] as importance when the format uses it."""
     return fmt.fit(w) if hdiag is None else fmt.fit(w, importance=hdiag[s:e])
-
-
-@contextlib.contextmanager
-def _few_threads(device: torch.device, work: int):
-    """The column sweep is thousands of tiny ops: on CPU, intra-op threads cost more than they bring
-    (measured 14x slower with 2 threads on a busy 2-core machine for a 576x576 layer), so use one."""
-    if device.type != "cpu" or work > 2_000_000:
-        yield
-        return
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
 
 
 def _sweep(w, u, codes, params, fmt, bounds, group_of, perm_cpu, block_size, act_order, hdiag=None) -> None:
