@@ -243,6 +243,54 @@ def plot(result: dict, path: str | Path) -> str | None:
     return None
 
 
+def _prefetch_modes(model, cfg: LatencyConfig, dev: torch.device) -> list[str]:
+    """Workspace prefetch states to measure `model` in (installing the first); ["none"] without a plan (CPU,
+    no weight-only QuantLinears)."""
+    if dev.type != "cuda":
+        return ["none"]
+    if cfg.prefetch == "off":
+        return ["off"]
+    from quantkit.kernels import prefetch
+
+    if prefetch.install(model) is None:
+        return ["none"]
+    return ["on", "off"] if cfg.prefetch == "both" else ["on"]
+
+
+def _measure_batches(model, entry: dict, name: str, cfg: LatencyConfig, bw, log) -> None:
+    mb = entry["model_bytes"]
+    if entry["workspace_prefetch"] == "off":
+        from quantkit.kernels import prefetch
+
+        prefetch.uninstall(model)
+    for b in cfg.batches:
+        try:
+            r = measure(model, b, cfg, log)
+        except torch.cuda.OutOfMemoryError as e:
+            entry["runs_failed"] = entry.get("runs_failed", []) + [{"batch": b, "error": str(e)[:300]}]
+            log(f"[{name}] batch {b}: out of memory, skipped")
+            torch.cuda.empty_cache()
+            continue
+        r["floor"] = decode_floors(mb, r, bw)
+        entry["runs"].append(r)
+        chk = r.get("check", {})
+        log(f"[{name}] B={b}: prefill {r['prefill_tok_s']:,.0f} tok/s ({r['prefill_ms']:.2f} ms"
+            + (f"; eager {r['prefill_eager_ms']:.2f} ms" if r.get("prefill_graphs") else "") + "), decode "
+            f"{r['decode_ms_per_step']:.3f} ms/step = {r['decode_tok_s']:,.1f} tok/s, graphs "
+            f"{'yes' if r['cuda_graphs'] else 'no'}, check rel_err {chk.get('rel_err', float('nan')):.2e}"
+            + (f", peak {r['peak_gpu_bytes'] / 2**30:.2f} GiB" if r.get("peak_gpu_bytes") else ""))
+        pp = r.get("prefill_profile", {})
+        for src in ("eager", "graph_replay"):
+            if pp.get(src, {}).get("categories"):
+                q = pp[src]
+                cats = ", ".join(f"{c['category']} {c['us']:.0f}" for c in q["categories"][:6])
+                log(f"[{name}] B={b}: prefill {src}: {q['device_kernels']} kernels, {q['kernel_us']:.0f} us "
+                    f"of kernels, idle {q['idle_us']:.0f} us of {q['span_us']:.0f}; {cats}")
+        if r.get("profile", {}).get("categories"):
+            cats = ", ".join(f"{c['category']} {c['us_per_step']:.0f}" for c in r["profile"]["categories"][:5])
+            log(f"[{name}] B={b}: kernels per step (us, {r['profile']['source']}): {cats}")
+
+
 def run_latency(source: str | None = None, shape: str | None = None, recipes: list[str] | None = None,
                 cfg: LatencyConfig | None = None, json_path: str | Path | None = None,
                 plot_path: str | Path | None = None, log: Callable[[str], None] = print) -> dict:
@@ -291,35 +339,12 @@ def run_latency(source: str | None = None, shape: str | None = None, recipes: li
         mb = model_bytes(model)
         log(f"[{v.name}] ready in {build_s:.1f} s: {mb['total'] / 2**30:.2f} GiB "
             f"(decoder Linears {mb['linear'] / 2**30:.2f} GiB at {mb['linear_bits_per_weight']:.2f} bits/weight)")
-        entry = {"name": v.name, "recipe": v.recipe, "build_s": build_s, "quantization": info, "model_bytes": mb,
-                 "gqa_decode_attention": custom, "runs": []}
-        result["variants"].append(entry)
-        for b in cfg.batches:
-            try:
-                r = measure(model, b, cfg, log)
-            except torch.cuda.OutOfMemoryError as e:
-                entry["runs_failed"] = entry.get("runs_failed", []) + [{"batch": b, "error": str(e)[:300]}]
-                log(f"[{v.name}] batch {b}: out of memory, skipped")
-                torch.cuda.empty_cache()
-                continue
-            r["floor"] = decode_floors(mb, r, bw)
-            entry["runs"].append(r)
-            chk = r.get("check", {})
-            log(f"[{v.name}] B={b}: prefill {r['prefill_tok_s']:,.0f} tok/s ({r['prefill_ms']:.2f} ms"
-                + (f"; eager {r['prefill_eager_ms']:.2f} ms" if r.get("prefill_graphs") else "") + "), decode "
-                f"{r['decode_ms_per_step']:.3f} ms/step = {r['decode_tok_s']:,.1f} tok/s, graphs "
-                f"{'yes' if r['cuda_graphs'] else 'no'}, check rel_err {chk.get('rel_err', float('nan')):.2e}"
-                + (f", peak {r['peak_gpu_bytes'] / 2**30:.2f} GiB" if r.get("peak_gpu_bytes") else ""))
-            pp = r.get("prefill_profile", {})
-            for src in ("eager", "graph_replay"):
-                if pp.get(src, {}).get("categories"):
-                    q = pp[src]
-                    cats = ", ".join(f"{c['category']} {c['us']:.0f}" for c in q["categories"][:6])
-                    log(f"[{v.name}] B={b}: prefill {src}: {q['device_kernels']} kernels, {q['kernel_us']:.0f} us "
-                        f"of kernels, idle {q['idle_us']:.0f} us of {q['span_us']:.0f}; {cats}")
-            if r.get("profile", {}).get("categories"):
-                cats = ", ".join(f"{c['category']} {c['us_per_step']:.0f}" for c in r["profile"]["categories"][:5])
-                log(f"[{v.name}] B={b}: kernels per step (us, {r['profile']['source']}): {cats}")
+        for mode in _prefetch_modes(model, cfg, dev):
+            name = v.name + (" (no prefetch)" if mode == "off" and cfg.prefetch == "both" else "")
+            entry = {"name": name, "recipe": v.recipe, "build_s": build_s, "quantization": info, "model_bytes": mb,
+                     "gqa_decode_attention": custom, "workspace_prefetch": mode, "runs": []}
+            result["variants"].append(entry)
+            _measure_batches(model, entry, name, cfg, bw, log)
         del model
         gc.collect()
         if dev.type == "cuda":

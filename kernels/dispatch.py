@@ -198,8 +198,10 @@ def gemm(p: Prepared, x: torch.Tensor, bias: torch.Tensor | None = None, config:
 
 
 def dequant(p: Prepared, dtype: torch.dtype, device: torch.device | None = None,
-            block_n: int = 128, block_k: int | None = None, nk: bool = False, num_warps: int = 4) -> torch.Tensor:
-    """The weight transposed, wt: [K, N] in `dtype` (for cuBLAS); `nk`: the weight itself, [N, K]."""
+            block_n: int = 128, block_k: int | None = None, nk: bool = False, num_warps: int = 4,
+            out: torch.Tensor | None = None) -> torch.Tensor:
+    """The weight transposed, wt: [K, N] in `dtype` (for cuBLAS); `nk`: the weight itself, [N, K]. `out`: a
+    contiguous tensor of that shape and dtype to write into (a reused workspace)."""
     import triton
 
     from quantkit.kernels import wq_gemm
@@ -207,7 +209,12 @@ def dequant(p: Prepared, dtype: torch.dtype, device: torch.device | None = None,
     if block_k is None:
         block_k = min(128, p.gs) if p.gs else 128
     shape = (p.n, p.k) if nk else (p.k, p.n)
-    wt = torch.empty(*shape, dtype=dtype, device=device or p.q0.device)
+    if out is not None:
+        if tuple(out.shape) != shape or out.dtype != dtype or not out.is_contiguous():
+            raise ValueError(f"dequant: out must be a contiguous {dtype} tensor of shape {shape}")
+        wt = out
+    else:
+        wt = torch.empty(*shape, dtype=dtype, device=device or p.q0.device)
     grid = (triton.cdiv(p.n, block_n), triton.cdiv(p.k, block_k))
     wq_gemm._dequant_kernel[grid](p.q0, p.q1, p.scales, p.zeros, wt, p.n, p.k, p.q0.shape[0], p.q1.shape[0], ONE,
                                   GS=p.gs, FMT=p.fmt, BITS=p.bits, HAS_ZERO=p.has_zero, BLOCK_N=block_n,
@@ -242,6 +249,12 @@ def matmul(p: Prepared, x: torch.Tensor, bias: torch.Tensor | None = None, path:
     m = x.shape[0]
     if path is None:
         path = choose_path(p, m)
+        if path == "dequant" and x.is_cuda:
+            from quantkit.kernels import prefetch
+
+            hit = prefetch.lookup(p)
+            if hit is not None:
+                return hit[0].matmul(hit[1], p, x, bias)
     if path == "gemv":
         return gemv_h2(p, x, bias)
     if path == "gemv_f32":

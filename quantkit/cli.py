@@ -349,6 +349,10 @@ def bench_kernels(ctx):
 @click.option("--no-fuse", is_flag=True,
               help="Keep q/k/v and gate/up as separate Linears (by default each group runs as one Linear over "
                    "the concatenated outputs, in every model measured, the baseline included).")
+@click.option("--prefetch", type=click.Choice(["on", "off", "both"]), default="on", show_default=True,
+              help="Prefill-size weight-only products: dequantize the next Linear's weight on a side stream "
+                   "while the current one runs (quantkit.kernels.prefetch); 'both' measures each quantized "
+                   "model with and without it.")
 @click.option("--fit-budget", type=float, default=None,
               help="Seconds of on-the-fly fitting; later layers then reuse the last fitted layer's codes "
                    "(timing-equivalent; for slow fits such as HLQ ALS at 8B scale).")
@@ -364,7 +368,7 @@ def bench_kernels(ctx):
 @click.option("--plot", "plot_path", type=click.Path(path_type=Path), default=None,
               help="Write a PNG bar chart here (needs matplotlib).")
 def bench_latency(model, shape, recipe, batch, prompt, gen, repeats, warmup, device, dtype, no_graphs, compile_,
-                  no_profile, pdl, no_fuse, fit_budget, lm_head_bits, outlier_share, seed, json_path, plot_path):
+                  no_profile, pdl, no_fuse, prefetch, fit_budget, lm_head_bits, outlier_share, seed, json_path, plot_path):
     """Prefill / decode latency of MODEL_OR_DIR (or --shape) vs its bf16 model: static KV cache, CUDA graphs."""
     import torch
 
@@ -378,7 +382,7 @@ def bench_latency(model, shape, recipe, batch, prompt, gen, repeats, warmup, dev
         raise QuantkitError(f"--batch '{batch}': give comma-separated integers, e.g. 1,16") from None
     cfg = LatencyConfig(batches=batches, prompt=prompt, gen=gen, repeats=repeats, warmup=warmup,
                         graphs=not no_graphs, compile=compile_, profile=not no_profile,
-                        fuse=not no_fuse, pdl=pdl, device=device,
+                        fuse=not no_fuse, pdl=pdl, prefetch=prefetch, device=device,
                         dtype=dtype or ("float32" if device == "cpu" else "bfloat16"), seed=seed,
                         fit_budget_s=fit_budget, lm_head_bits=int(lm_head_bits) if lm_head_bits else None,
                         outlier_share=outlier_share)

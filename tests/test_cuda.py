@@ -131,3 +131,41 @@ def test_compiled_activation_quantized_model_traces_kernel_ops(recipe, calib):
     op = "quantkit.arc_act_linear" if recipe.startswith("arc") else "quantkit.lowbit_act_linear"
     assert any(op in o for o in ops), sorted(ops)[:20]
     assert len(graphs) == 2  # one graph per input shape: no graph breaks
+
+
+def test_workspace_prefetch_matches_plain_workspace_path(calib):
+    """kernels/prefetch.py: with the next Linear's weight dequantized on a side stream, a prefill-size forward
+    gives the plain workspace path's logits bit for bit, eagerly and replayed from a CUDA graph, and every
+    Linear but the first of a forward finds its weight prefetched."""
+    from quantkit.kernels import prefetch
+    from quantkit.nn.fused import fuse_shared_input_linears
+
+    m = tiny_llama()
+    quantize_model(m, load_recipe("rtn-w4g128"), calib, progress=False)
+    m = m.to("cuda", torch.bfloat16)
+    fuse_shared_input_linears(m)
+    x = calib.cuda()  # 4 x 64 = 256 rows: the workspace path for int4
+    with torch.no_grad():
+        plain = m(x).logits
+        plan = prefetch.install(m)
+        assert plan is not None and len(plan.members) == 2 * 4  # per layer: qkv, o, gate_up, down
+        torch.testing.assert_close(m(x).logits, plain, rtol=0, atol=0)  # learns the order
+        assert (plan.hits, plan.misses) == (0, len(plan.members))
+        got = m(x).logits
+        assert (plan.hits, plan.misses) == (len(plan.members) - 1, len(plan.members) + 1)
+        torch.testing.assert_close(got, plain, rtol=0, atol=0)
+        static_x = x.clone()
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            m(static_x)  # warm-up on the capture stream
+        torch.cuda.current_stream().wait_stream(s)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            out = m(static_x).logits
+        g.replay()
+        torch.cuda.synchronize()
+        torch.testing.assert_close(out, plain, rtol=0, atol=0)
+        prefetch.uninstall(m)
+        assert prefetch.lookup(plan.members[0]) is None
+        torch.testing.assert_close(m(x).logits, plain, rtol=0, atol=0)

@@ -39,7 +39,12 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--json", default="out/sweep.json")
     ap.add_argument("--budget", type=float, default=240.0, help="stop starting new shapes after this many s")
+    ap.add_argument("--variants", action="store_true",
+                    help="instead: the candidate kernels of prefill_variants.py (and Triton's own bf16 GEMM of the "
+                         "same loop) against cuBLAS at M = 512..2048 on two shapes")
     args = ap.parse_args()
+    if args.variants:
+        return variants_main(args)
     dev = torch.device("cuda")
     set_sms(dev)
     props = torch.cuda.get_device_properties(dev)
@@ -126,6 +131,78 @@ def main():
     res["best"] = [dict(v) for v in best.values()]
     with open(args.json, "w") as f:
         json.dump(res, f, indent=1)
+
+
+VARIANT_CFGS = [  # (kernel, BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, SWAP)
+    ("bf16", 128, 128, 64, 8, 3, False), ("bf16", 128, 256, 64, 8, 3, False), ("bf16", 128, 128, 64, 8, 4, True),
+    ("tc", 128, 128, 64, 8, 3, False), ("tc", 128, 256, 64, 8, 3, False), ("tc", 128, 128, 64, 8, 3, True),
+    ("tc", 256, 128, 64, 8, 3, True), ("tc", 128, 128, 64, 8, 4, True), ("tc", 128, 64, 64, 4, 4, True),
+    ("rd", 128, 128, 64, 8, 3, True), ("rd", 256, 128, 64, 8, 3, True), ("rd", 128, 64, 64, 4, 4, True),
+]
+
+
+def variants_main(args):
+    import os
+    import sys
+
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import prefill_variants as V
+
+    from quantkit.eval.report import environment
+
+    dev = torch.device("cuda")
+    set_sms(dev)
+    props = torch.cuda.get_device_properties(dev)
+    l2 = getattr(props, "L2_cache_size", 50 << 20)
+    res = {"device": props.name, "env": environment(dev), "rows": [],
+           "command": "python3 experiments/device/prefill_gemm_sweep.py " + " ".join(sys.argv[1:])}
+    t_start = time.time()
+    for k, n, (fmt, bits, gs) in [(4096, 14336, ("int", 4, 128)), (14336, 4096, ("int", 4, 128)),
+                                  (4096, 14336, ("hlq", 2, 64))]:
+        if time.time() - t_start > args.budget:
+            print("budget reached", flush=True)
+            break
+        wb = [torch.randn(n, k, device=dev, dtype=torch.bfloat16) * 0.02]
+        wb += [torch.randn_like(wb[0]) for _ in range(n_copies(wb[0].numel() * 2, l2) - 1)]
+        p0 = dispatch.prepare(fmt, bits, gs, k, n, random_quant(fmt, bits, gs, k, n, dev))
+        ps = [p0] + [clone_prepared(p0) for _ in range(n_copies(prepared_bytes(p0), l2) - 1)]
+        for m in (512, 1024, 2048):
+            x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
+            base = time_rotated([lambda w=w: torch.nn.functional.linear(x, w) for w in wb])
+            ref = dispatch.matmul(p0, x, None, "dequant_kn").float()
+            rows = [("cublas_bf16", base, None), ("workspace", time_rotated(
+                [lambda p=p: dispatch.matmul(p, x, None, "dequant_kn") for p in ps]), None)]
+            for kern, bm, bn, bk, w, st, swap in VARIANT_CFGS:
+                cfg = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8, "SWAP": swap, "num_warps": w,
+                       "num_stages": st}
+                name = f"{kern}_{bm}x{bn}x{bk}_w{w}s{st}{'_swap' if swap else ''}"
+                try:
+                    if kern == "bf16":
+                        if fmt != "int":
+                            continue
+                        us = time_rotated([lambda w_=w_: V.bf16_gemm(x, w_, cfg) for w_ in wb])
+                        rows.append((name, us, None))
+                        continue
+                    fn = V.tc_gemm if kern == "tc" else V.rd_gemm
+                    y = fn(p0, x, cfg).float()
+                    err = float((y - ref).norm() / ref.norm())
+                    if not err < 2e-2:
+                        rows.append((name, float("nan"), f"rel_err {err:.3g}"))
+                        continue
+                    us = time_rotated([lambda p=p: fn(p, x, cfg) for p in ps])
+                    rows.append((name, us, None))
+                except Exception as e:
+                    rows.append((name, float("nan"), repr(e)[:160]))
+            for name, us, err in rows:
+                r = {"K": k, "N": n, "M": m, "format": f"{fmt}{bits}g{gs}", "contender": name, "us": us,
+                     "x_bf16": us / base, "error": err}
+                res["rows"].append(r)
+                print(f"K={k:<6} N={n:<6} M={m:<5} {fmt}{bits}g{gs} {name:<30} {us:9.2f} us x{us / base:6.3f}"
+                      + (f" {err}" if err else ""), flush=True)
+        del ps, p0, wb
+        torch.cuda.empty_cache()
+        with open(args.json, "w") as f:
+            json.dump(res, f, indent=1)
 
 
 if __name__ == "__main__":
