@@ -163,7 +163,7 @@ def test_bad_clip_options_fail_when_the_recipe_is_read(opts, msg):
     with pytest.raises(QuantkitError, match=r"unknown recipe key 'clip_serch'.*'clip_search'"):
         recipe_from_dict({"weights": {"format": "int6", "bits": 6, "clip_serch": "mse"}})
     with pytest.raises(QuantkitError, match="unknown recipe key 'clip_search'"):
-        recipe_from_dict({"weights": {"format": "int", "bits": 4, "clip_search": "mse"}})
+        recipe_from_dict({"weights": {"format": "hlq", "bits": 4, "clip_search": "mse"}})
 
 
 def test_clip_options_reach_the_format_and_the_checkpoint_entry():

@@ -43,19 +43,20 @@ BLOCK_BYTES = 96  # bytes per block and column
 CLIP_SEARCHES = ("none", "mse", "mse_h")
 
 
-def _check_options(opts: dict, where: str = "weights") -> None:
-    """Validates the `clip_*` recipe options (one-line QuantkitError naming the key and the valid values)."""
+def _check_options(opts: dict, where: str = "weights", fmt: str = "int6") -> None:
+    """Validates the `clip_*` recipe options (one-line QuantkitError naming the key and the valid values);
+    shared with the `int` format."""
     mode = opts.get("clip_search", "none")
     if mode not in CLIP_SEARCHES:
-        raise QuantkitError(f"{where}.clip_search = {mode!r} is unknown for format 'int6': use "
+        raise QuantkitError(f"{where}.clip_search = {mode!r} is unknown for format '{fmt}': use "
                             f"{', '.join(CLIP_SEARCHES)}")
     lo = opts.get("clip_min", 0.7)
     if isinstance(lo, bool) or not isinstance(lo, (int, float)) or not 0 < lo <= 1:
-        raise QuantkitError(f"{where}.clip_min = {lo!r} is out of range for format 'int6': use a number "
+        raise QuantkitError(f"{where}.clip_min = {lo!r} is out of range for format '{fmt}': use a number "
                             "in (0, 1]")
     steps = opts.get("clip_steps", 31)
     if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= 1000:
-        raise QuantkitError(f"{where}.clip_steps = {steps!r} is out of range for format 'int6': use an "
+        raise QuantkitError(f"{where}.clip_steps = {steps!r} is out of range for format '{fmt}': use an "
                             "integer in 1..1000")
 
 

@@ -6,13 +6,19 @@
 Stored (see docs/format.md): `qweight int32 [ceil(Kp/32)·b, N]` (packing.py), `scales fp16 [groups, N]`,
 `zeros uint8 [groups, N]` (asymmetric only). Scales are rounded to fp16 in `fit`, so quantization (RTN and
 GPTQ alike) uses exactly the stored values.
+
+`clip_search: mse` (recipe option, as for int6) shrinks each group's range by c on a grid from 1 down to
+`clip_min` (`clip_steps` values; asymmetric: [c·min, c·max], symmetric: c·absmax) and keeps the c whose
+quantized group has the smallest squared error Σ_j (w_j − ŵ_j)²; `mse_h` weighs it by GPTQ's Hessian diagonal
+h_j. c = 1 is the plain rule and wins ties. Only scales and zeros change: codes, layout and kernels are the same.
 """
 
 from __future__ import annotations
 
 import torch
 
-from quantkit.formats.base import Params, TensorSpec, WeightFormat, register_format
+from quantkit.formats.base import Params, RecipeKey, TensorSpec, WeightFormat, register_format
+from quantkit.formats.int6 import _check_options
 from quantkit.formats.packing import pack_codes, packed_rows, unpack_codes
 
 SCALE_DTYPE = torch.float16
@@ -23,11 +29,26 @@ class UniformInt(WeightFormat):
     name = "int"
     bits_range = (2, 8)
     min_group_size = 8
+    recipe_keys = (
+        RecipeKey("clip_search", "none", doc="none | mse | mse_h"),
+        RecipeKey("clip_min", 0.7, doc="smallest clip factor c, a number in (0, 1]"),
+        RecipeKey("clip_steps", 31, doc="number of c values tried, an integer in 1..1000"),
+    )
 
-    def __init__(self, bits: int, group_size: int | None, symmetric: bool = False):
+    def __init__(self, bits: int, group_size: int | None, symmetric: bool = False, clip_search: str = "none",
+                 clip_min: float = 0.7, clip_steps: int = 31):
+        _check_options({"clip_search": clip_search, "clip_min": clip_min, "clip_steps": clip_steps},
+                       fmt="int")
         super().__init__(bits, group_size)
         self.symmetric = symmetric
         self.qmax = (1 << bits) - 1
+        self.clip_search = clip_search
+        self.clip_grid = torch.linspace(1.0, float(clip_min), clip_steps).tolist()  # c = 1 first
+        self.fit_uses_importance = clip_search == "mse_h"  # GPTQ then hands `fit` its Hessian diagonal
+
+    @classmethod
+    def check_options(cls, options: dict, where: str) -> None:
+        _check_options(options, where, fmt="int")
 
     @classmethod
     def example_specs(cls) -> tuple:
@@ -44,16 +65,39 @@ class UniformInt(WeightFormat):
             out["zeros"] = TensorSpec((groups, n), torch.uint8)
         return out
 
-    def fit(self, w: torch.Tensor) -> Params:
+    def fit(self, w: torch.Tensor, importance: torch.Tensor | None = None) -> Params:
+        """w [..., g] → {"scale", "zero"} [...] (scale fp16-exact); `importance` [g] or [..., g] weights the
+        clip search (`mse_h`)."""
         w = w.float()
+        p = self._fit_range(w, 1.0)
+        if self.clip_search == "none" or w.shape[-1] == 0 or len(self.clip_grid) < 2:
+            return p
+        imp = importance.to(w.device, torch.float32) if importance is not None and self.fit_uses_importance \
+            else None
+        best = self._group_error(w, p, imp)
+        for c in self.clip_grid[1:]:  # all groups at once per candidate: memory stays O(w)
+            cand = self._fit_range(w, c)
+            err = self._group_error(w, cand, imp)
+            better = err < best  # strict: c = 1 (and larger c) win ties
+            p = {k: torch.where(better, cand[k], v) for k, v in p.items()}
+            best = torch.where(better, err, best)
+        return p
+
+    def _group_error(self, w: torch.Tensor, p: Params, importance: torch.Tensor | None) -> torch.Tensor:
+        d = w - self.dequantize(self.quantize(w, p), p)
+        d = d * d
+        return (d * importance if importance is not None else d).sum(dim=-1)
+
+    def _fit_range(self, w: torch.Tensor, c: float) -> Params:
+        """The plain rule on the group's range shrunk by c (c = 1: min/max, absmax)."""
         if self.symmetric:
             half = 1 << (self.bits - 1)
-            amax = w.abs().amax(dim=-1)
+            amax = w.abs().amax(dim=-1) * c
             scale = amax / (half - 1) if self.bits > 1 else amax
             scale = torch.where(scale > 0, scale, torch.ones_like(scale))
             scale = scale.to(SCALE_DTYPE).float()
             return {"scale": scale, "zero": torch.full_like(scale, float(half))}
-        lo, hi = w.amin(dim=-1), w.amax(dim=-1)
+        lo, hi = w.amin(dim=-1) * c, w.amax(dim=-1) * c
         flat = hi <= lo  # constant group: widen to include 0 so the constant is representable
         lo = torch.where(flat, torch.minimum(lo, torch.zeros_like(lo)), lo)
         hi = torch.where(flat, torch.maximum(hi, torch.zeros_like(hi)), hi)
