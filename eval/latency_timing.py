@@ -50,7 +50,7 @@ class LatencyConfig:
     fuse: bool = True  # q/k/v and gate/up as one Linear each (quantkit.nn.fused), every model alike
     pdl: bool = False  # decode GEMVs with programmatic dependent launch (QUANTKIT_PDL=1 for this run)
     prefill_graphs: bool = True  # on CUDA (with graphs on): also time the prefill as a CUDA-graph replay
-    prefetch: str = "on"  # workspace prefetch for prefill-size products (kernels/prefetch.py): on, off, both
+    prefetch: str = "off"  # workspace prefetch for prefill-size products (kernels/prefetch.py): on, off, both
 
 
 def _compiled(model: nn.Module):

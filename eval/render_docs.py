@@ -155,7 +155,7 @@ def t_recipes(res: Results) -> str:
                      (_ppl(r["ppl"]) + (" *" if changed else "")) if r else "not measured",
                      _x(r["ppl"] / fp) if r else "–"])
     t = _table(["recipe", "method", "weights", "activations", "what it is", "PTB ppl", "× FP"], "lllllrr", rows)
-    note = ("\n\n\\* measured with an earlier `method` section: " + "; ".join(older) + ". The current settings on "
+    note = ("\n\n\\* measured with earlier recipe settings: " + "; ".join(older) + ". The current settings on "
             "two texts: docs/results.md, \"GPTQ on two texts, beside the peers\"." if older else "")
     return (t + f"\n\nFP (unquantized) PTB perplexity: {_ppl(fp)}. Demo model (SmolLM2-135M-Instruct), PTB test, "
             "sequence length 2048, all full windows, calibration 32 × 2048 tokens of PTB train. "
@@ -164,24 +164,34 @@ def t_recipes(res: Results) -> str:
 
 
 def _method_change(row: dict, recipe: dict) -> str:
-    """How a recipe's method section now differs from the one a row recorded ("" if it does not, or the row
-    recorded none): "act_order false → true, sink_weight 1 → 1024"."""
+    """How a recipe's method and weights sections now differ from the ones a row recorded ("" if they do not,
+    or the row recorded neither): "act_order false → true, sink_weight 1 → 1024"."""
     import dataclasses
 
+    from quantkit.formats import FORMATS
     from quantkit.methods import ALGORITHMS
 
-    was, now = row.get("method"), recipe.get("method", {"name": "rtn"})
-    if was is None or was == now:
-        return ""
+    now = recipe.get("method", {"name": "rtn"})
     settings = getattr(ALGORITHMS.get(now.get("name")), "Settings", None)  # what an omitted key means
-    defaults = {f.name: f.default for f in dataclasses.fields(settings)} if settings else {}
+    out = _section_change(row.get("method"), now,
+                          {f.name: f.default for f in dataclasses.fields(settings)} if settings else {})
+    w_now = recipe.get("weights") or {}
+    fmt = FORMATS.get(w_now.get("format", "int"))
+    keys = {k.name: k.default for k in getattr(fmt, "recipe_keys", ())}
+    out += _section_change(row.get("weights"), w_now, {"symmetric": False, **keys})
+    return ", ".join(out)
+
+
+def _section_change(was: dict | None, now: dict, defaults: dict) -> list[str]:
+    if was is None or was == now:
+        return []
     keys = [k for k in dict.fromkeys([*was, *now]) if was.get(k, defaults.get(k)) != now.get(k, defaults.get(k))]
 
     def v(x):
         if isinstance(x, bool):
             return str(x).lower()
         return str(int(x)) if isinstance(x, float) and x.is_integer() else str(x)
-    return ", ".join(f"{k} {v(was.get(k, defaults.get(k)))} → {v(now.get(k, defaults.get(k)))}" for k in keys)
+    return [f"{k} {v(was.get(k, defaults.get(k)))} → {v(now.get(k, defaults.get(k)))}" for k in keys]
 
 
 def _flow(d: dict | None) -> str:

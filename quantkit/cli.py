@@ -349,7 +349,7 @@ def bench_kernels(ctx):
 @click.option("--no-fuse", is_flag=True,
               help="Keep q/k/v and gate/up as separate Linears (by default each group runs as one Linear over "
                    "the concatenated outputs, in every model measured, the baseline included).")
-@click.option("--prefetch", type=click.Choice(["on", "off", "both"]), default="on", show_default=True,
+@click.option("--prefetch", type=click.Choice(["on", "off", "both"]), default="off", show_default=True,
               help="Prefill-size weight-only products: dequantize the next Linear's weight on a side stream "
                    "while the current one runs (quantkit.kernels.prefetch); 'both' measures each quantized "
                    "model with and without it.")
