@@ -526,7 +526,9 @@ def _quality_source(res: Results, name: str) -> str:
     d = res(name)
     env = d["env"]
     libs = ", ".join(f"{k} {env[k]}" for k in ("torch", "transformers", "numpy", "gensim") if env.get(k))
-    return (f"Source: `docs/results/{name}.json`: `{d['command']}` ({libs}, {env.get('threads')} thread{'' if env.get('threads') == 1 else 's'}, "
+    cmds = [d["command"]] + [c for c in d.get("commands", []) if c != d["command"]]
+    return (f"Source: `docs/results/{name}.json`: " + "; then ".join(f"`{c}`" for c in cmds)
+            + f" ({libs}, {env.get('threads')} thread{'' if env.get('threads') == 1 else 's'}, "
             f"device {env.get('device')}).")
 
 
