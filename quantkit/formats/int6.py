@@ -32,33 +32,14 @@ from __future__ import annotations
 import torch
 
 from quantkit.errors import QuantkitError
-from quantkit.formats.base import Params, RecipeKey, TensorSpec, WeightFormat, register_format
+from quantkit.formats import clip
+from quantkit.formats.base import Params, TensorSpec, WeightFormat, register_format
 
 SCALE_DTYPE = torch.float16
 QMAX = 31
 ZERO = 32  # offset of the codes: c = q + 32
 BLOCK = 128  # K values per packing block
 BLOCK_BYTES = 96  # bytes per block and column
-
-CLIP_SEARCHES = ("none", "mse", "mse_h")
-
-
-def _check_options(opts: dict, where: str = "weights", fmt: str = "int6") -> None:
-    """Validates the `clip_*` recipe options (one-line QuantkitError naming the key and the valid values);
-    shared with the `int` format."""
-    mode = opts.get("clip_search", "none")
-    if mode not in CLIP_SEARCHES:
-        raise QuantkitError(f"{where}.clip_search = {mode!r} is unknown for format '{fmt}': use "
-                            f"{', '.join(CLIP_SEARCHES)}")
-    lo = opts.get("clip_min", 0.7)
-    if isinstance(lo, bool) or not isinstance(lo, (int, float)) or not 0 < lo <= 1:
-        raise QuantkitError(f"{where}.clip_min = {lo!r} is out of range for format '{fmt}': use a number "
-                            "in (0, 1]")
-    steps = opts.get("clip_steps", 31)
-    if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= 1000:
-        raise QuantkitError(f"{where}.clip_steps = {steps!r} is out of range for format '{fmt}': use an "
-                            "integer in 1..1000")
-
 
 def pack_int6(codes: torch.Tensor) -> torch.Tensor:
     """codes [N, K] in [0, 64) → `uint8 [N, ceil(K/128)·96]` (K zero-padded to whole 128-blocks)."""
@@ -95,11 +76,7 @@ class Int6(WeightFormat):
     name = "int6"
     bits_range = (6, 6)
     min_group_size = 16
-    recipe_keys = (
-        RecipeKey("clip_search", "none", doc="none | mse | mse_h"),
-        RecipeKey("clip_min", 0.7, doc="smallest clip factor c, a number in (0, 1]"),
-        RecipeKey("clip_steps", 31, doc="number of c values tried, an integer in 1..1000"),
-    )
+    recipe_keys = clip.RECIPE_KEYS
 
     def __init__(self, bits: int = 6, group_size: int | None = 128, symmetric: bool = True,
                  clip_search: str = "none", clip_min: float = 0.7, clip_steps: int = 31):
@@ -107,17 +84,17 @@ class Int6(WeightFormat):
             raise QuantkitError(f"format 'int6' needs bits = 6, got {bits}")
         if group_size is not None and group_size < 16:
             raise QuantkitError(f"format 'int6' needs group_size >= 16 or per-channel, got {group_size}")
-        _check_options({"clip_search": clip_search, "clip_min": clip_min, "clip_steps": clip_steps})
+        clip.check_options({"clip_search": clip_search, "clip_min": clip_min, "clip_steps": clip_steps})
         super().__init__(6, group_size)
         self.symmetric = True
         self.clip_search = clip_search
-        self.clip_grid = torch.linspace(1.0, float(clip_min), clip_steps).tolist()  # c = 1 first
+        self.clip_grid = clip.grid(clip_min, clip_steps)
         # GPTQ hands `fit` its Hessian diagonal as `importance` when this is set (see methods/gptq.py)
         self.fit_uses_importance = clip_search == "mse_h"
 
     @classmethod
     def check_options(cls, options: dict, where: str) -> None:
-        _check_options(options, where)
+        clip.check_options(options, where)
 
     @classmethod
     def example_specs(cls) -> tuple:
@@ -160,14 +137,8 @@ class Int6(WeightFormat):
             importance = importance.to(w.device, torch.float32)
         else:
             importance = None
-        best_err = self.group_error(w, scale, importance)
-        for c in self.clip_grid[1:]:  # all groups at once per candidate: memory stays O(w)
-            cand = self._scale(amax * c)
-            err = self.group_error(w, cand, importance)
-            better = err < best_err  # strict: c = 1 (and larger c) win ties
-            scale = torch.where(better, cand, scale)
-            best_err = torch.where(better, err, best_err)
-        return {"scale": scale}
+        return clip.search(self.clip_grid, lambda c: {"scale": self._scale(amax * c)},
+                           lambda p: self.group_error(w, p["scale"], importance))
 
     def quantize(self, w: torch.Tensor, params: Params) -> torch.Tensor:
         s = params["scale"].unsqueeze(-1)

@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import torch
 
-from quantkit.formats.base import Params, RecipeKey, TensorSpec, WeightFormat, register_format
-from quantkit.formats.int6 import _check_options
+from quantkit.formats import clip
+from quantkit.formats.base import Params, TensorSpec, WeightFormat, register_format
 from quantkit.formats.packing import pack_codes, packed_rows, unpack_codes
 
 SCALE_DTYPE = torch.float16
@@ -29,26 +29,22 @@ class UniformInt(WeightFormat):
     name = "int"
     bits_range = (2, 8)
     min_group_size = 8
-    recipe_keys = (
-        RecipeKey("clip_search", "none", doc="none | mse | mse_h"),
-        RecipeKey("clip_min", 0.7, doc="smallest clip factor c, a number in (0, 1]"),
-        RecipeKey("clip_steps", 31, doc="number of c values tried, an integer in 1..1000"),
-    )
+    recipe_keys = clip.RECIPE_KEYS
 
     def __init__(self, bits: int, group_size: int | None, symmetric: bool = False, clip_search: str = "none",
                  clip_min: float = 0.7, clip_steps: int = 31):
-        _check_options({"clip_search": clip_search, "clip_min": clip_min, "clip_steps": clip_steps},
-                       fmt="int")
+        clip.check_options({"clip_search": clip_search, "clip_min": clip_min, "clip_steps": clip_steps},
+                           fmt="int")
         super().__init__(bits, group_size)
         self.symmetric = symmetric
         self.qmax = (1 << bits) - 1
         self.clip_search = clip_search
-        self.clip_grid = torch.linspace(1.0, float(clip_min), clip_steps).tolist()  # c = 1 first
+        self.clip_grid = clip.grid(clip_min, clip_steps)
         self.fit_uses_importance = clip_search == "mse_h"  # GPTQ then hands `fit` its Hessian diagonal
 
     @classmethod
     def check_options(cls, options: dict, where: str) -> None:
-        _check_options(options, where, fmt="int")
+        clip.check_options(options, where, fmt="int")
 
     @classmethod
     def example_specs(cls) -> tuple:
@@ -69,19 +65,11 @@ class UniformInt(WeightFormat):
         """w [..., g] → {"scale", "zero"} [...] (scale fp16-exact); `importance` [g] or [..., g] weights the
         clip search (`mse_h`)."""
         w = w.float()
-        p = self._fit_range(w, 1.0)
         if self.clip_search == "none" or w.shape[-1] == 0 or len(self.clip_grid) < 2:
-            return p
+            return self._fit_range(w, 1.0)
         imp = importance.to(w.device, torch.float32) if importance is not None and self.fit_uses_importance \
             else None
-        best = self._group_error(w, p, imp)
-        for c in self.clip_grid[1:]:  # all groups at once per candidate: memory stays O(w)
-            cand = self._fit_range(w, c)
-            err = self._group_error(w, cand, imp)
-            better = err < best  # strict: c = 1 (and larger c) win ties
-            p = {k: torch.where(better, cand[k], v) for k, v in p.items()}
-            best = torch.where(better, err, best)
-        return p
+        return clip.search(self.clip_grid, lambda c: self._fit_range(w, c), lambda q: self._group_error(w, q, imp))
 
     def _group_error(self, w: torch.Tensor, p: Params, importance: torch.Tensor | None) -> torch.Tensor:
         d = w - self.dequantize(self.quantize(w, p), p)
