@@ -95,13 +95,13 @@ def lookup(p: dispatch.Prepared) -> tuple[WorkspacePrefetch, int] | None:
 
 
 def install(model: torch.nn.Module) -> WorkspacePrefetch | None:
-    """Prefetch the workspace of `model`'s weight-only QuantLinears on CUDA (module order; the output
-    embedding excluded). Returns the plan, or None when the model has fewer than two such Linears."""
+    """Prefetch the workspace of `model`'s weight-only QuantLinears on CUDA (the output embedding excluded;
+    their order is learned by the first forward). Returns the plan, or None with fewer than two such Linears."""
     from quantkit.nn.quant_linear import QuantLinear
 
     uninstall(model)
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    members, mods = [], []
+    members = []
     for m in model.modules():
         if not isinstance(m, QuantLinear) or m is head or m.act is not None or not m.qweight.is_cuda:
             continue
@@ -109,7 +109,6 @@ def install(model: torch.nn.Module) -> WorkspacePrefetch | None:
         if p is None:
             continue
         members.append(p)
-        mods.append(m)
     if len(members) < 2:
         return None
     plan = WorkspacePrefetch(members, members[0].q0.device)

@@ -26,6 +26,35 @@ ONE = 0x3F800000  # bits of 1.0
 
 
 @triton.jit
+def _dequant_codes(code, s_ptr, z_ptr, g, offs_n, nm, N, FMT: tl.constexpr, BITS: tl.constexpr,
+                   HAS_ZERO: tl.constexpr, magic, one):
+    """Codes [BLOCK_N, BLOCK_K] of group g → float32 weights (int: (2^23 + code − (2^23 + z))·s; hlq: the
+    offset plus each set plane's scale, a plane bit made 1 or 1.5 in the mantissa of 1.0)."""
+    if FMT == 0:
+        s = tl.load(s_ptr + g * N + offs_n, mask=nm, other=0).to(tl.float32)
+        if HAS_ZERO:
+            z = tl.load(z_ptr + g * N + offs_n, mask=nm, other=0).to(tl.float32)
+        else:
+            z = tl.full(s.shape, 1 << (BITS - 1), tl.float32)
+        f = (code | magic).to(tl.float32, bitcast=True)
+        w = (f - (z + 8388608.0)[:, None]) * s[:, None]
+    else:
+        off = tl.load(z_ptr + g * N + offs_n, mask=nm, other=0).to(tl.float32)
+        sp = s_ptr + g * (BITS * N) + offs_n
+        s0 = tl.load(sp, mask=nm, other=0).to(tl.float32) * 2.0
+        s1 = tl.load(sp + N, mask=nm, other=0).to(tl.float32) * 2.0
+        base = off - s0 - s1
+        w = base[:, None] + s0[:, None] * ((code << 22) & (1 << 22) | one).to(tl.float32, bitcast=True)
+        w += s1[:, None] * ((code << 21) & (1 << 22) | one).to(tl.float32, bitcast=True)
+        if BITS == 4:
+            s2 = tl.load(sp + 2 * N, mask=nm, other=0).to(tl.float32) * 2.0
+            s3 = tl.load(sp + 3 * N, mask=nm, other=0).to(tl.float32) * 2.0
+            w += s2[:, None] * ((code << 20) & (1 << 22) | one).to(tl.float32, bitcast=True) - s2[:, None]
+            w += s3[:, None] * ((code << 19) & (1 << 22) | one).to(tl.float32, bitcast=True) - s3[:, None]
+    return w
+
+
+@triton.jit
 def _tc_kernel(x_ptr, q_ptr, s_ptr, z_ptr, out_ptr, M, N, K, stride_xm, MAGIC_ARG, ONE_ARG,
                GS: tl.constexpr, FMT: tl.constexpr, BITS: tl.constexpr, HAS_ZERO: tl.constexpr,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
@@ -55,28 +84,7 @@ def _tc_kernel(x_ptr, q_ptr, s_ptr, z_ptr, out_ptr, M, N, K, stride_xm, MAGIC_AR
                          mask=(offs_m[:, None] < M) & (offs_k[None, :] < K), other=0)
         words = tl.load(q_ptr + (offs_k // PER)[None, :] * N + offs_n[:, None], mask=nm[:, None], other=0)
         code = (words.to(tl.uint32, bitcast=True) >> shift[None, :]) & MASK
-        g = k0 // GS
-        if FMT == 0:
-            s = tl.load(s_ptr + g * N + offs_n, mask=nm, other=0).to(tl.float32)
-            if HAS_ZERO:
-                z = tl.load(z_ptr + g * N + offs_n, mask=nm, other=0).to(tl.float32)
-            else:
-                z = tl.full(s.shape, 1 << (BITS - 1), tl.float32)
-            f = (code | magic).to(tl.float32, bitcast=True)
-            w = (f - (z + 8388608.0)[:, None]) * s[:, None]
-        else:
-            off = tl.load(z_ptr + g * N + offs_n, mask=nm, other=0).to(tl.float32)
-            sp = s_ptr + g * (BITS * N) + offs_n
-            s0 = tl.load(sp, mask=nm, other=0).to(tl.float32) * 2.0
-            s1 = tl.load(sp + N, mask=nm, other=0).to(tl.float32) * 2.0
-            base = off - s0 - s1
-            w = base[:, None] + s0[:, None] * ((code << 22) & (1 << 22) | one).to(tl.float32, bitcast=True)
-            w += s1[:, None] * ((code << 21) & (1 << 22) | one).to(tl.float32, bitcast=True)
-            if BITS == 4:
-                s2 = tl.load(sp + 2 * N, mask=nm, other=0).to(tl.float32) * 2.0
-                s3 = tl.load(sp + 3 * N, mask=nm, other=0).to(tl.float32) * 2.0
-                w += s2[:, None] * ((code << 20) & (1 << 22) | one).to(tl.float32, bitcast=True) - s2[:, None]
-                w += s3[:, None] * ((code << 19) & (1 << 22) | one).to(tl.float32, bitcast=True) - s3[:, None]
+        w = _dequant_codes(code, s_ptr, z_ptr, k0 // GS, offs_n, nm, N, FMT, BITS, HAS_ZERO, magic, one)
         wq = w.to(xt.dtype)
         xo = xt
         if DOT_F32:
@@ -229,28 +237,7 @@ def _rd_kernel(x_ptr, q_ptr, s_ptr, z_ptr, out_ptr, M, N, K, stride_xm, MAGIC_AR
         rows = k0 // PER + tl.arange(0, WDS)
         words = tl.load(q_ptr + rows[None, :] * N + offs_n[:, None], mask=nm[:, None], other=0)
         code = _codes_rd(words.to(tl.uint32, bitcast=True), BITS, BLOCK_N, WDS)
-        g = k0 // GS
-        if FMT == 0:
-            s = tl.load(s_ptr + g * N + offs_n, mask=nm, other=0).to(tl.float32)
-            if HAS_ZERO:
-                z = tl.load(z_ptr + g * N + offs_n, mask=nm, other=0).to(tl.float32)
-            else:
-                z = tl.full(s.shape, 1 << (BITS - 1), tl.float32)
-            f = (code | magic).to(tl.float32, bitcast=True)
-            w = (f - (z + 8388608.0)[:, None]) * s[:, None]
-        else:
-            off = tl.load(z_ptr + g * N + offs_n, mask=nm, other=0).to(tl.float32)
-            sp = s_ptr + g * (BITS * N) + offs_n
-            s0 = tl.load(sp, mask=nm, other=0).to(tl.float32) * 2.0
-            s1 = tl.load(sp + N, mask=nm, other=0).to(tl.float32) * 2.0
-            base = off - s0 - s1
-            w = base[:, None] + s0[:, None] * ((code << 22) & (1 << 22) | one).to(tl.float32, bitcast=True)
-            w += s1[:, None] * ((code << 21) & (1 << 22) | one).to(tl.float32, bitcast=True)
-            if BITS == 4:
-                s2 = tl.load(sp + 2 * N, mask=nm, other=0).to(tl.float32) * 2.0
-                s3 = tl.load(sp + 3 * N, mask=nm, other=0).to(tl.float32) * 2.0
-                w += s2[:, None] * ((code << 20) & (1 << 22) | one).to(tl.float32, bitcast=True) - s2[:, None]
-                w += s3[:, None] * ((code << 19) & (1 << 22) | one).to(tl.float32, bitcast=True) - s3[:, None]
+        w = _dequant_codes(code, s_ptr, z_ptr, k0 // GS, offs_n, nm, N, FMT, BITS, HAS_ZERO, magic, one)
         wq = w.to(xt.dtype)
         xo = xt
         if DOT_F32:
