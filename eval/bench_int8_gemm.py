@@ -7,6 +7,9 @@ For Llama-3-8B linear shapes (K, N) and batch sizes M it times, in one process, 
 - `int8_mm`      `torch._int_mm` (int8 × int8 → int32, no scales; M padded to ≥ 32 as it requires)
 - `w6a8_linear`  FlexQ's full linear: activation quantization kernel (A8, per token × 128) + W6 g128 GEMM
 - `w6a8_gemm`    the W6A8 GEMM alone (activations quantized beforehand)
+- `w6a8_token`   the per-token form: INT6 per-channel weights, A8 with one scale per token (activation kernel +
+                 GEMM); its prefill GEMM accumulates in int32 with no per-block rescaling
+- `w6a8_token_gemm` that GEMM alone
 - `comet_linear` COMET-style full linear: INT4 asymmetric g128 weights, activations 4-bit with 20% of the
                  128-channel blocks 8-bit, channel permutation gathered in the activation kernel
 - `w4_gemm`      the W4 GEMM alone
@@ -38,13 +41,13 @@ def _copies(nbytes: int, l2: int) -> int:
     return max(2, min(64, math.ceil(2.5 * l2 / max(nbytes, 1))))
 
 
-def _w6(k: int, n: int, dev) -> object:
+def _w6(k: int, n: int, dev, group_size: int | None = 128) -> object:
     from quantkit.formats.int6 import pack_int6
     from quantkit.kernels.int8_reference import LowbitWeight
 
-    g = -(-k // 128)
+    g = -(-k // group_size) if group_size else 1
     qw = pack_int6(torch.randint(1, 64, (n, k), device=dev))
-    return LowbitWeight(6, k, n, qw, (torch.rand(g, n, device=dev) * 0.002 + 1e-4).half(), None, 128)
+    return LowbitWeight(6, k, n, qw, (torch.rand(g, n, device=dev) * 0.002 + 1e-4).half(), None, group_size)
 
 
 def _w4(k: int, n: int, dev) -> object:
@@ -75,17 +78,23 @@ def comet_bits(k: int, dev) -> torch.Tensor:
     return b
 
 
-def check_shape(k: int, n: int, w6, w4, bits, perm, dev) -> dict:
+def check_shape(k: int, n: int, w6, w4, bits, perm, dev, w6t=None) -> dict:
     """Relative error of the full linears vs the float64 torch reference, and vs bf16 output rounding."""
+    from quantkit.formats.act_int import fake_quant_act_int
     from quantkit.kernels import int8_gemm as kg
     from quantkit.kernels import int8_reference as ref
 
     out = {}
+    cases = [("w6a8", w6, 8, None), ("comet", w4, bits, perm)] + ([("w6a8_token", w6t, 8, "token")] if w6t else [])
     for m in (16, 256):
         x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
-        for name, w, ab, p in (("w6a8", w6, 8, None), ("comet", w4, bits, perm)):
-            y = kg.lowbit_linear(x, w, ab, p)
-            y_ref = ref.lowbit_linear_ref(x, w, ab, p, dtype=torch.float64)
+        for name, w, ab, p in cases:
+            if p == "token":
+                y = kg.lowbit_linear(x, w, ab, per_token=True)
+                y_ref = fake_quant_act_int(x.double(), ab, k) @ ref.dequantize(w).double().t()
+            else:
+                y = kg.lowbit_linear(x, w, ab, p)
+                y_ref = ref.lowbit_linear_ref(x, w, ab, p, dtype=torch.float64)
             rnd = ((y_ref.to(torch.bfloat16).double() - y_ref).norm() / y_ref.norm()).item()
             err = ((y.double() - y_ref).norm() / y_ref.norm()).item()
             out[f"{name}_M{m}"] = {"rel_err": err, "bf16_rounding": rnd, "ok": err < 2 * rnd + 1e-4}
@@ -108,12 +117,15 @@ def bench_shape(k: int, n: int, ms: list[int], l2: int, bw: float, dev, log) -> 
     perm = torch.randperm(k, device=dev).to(torch.int32)
     bits = comet_bits(k, dev)
     w6 = [_w6(k, n, dev)]
+    w6t = [_w6(k, n, dev, None)]
     w4 = [_w4(k, n, dev)]
-    checks = check_shape(k, n, w6[0], w4[0], bits, perm, dev)
+    checks = check_shape(k, n, w6[0], w4[0], bits, perm, dev, w6t[0])
     log(f"  check K={k} N={n}: " + ", ".join(f"{a}: {b['rel_err']:.2e} (bf16 {b['bf16_rounding']:.2e})"
                                                 for a, b in checks.items()))
     b6, b4 = _nbytes(w6[0]), _nbytes(w4[0])
     w6 += [_clone(w6[0]) for _ in range(_copies(b6, l2) - 1)]
+    b6t = _nbytes(w6t[0])
+    w6t += [_clone(w6t[0]) for _ in range(_copies(b6t, l2) - 1)]
     w4 += [_clone(w4[0]) for _ in range(_copies(b4, l2) - 1)]
     wb = [torch.randn(n, k, device=dev, dtype=torch.bfloat16) * 0.02]
     bb = wb[0].numel() * 2
@@ -132,6 +144,11 @@ def bench_shape(k: int, n: int, ms: list[int], l2: int, bw: float, dev, log) -> 
         qa, s, qs = kg.quantize_act(x, 8)
         add(m, "w6a8_gemm", time_rotated([lambda w=w: kg.lowbit_gemm(qa, s, qs, w) for w in w6]), len(w6), b6,
             m * k)
+        add(m, "w6a8_token", time_rotated([lambda w=w: kg.lowbit_linear(x, w, 8, per_token=True) for w in w6t]),
+            len(w6t), b6t, ab + 2 * m * k)
+        qat, st, qst = kg.quantize_act(x, 8, per_token=True)
+        add(m, "w6a8_token_gemm", time_rotated([lambda w=w: kg.lowbit_gemm(qat, st, qst, w, per_token=True)
+                                                for w in w6t]), len(w6t), b6t, m * k)
         add(m, "comet_linear", time_rotated([lambda w=w: kg.lowbit_linear(x, w, bits, perm) for w in w4]),
             len(w4), b4, ab + 2 * m * k)
         qa4, s4, qs4 = kg.quantize_act(x, bits, perm)
@@ -185,8 +202,9 @@ def summarize(rows: list[dict]) -> list[dict]:
     return out
 
 
-CONTENDERS = ["bf16", "int8_mm", "w6a8_linear", "w6a8_gemm", "comet_linear", "w4_gemm", "act_quant_a8",
-              "act_quant_comet"]
+CONTENDERS = ["bf16", "int8_mm", "w6a8_linear", "w6a8_gemm", "w6a8_token", "w6a8_token_gemm", "comet_linear",
+              "w4_gemm", "act_quant_a8", "act_quant_comet"]
+OURS = ("int8_mm", "w6a8_linear", "w6a8_gemm", "w6a8_token", "w6a8_token_gemm", "comet_linear", "w4_gemm")
 
 
 def table(summary: list[dict]) -> str:
@@ -195,15 +213,14 @@ def table(summary: list[dict]) -> str:
     for r in summary:
         by.setdefault((r["K"], r["N"], r["M"]), {})[r["contender"]] = r
     short = {"bf16": "bf16", "int8_mm": "int8mm", "w6a8_linear": "w6a8", "w6a8_gemm": "w6gemm",
-             "comet_linear": "comet", "w4_gemm": "w4gemm", "act_quant_a8": "actq8", "act_quant_comet": "actqC"}
+             "w6a8_token": "w6a8tok", "w6a8_token_gemm": "w6tokg", "comet_linear": "comet", "w4_gemm": "w4gemm",
+             "act_quant_a8": "actq8", "act_quant_comet": "actqC"}
     head = f"{'K':>6} {'N':>6} {'M':>5} " + " ".join(f"{short[c]:>8}" for c in CONTENDERS) + \
-        "  " + " ".join(f"{'/' + short[c]:>8}" for c in ("int8_mm", "w6a8_linear", "w6a8_gemm", "comet_linear",
-                                                          "w4_gemm"))
+        "  " + " ".join(f"{'/' + short[c]:>8}" for c in OURS)
     lines = [head, "-" * len(head)]
     for (k, n, m), d in sorted(by.items()):
         us = " ".join(f"{d[c]['us']:8.2f}" if c in d else f"{'-':>8}" for c in CONTENDERS)
-        rat = " ".join(f"{d[c]['vs_bf16']:8.3f}" if c in d and d[c]["vs_bf16"] else f"{'-':>8}"
-                       for c in ("int8_mm", "w6a8_linear", "w6a8_gemm", "comet_linear", "w4_gemm"))
+        rat = " ".join(f"{d[c]['vs_bf16']:8.3f}" if c in d and d[c]["vs_bf16"] else f"{'-':>8}" for c in OURS)
         lines.append(f"{k:>6} {n:>6} {m:>5} {us}  {rat}")
     return "\n".join(lines)
 

@@ -353,14 +353,16 @@ def _counters(device: torch.device, tiles: int) -> torch.Tensor:
 
 def lowbit_gemm(qa: torch.Tensor, a_scale: torch.Tensor, a_sum: torch.Tensor, w: LowbitWeight,
                 bias: torch.Tensor | None = None, out_dtype: torch.dtype = torch.bfloat16,
-                config: dict | None = None, path: str | None = None) -> torch.Tensor:
+                config: dict | None = None, path: str | None = None, per_token: bool = False) -> torch.Tensor:
     """(qa int8 [M, Kp], a_scale fp32 [M, G], a_sum int32 [M, G]) × LowbitWeight [N, K] → y [M, N] `out_dtype`.
 
     `config`: explicit meta-parameters (BLOCK_M, BLOCK_N, SPLIT_K, GROUP_M, num_warps, num_stages; the GEMV:
     BLOCK_N, SPLIT_K) instead of the autotuned choice (tests, the interpreter).
     `path`: "gemv" (dp4a on CUDA cores, M <= 16), "mma" (int8 tensor cores, weights unpacked per tile) or
     "prefill" (`int8_prefill`: weights unpacked to int8 once, then the GEMM; `config` then holds its BLOCK_M /
-    BLOCK_N); None: GEMV up to GEMV_MAX_M, prefill from PREFILL_MIN_M, else mma."""
+    BLOCK_N); None: GEMV up to GEMV_MAX_M, prefill from PREFILL_MIN_M, else mma.
+    `per_token`: a_scale is one scale per row repeated in every column (`quantize_act(per_token=True)`); with
+    per-channel weight scales the prefill GEMM then accumulates in int32 (int8_prefill: PLAIN)."""
     m = qa.shape[0]
     kb = w.blocks
     if qa.shape[1] != kb * ACT_GROUP or a_scale.shape != (m, kb) or a_sum.shape != (m, kb):
@@ -378,7 +380,7 @@ def lowbit_gemm(qa: torch.Tensor, a_scale: torch.Tensor, a_sum: torch.Tensor, w:
     if path == "prefill":
         from quantkit.kernels.int8_prefill import prefill_linear_gemm  # its kernels compile on first use
 
-        return prefill_linear_gemm(qa, a_scale, w, bias, out_dtype, config)
+        return prefill_linear_gemm(qa, a_scale, w, bias, out_dtype, config, per_token)
     gemv = path == "gemv"
     if gemv and m > 16:
         raise ValueError(f"the GEMV path serves M <= 16, got M = {m}")
@@ -427,7 +429,7 @@ def lowbit_linear(x: torch.Tensor, w: LowbitWeight, act_bits: int | torch.Tensor
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
     qa, s, qs = quantize_act(x2, act_bits, perm, per_token=per_token)
-    y = lowbit_gemm(qa, s, qs, w, bias, out_dtype=x.dtype)
+    y = lowbit_gemm(qa, s, qs, w, bias, out_dtype=x.dtype, per_token=per_token)
     return y.reshape(*lead, w.n)
 
 

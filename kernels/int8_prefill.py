@@ -21,7 +21,13 @@ unpacked 32 times and every K step waits on a register → shared-memory round t
                     producer and two consumer warp groups, but its results were wrong from M = 256 and it was
                     slower: 837 vs 721 us; experiments/bench_history/decode_notes.md.)
 
-Results equal `int8_gemm.lowbit_gemm` up to fp32 rounding order (same blocks, same order).
+Per-token activations with per-channel weight scales (`per_token`, WGB = 0: every block has the same a_scale and
+w_scale) take the kernels' PLAIN form: the int8 dots accumulate in int32 over the whole of K (|codes| <= 127·127
+per product, K < 2^17: no overflow) and the two scales are applied once in the epilogue. No per-block promotion
+in the K loop, so the wgmma chain is the loop's only work (the block-scaled form waits on every block's dot).
+
+Results equal `int8_gemm.lowbit_gemm` up to fp32 rounding order (same blocks, same order; PLAIN: the exact
+integer sum, rounded once).
 """
 
 from __future__ import annotations
@@ -102,15 +108,25 @@ def _store_tile(acc, ws_ptr, bias_ptr, out_ptr, offs_m, offs_n, M, N, stride_out
 @triton.jit
 def _gemm_kernel(qa_ptr, as_ptr, w_ptr, ws_ptr, bias_ptr, out_ptr, M, N, KB, stride_qa, stride_as, stride_w,
                  stride_out, MB, WGB: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
-                 BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+                 BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr, PLAIN: tl.constexpr = False):
     """Grid (cdiv(M, BLOCK_M)·cdiv(N, BLOCK_N),). qa int8 [M, KB·128], w int8 [N, KB·128] (signed codes),
-    ws fp32 [groups, N]."""
+    ws fp32 [groups, N]. PLAIN: one a_scale per row (column 0) and per-channel ws: int32 accumulation."""
     _, _, offs_m, offs_n = _tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     mmask = offs_m < M
     nmask = offs_n < N
     kk = tl.arange(0, 128)
     a_ptrs = qa_ptr + offs_m.to(tl.int64)[:, None] * stride_qa + kk[None, :]
     w_ptrs = w_ptr + offs_n.to(tl.int64)[:, None] * stride_w + kk[None, :]
+    if PLAIN:
+        acc_i = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
+        for b in range(KB):
+            a = tl.load(a_ptrs + b * 128, mask=mmask[:, None], other=0)
+            w = tl.load(w_ptrs + b * 128, mask=nmask[:, None], other=0)
+            acc_i = tl.dot(a, tl.trans(w), acc_i, out_dtype=tl.int32)
+        sa = tl.load(as_ptr + offs_m * stride_as, mask=mmask, other=0)
+        acc = acc_i.to(tl.float32) * sa[:, None]
+        _store_tile(acc, ws_ptr, bias_ptr, out_ptr, offs_m, offs_n, M, N, stride_out, WGB, HAS_BIAS)
+        return
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     # the scales of the next block are loaded one step ahead: their latency hides behind the dot
     sa, sw = _block_scales(0, KB, as_ptr, ws_ptr, offs_m, offs_n, M, N, stride_as, WGB)
@@ -128,7 +144,7 @@ def _gemm_kernel(qa_ptr, as_ptr, w_ptr, ws_ptr, bias_ptr, out_ptr, M, N, KB, str
 @triton.jit
 def _gemm_tma_kernel(qa_ptr, as_ptr, w_ptr, ws_ptr, bias_ptr, out_ptr, M, N, KB, stride_qa, stride_as, stride_w,
                      stride_out, MB, WGB: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
-                     BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+                     BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr, PLAIN: tl.constexpr = False):
     """`_gemm_kernel` with both int8 operands read by TMA (descriptors built in the kernel): the copy
     engine computes the addresses and zero-fills past M / N, so the K loop holds no pointer tiles or masks and
     the 64 x 128 tile needs fewer registers and issue slots (H200, M = 4096: 721 instead of 880 us).
@@ -141,6 +157,15 @@ def _gemm_tma_kernel(qa_ptr, as_ptr, w_ptr, ws_ptr, bias_ptr, out_ptr, M, N, KB,
     # scale rows / columns past the end are clamped rather than masked: they only reach masked-off outputs
     sa_ptrs = as_ptr + tl.minimum(offs_m, M - 1) * stride_as
     sw_ptrs = ws_ptr + tl.minimum(offs_n, N - 1)
+    if PLAIN:
+        acc_i = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
+        for b in range(KB):
+            a = a_desc.load([m0, b * 128])
+            w = w_desc.load([n0, b * 128])
+            acc_i = tl.dot(a, w.T, acc_i, out_dtype=tl.int32)
+        acc = acc_i.to(tl.float32) * tl.load(sa_ptrs)[:, None]
+        _store_tile(acc, ws_ptr, bias_ptr, out_ptr, offs_m, offs_n, M, N, stride_out, WGB, HAS_BIAS)
+        return
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for b in range(KB):
         a = a_desc.load([m0, b * 128])
@@ -188,11 +213,14 @@ def _tma_configs():
     # 5 stages 1369 (shared memory per CTA → CTAs per SM), 128x128 / 8 warps 1041, 64x256 / 8 warps 896,
     # 128x64 / 4 warps 988
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "GROUP_M": 8}, num_warps=w, num_stages=st)
-            for bm, bn, w, st in ((64, 128, 4, 3), (64, 128, 4, 2), (64, 64, 4, 3), (64, 256, 8, 3))]
+            for bm, bn, w, st in ((64, 128, 4, 3), (64, 128, 4, 2), (64, 64, 4, 3), (64, 256, 8, 3),
+                                  (128, 256, 8, 3), (128, 128, 8, 3))]  # the last two for the PLAIN form
 
 
-gemm_tuned = triton.autotune(_prefill_configs(), key=["MB", "N", "KB", "WGB"], do_bench=quick_bench)(_gemm_kernel)
-gemm_tma_tuned = triton.autotune(_tma_configs(), key=["MB", "N", "KB", "WGB"], do_bench=quick_bench)(_gemm_tma_kernel)
+gemm_tuned = triton.autotune(_prefill_configs(), key=["MB", "N", "KB", "WGB", "PLAIN"],
+                             do_bench=quick_bench)(_gemm_kernel)
+gemm_tma_tuned = triton.autotune(_tma_configs(), key=["MB", "N", "KB", "WGB", "PLAIN"],
+                                 do_bench=quick_bench)(_gemm_tma_kernel)
 
 # one int8 weight workspace per device, grown to the largest Linear seen (reused by every call: calls on one
 # stream are ordered, and the workspace is only read by the GEMM that follows its unpack)
@@ -230,15 +258,17 @@ def unpack_weight(w: LowbitWeight, out: torch.Tensor | None = None) -> torch.Ten
 def prefill_gemm(qa: torch.Tensor, a_scale: torch.Tensor, wt: torch.Tensor, w: LowbitWeight,
                  bias: torch.Tensor | None = None, out_dtype: torch.dtype = torch.bfloat16,
                  config: dict | None = None, w_scale: torch.Tensor | None = None,
-                 tma: bool | None = None) -> torch.Tensor:
+                 tma: bool | None = None, per_token: bool = False) -> torch.Tensor:
     """(qa int8 [M, Kp], a_scale fp32 [M, G]) × (wt = unpack_weight(w), int8 [N, Kp]) → y [M, N] `out_dtype`.
     `config`: explicit BLOCK_M, BLOCK_N (GROUP_M, num_warps, num_stages) instead of the autotuned choice;
-    `tma`: the TMA kernel (None: where `tma_available`)."""
+    `tma`: the TMA kernel (None: where `tma_available`); `per_token`: a_scale holds one scale per row (in every
+    column), which with a per-channel weight scale selects the kernels' PLAIN (int32-accumulating) form."""
     m = qa.shape[0]
     out = torch.empty(m, w.n, dtype=out_dtype, device=qa.device)
     if m == 0:
         return out
     wgb = (w.group_size // ACT_GROUP) if w.group_size else 0
+    plain = per_token and wgb == 0
     ws = scales_f32(w) if w_scale is None else w_scale
     if tma is None:
         tma = tma_available(qa.device)
@@ -251,16 +281,16 @@ def prefill_gemm(qa: torch.Tensor, a_scale: torch.Tensor, wt: torch.Tensor, w: L
         kernel, tuned = _gemm_kernel, gemm_tuned
     if config is None:
         tuned[lambda a: (triton.cdiv(m, a["BLOCK_M"]) * triton.cdiv(w.n, a["BLOCK_N"]),)](
-            *args, WGB=wgb, HAS_BIAS=bias is not None)
+            *args, WGB=wgb, HAS_BIAS=bias is not None, PLAIN=plain)
         return out
     c = {"BLOCK_M": 64, "BLOCK_N": 128, "GROUP_M": 8, "num_warps": 4, "num_stages": 3, **(config or {})}
     grid = (triton.cdiv(m, c["BLOCK_M"]) * triton.cdiv(w.n, c["BLOCK_N"]),)
-    kernel[grid](*args, WGB=wgb, HAS_BIAS=bias is not None, **c)
+    kernel[grid](*args, WGB=wgb, HAS_BIAS=bias is not None, PLAIN=plain, **c)
     return out
 
 
 def prefill_linear_gemm(qa: torch.Tensor, a_scale: torch.Tensor, w: LowbitWeight, bias: torch.Tensor | None,
-                        out_dtype: torch.dtype, config: dict | None = None) -> torch.Tensor:
+                        out_dtype: torch.dtype, config: dict | None = None, per_token: bool = False) -> torch.Tensor:
     """`int8_gemm.lowbit_gemm`'s large-M path: unpack into the device workspace, then the GEMM."""
     ws = workspace(qa.device, w.n * w.blocks * ACT_GROUP)[: w.n * w.blocks * ACT_GROUP].view(w.n, -1)
-    return prefill_gemm(qa, a_scale, unpack_weight(w, ws), w, bias, out_dtype, config)
+    return prefill_gemm(qa, a_scale, unpack_weight(w, ws), w, bias, out_dtype, config, per_token=per_token)

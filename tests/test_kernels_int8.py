@@ -219,7 +219,9 @@ def test_linear_per_token_matches_fake_quant(wcase):
         qa, s, qs = kg.quantize_act(x, 8, per_token=True)
         ys = [kg.lowbit_gemm(qa, s, qs, w, bias, out_dtype=torch.bfloat16, config=CONFIGS["m16-splitk2"]),
               kg.lowbit_gemm(qa, s, qs, w, bias, out_dtype=torch.bfloat16, config=PREFILL_CONFIGS["prefill"],
-                             path="prefill")]
+                             path="prefill"),
+              kg.lowbit_gemm(qa, s, qs, w, bias, out_dtype=torch.bfloat16, config=PREFILL_CONFIGS["prefill"],
+                             path="prefill", per_token=True)]
         if DEV == "cuda":  # the autotuned entry point (the interpreter cannot autotune)
             ys.append(kg.lowbit_linear(x, w, 8, None, bias, per_token=True))
         for y in ys:
@@ -286,6 +288,33 @@ def test_prefill_tma_kernel_matches_pointer_kernel(wcase):
             y1 = kp.prefill_gemm(qa, s, wt, w, bias=bias, out_dtype=torch.float32, config=cfg, tma=True)
             assert torch.equal(y0, y1)
     assert (y1.double() - ref.lowbit_gemm_ref(qa, s, w, bias=bias)).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("wcase", [(6, None, True), (4, None, False), (6, 128, True)], ids=_wid)
+def test_prefill_per_token_plain_form_exact(wcase):
+    """Per-token activations × per-channel weight scales: the prefill GEMM accumulates the int8 dots in int32
+    over all of K and scales once (PLAIN). With power-of-two scales and fp32 output every step is exact, so both
+    the pointer and the TMA kernel equal the reference bit for bit, and equal the block-scaled form. Grouped
+    weights (g128) keep the block-scaled form whatever `per_token` says."""
+    from quantkit.kernels import int8_prefill as kp
+
+    bits, gs, sym = wcase
+    k, n = 300, 40
+    w = _weight(bits, k, n, gs, sym, seed=13, pow2_scales=True)
+    wt = kp.unpack_weight(w)
+    g = torch.Generator().manual_seed(6)
+    for m in (3, 21):
+        qa = torch.zeros(m, w.blocks * 128, dtype=torch.int8)
+        qa[:, :k] = torch.randint(-127, 128, (m, k), generator=g).to(torch.int8)
+        qa = qa.to(DEV)
+        a_s = (2.0 ** torch.randint(-8, -2, (m, 1), generator=g).float()).expand(m, w.blocks).contiguous().to(DEV)
+        y_ref = ref.lowbit_gemm_ref(qa, a_s, w, dtype=torch.float64)
+        for cfg in PREFILL_CONFIGS.values():
+            for tma in (False, True):
+                y = kp.prefill_gemm(qa, a_s, wt, w, out_dtype=torch.float32, config=cfg, tma=tma, per_token=True)
+                assert torch.equal(y.double(), y_ref), (cfg, tma, m, (y.double() - y_ref).abs().max().item())
+                yb = kp.prefill_gemm(qa, a_s, wt, w, out_dtype=torch.float32, config=cfg, tma=tma)
+                assert torch.equal(y, yb)
 
 
 def test_prepare_and_supports():
