@@ -4,6 +4,8 @@
 #   profile  `quantkit bench latency` per-op prefill profile (eager and CUDA-graph replay) at PROMPTS for
 #            PROFILE_RECIPES (short decode: the prefill is what is looked at)
 #   sweep    experiments/device/prefill_gemm_sweep.py (weight-only GEMM paths and configs at M = 32..2048)
+#   variants experiments/device/prefill_gemm_sweep.py --variants (candidate fused kernels vs cuBLAS)
+#   int8     `python -m quantkit.eval.bench_int8_gemm` (activation-quantized GEMMs, INT8_MS)
 #   kernels  `quantkit bench kernels --ms 32,128,512,1024,2048` (the protocol's table, dispatch paths)
 #   latency  `quantkit bench latency` end to end at PROMPTS (LATENCY_RECIPES, LATENCY_ARGS)
 # Logs and JSON go to $OUT.
@@ -27,6 +29,12 @@ for step in ${STEPS:-tests profile sweep}; do
     sweep)   timeout ${SWEEP_TIMEOUT:-240} python3 experiments/device/prefill_gemm_sweep.py \
                --json "$OUT/sweep.json" --budget ${SWEEP_BUDGET:-170} > "$OUT/sweep.log" 2>&1
              sed -n '/best per/,$p' "$OUT/sweep.log"; grep -iE "error|Traceback" "$OUT/sweep.log" | head -5 ;;
+    variants) timeout ${VARIANTS_TIMEOUT:-150} python3 experiments/device/prefill_gemm_sweep.py --variants \
+               --json "$OUT/variants.json" --budget ${VARIANTS_BUDGET:-100} > "$OUT/variants.log" 2>&1
+             tail -30 "$OUT/variants.log" | cut -c1-200 ;;
+    int8)    timeout ${INT8_TIMEOUT:-200} python3 -m quantkit.eval.bench_int8_gemm --shapes ${INT8_SHAPES:-4096x14336} \
+               --ms ${INT8_MS:-1024,4096} --json "$OUT/int8_gemm.json" 2>&1 | grep -v "it/s\]" | tail -${INT8_TAIL:-12} \
+               | cut -c1-260 ;;
     kernels) timeout ${KERNELS_TIMEOUT:-200} python3 -m quantkit.eval.bench_kernels --ms 32,128,512,1024,2048 \
                --no-others --out "$OUT/kernels.json" 2>&1 | tail -25 ;;
     latency) for p in $PROMPTS; do

@@ -138,6 +138,8 @@ VARIANT_CFGS = [  # (kernel, BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, SWAP)
     ("tc", 128, 128, 64, 8, 3, False), ("tc", 128, 256, 64, 8, 3, False), ("tc", 128, 128, 64, 8, 3, True),
     ("tc", 256, 128, 64, 8, 3, True), ("tc", 128, 128, 64, 8, 4, True), ("tc", 128, 64, 64, 4, 4, True),
     ("rd", 128, 128, 64, 8, 3, True), ("rd", 256, 128, 64, 8, 3, True), ("rd", 128, 64, 64, 4, 4, True),
+    # slot-split (BLOCK_K fixed at 16·32/bits; the x permutation is timed with it)
+    ("slot", 128, 128, 0, 8, 3, True), ("slot", 256, 128, 0, 8, 3, True),
 ]
 
 
@@ -183,7 +185,7 @@ def variants_main(args):
                         us = time_rotated([lambda w_=w_: V.bf16_gemm(x, w_, cfg) for w_ in wb])
                         rows.append((name, us, None))
                         continue
-                    fn = V.tc_gemm if kern == "tc" else V.rd_gemm
+                    fn = {"tc": V.tc_gemm, "rd": V.rd_gemm, "slot": V.slot_gemm}[kern]
                     y = fn(p0, x, cfg).float()
                     err = float((y - ref).norm() / ref.norm())
                     if not err < 2e-2:

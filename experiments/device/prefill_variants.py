@@ -15,11 +15,14 @@ SWAP puts the weight in the A operand (registers on Hopper's wgmma), x^T as B.
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
 
 from quantkit.kernels.triton_common import grouped_tile
+from quantkit.kernels.wq_gemm import _f, _group_params, _top
 
 MAGIC = 0x4B000000  # bits of 2^23
 ONE = 0x3F800000  # bits of 1.0
@@ -259,4 +262,95 @@ def rd_gemm(p, x: torch.Tensor, cfg: dict) -> torch.Tensor:
     grid = (triton.cdiv(m, c["BLOCK_M"]) * triton.cdiv(p.n, c["BLOCK_N"]),)
     _rd_kernel[grid](x, p.q0, p.scales, p.zeros, out, m, p.n, p.k, x.stride(0), MAGIC, ONE, GS=p.gs, FMT=p.fmt,
                      BITS=p.bits, HAS_ZERO=p.has_zero, EVEN_K=p.k % c["BLOCK_K"] == 0, SWAP=True, **c)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Slot-split: one dot per code slot of a word, so that no join/reshape separates the load from the dot.
+# Word row r of the stored qweight holds codes k = r·PER .. r·PER + PER − 1 (PER = 32/bits). A K step reads
+# KW = 16 word rows ([BLOCK_N, 16] words, the weight as the A operand) and, for each slot j (a compile-time
+# shift), runs acc += W_j · X_j with W_j[n, i] = w[n, k0 + PER·i + j] and X_j[i, m] = x[m, k0 + PER·i + j].
+# Only elementwise ops (constant shifts, masks, one FFMA per field) lie between the word load and each dot, so
+# Triton loads the words from shared memory straight into the wgmma register layout (no layout conversion),
+# and the dequantization of slot j+1 overlaps the asynchronous wgmma of slot j. x is permuted once per call
+# (`slot_permute_x`) so that each X_j is a contiguous [16, BLOCK_M] tile: xp[m, k0 + j·16 + i] = x[m, k0 + PER·i + j].
+# BLOCK_K = 16·PER (int4: 128, int2: 256). Groups smaller than BLOCK_K take per-word-row group parameters.
+# Correct under TRITON_INTERPRET (int4 g128/g256, int2 g64/g256, hlq2 g64: bf16 output rounding). Compiled
+# offline for sm_90 with triton 3.6 (compile_offline.py) it does NOT become what the design wants:
+# - the words tile feeds 8 (int2: 16) elementwise chains, and Triton only hoists the dot-operand layout through
+#   single-use chains: the words are read from shared memory in a blocked layout and every slot's bf16 tile
+#   goes back through shared memory (local_alloc + local_load) before its dot;
+# - with several dots in one loop body every wgmma is followed by `warp_group_dot_wait {pendings = 0}`;
+# - each X_j is a separately pipelined load: int4 at BLOCK_M 128 needs 119 KB of shared memory, int2 230 KB
+#   (over the limit).
+# A single-dot, single-use chain (int8 codes, or uint8 nibble pairs split into two dots) does get the direct
+# shared → register load (probed offline). Kept so the GPU sweep can time it against the others.
+
+
+@triton.jit
+def _slot_kernel(x_ptr, q_ptr, s_ptr, z_ptr, out_ptr, M, N, K, stride_xm, ONE_ARG,
+                 GS: tl.constexpr, FMT: tl.constexpr, BITS: tl.constexpr, HAS_ZERO: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr,
+                 DOT_F32: tl.constexpr = False):
+    pid = tl.program_id(0)
+    pid_m, pid_n = grouped_tile(pid, M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    nm = offs_n < N
+    PER: tl.constexpr = 32 // BITS
+    KW: tl.constexpr = 16
+    BLOCK_K: tl.constexpr = KW * PER
+    ri = tl.arange(0, KW)
+    one = ONE_ARG.to(tl.uint32)
+    acc = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
+    for t in range(0, K // BLOCK_K):
+        k0 = t * BLOCK_K
+        rows = t * KW + ri
+        words = tl.load(q_ptr + rows[None, :] * N + offs_n[:, None], mask=nm[:, None], other=0)
+        words = words.to(tl.uint32, bitcast=True)
+        if GS >= BLOCK_K:
+            a0, a1, a2, a3, b = _group_params(s_ptr, z_ptr, k0 // GS, offs_n, N, FMT, BITS, HAS_ZERO)
+            a0 = a0[:, None]
+            a1 = a1[:, None]
+            b = b[:, None]
+        else:
+            g = (k0 + ri * PER) // GS
+            a0, a1, a2, a3, b = _group_params(s_ptr, z_ptr, g[None, :], offs_n[:, None], N, FMT, BITS, HAS_ZERO)
+        for j in tl.static_range(PER):
+            u = _top(words, j * BITS + BITS - 1)  # code j's top bit at bit 22
+            if FMT == 0:
+                w = b + a0 * _f(u, 23 - BITS, BITS, one)
+            else:  # hlq, 2 planes (plane 0 at bit 21, plane 1 at bit 22)
+                w = b + a0 * _f(u, 21, 1, one) + a1 * _f(u, 22, 1, one)
+            xt = tl.load(x_ptr + offs_m[None, :] * stride_xm + (k0 + j * KW + ri)[:, None],
+                         mask=offs_m[None, :] < M, other=0)
+            if DOT_F32:  # Triton's CPU interpreter: fp32 copies of the same bf16-exact operands
+                acc = tl.dot(w.to(xt.dtype).to(tl.float32), xt.to(tl.float32), acc, input_precision="ieee")
+            else:
+                acc = tl.dot(w.to(xt.dtype), xt, acc)
+    acc = tl.trans(acc)
+    mask = (offs_m[:, None] < M) & nm[None, :]
+    tl.store(out_ptr + offs_m[:, None] * N + offs_n[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def slot_permute_x(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """xp[m, k0 + j·16 + i] = x[m, k0 + PER·i + j] within each K step of 16·PER (PER = 32/bits)."""
+    per = 32 // bits
+    m, k = x.shape
+    return x.view(m, k // (16 * per), 16, per).transpose(2, 3).reshape(m, k)
+
+
+def slot_gemm(p, x: torch.Tensor, cfg: dict, xp: torch.Tensor | None = None) -> torch.Tensor:
+    """x [M, K] @ dequant(p)^T with `_slot_kernel` (2/4-bit int, 2-bit hlq; K a multiple of 16·32/bits)."""
+    assert p.bits in (2, 4) and p.gs > 0 and (p.fmt == 0 or p.bits == 2)
+    assert p.k % (16 * 32 // p.bits) == 0
+    m = x.shape[0]
+    if xp is None:
+        xp = slot_permute_x(x, p.bits)
+    out = torch.empty(m, p.n, dtype=x.dtype, device=x.device)
+    c = {k: v for k, v in cfg.items() if k not in ("SWAP", "BLOCK_K")}
+    c.setdefault("DOT_F32", os.environ.get("TRITON_INTERPRET") == "1")
+    grid = (triton.cdiv(m, c["BLOCK_M"]) * triton.cdiv(p.n, c["BLOCK_N"]),)
+    _slot_kernel[grid](xp, p.q0, p.scales, p.zeros, out, m, p.n, p.k, xp.stride(0), ONE, GS=p.gs, FMT=p.fmt,
+                       BITS=p.bits, HAS_ZERO=p.has_zero, **c)
     return out
