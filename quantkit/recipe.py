@@ -220,8 +220,9 @@ def _bits_and_group(d: dict, where: str, what: str, default_bits: int, limits: t
 
 def weights_from_dict(d: dict, where: str = "weights") -> WeightSpec:
     fmt = d.get("format", "int")
-    if fmt not in _FORMAT_LIMITS:
-        import quantkit.formats  # noqa: F401  (format modules register their limits on import)
+    # format modules register their limits and options on import; "int" is seeded above without its
+    # options, so import them whatever the format name
+    import quantkit.formats  # noqa: F401
     if fmt not in _FORMAT_LIMITS:
         raise _unknown_key(str(fmt), _FORMAT_LIMITS, f"{where}.format (a weight format)")
     lo, hi, min_group, opts = _FORMAT_LIMITS[fmt]

@@ -1,3 +1,6 @@
+import subprocess
+import sys
+
 import pytest
 
 from quantkit.errors import QuantkitError
@@ -15,6 +18,27 @@ def test_backbone_recipes_ship_and_parse():
         assert r.weights.format == "int" and not r.weights.symmetric
         assert r.method.name == name.split("-")[0]
     assert load_recipe("gptq-w2g64").weights.group_size == 64
+
+
+def _first_recipe_per_weight_format() -> list[str]:
+    import yaml
+
+    from quantkit.recipe import _shipped_dir
+
+    first: dict[str, str] = {}
+    for name in sorted(shipped_recipes()):
+        fmt = (yaml.safe_load((_shipped_dir() / f"{name}.yaml").read_text()).get("weights") or {}).get("format", "int")
+        first.setdefault(fmt, name)
+    return sorted(first.values())
+
+
+@pytest.mark.parametrize("name", _first_recipe_per_weight_format())
+def test_recipe_is_the_first_thing_a_process_reads(name):
+    """The CLI and the quality job may read a recipe before any format module is imported: each format's
+    options (`clip_search`, ...) must be known then. One fresh interpreter per weight format."""
+    code = f"import quantkit as qk; print(qk.load_recipe({name!r}).weights.format)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr.strip().splitlines()[-1:]
 
 
 def test_recipe_from_path(tmp_path):
