@@ -298,11 +298,43 @@ def t_comet(res: Results) -> str:
             name = r["recipe"].split(" ")[0]
             name = name if name.startswith("experiments/") else f"experiments/recipes/{name}.yaml"
             extra.append(dict(r, recipe=name))
+    older = {}
     for r in d["rows"] + extra:
         share = (r.get("int8_block_share") or {}).get("all") if isinstance(r.get("int8_block_share"), dict) else None
-        rows.append([_label(r), _ppl(r["ppl"]), _x(r["ppl"] / fp), _x(r["ppl"] / ref), _pct(share)])
+        changed = _method_change(r, _recipe_yaml(r["recipe"])) if r.get("method") else ""
+        if changed:
+            older[changed] = None
+        rows.append([_label(r) + (" \\*" if changed else ""), _ppl(r["ppl"]), _x(r["ppl"] / fp), _x(r["ppl"] / ref),
+                     _pct(share)])
     t = _table(["recipe", "PTB ppl", "× FP", "× w4a8-gptq", "INT8 activation blocks"], "lrrrr", rows)
-    return t + "\n\n" + res.source("comet_ptb")
+    note = ("\n\n\\* GPTQ settings older than the recipe's current ones (" + "; ".join(older) + "); the current "
+            "settings are measured on two texts in the next table." if older else "")
+    return t + note + "\n\n" + res.source("comet_ptb")
+
+
+def _recipe_yaml(name: str) -> dict:
+    """A shipped recipe's or an experiments/recipes file's YAML, as written."""
+    import quantkit.recipes as shipped
+
+    root = Path(__file__).resolve().parents[1]  # experiments/recipes/... are named from the repository root
+    path = root / name if name.endswith(".yaml") else Path(shipped.__file__).parent / f"{name}.yaml"
+    return yaml.safe_load(path.read_text())
+
+
+def t_comet_pair(res: Results) -> str:
+    """COMET against its own weights with INT8 activations, from the quality job (both texts)."""
+    q = res("quality")
+    texts = [t["dataset"] for t in q["texts"]]
+    fp = {ds: next(r for r in q["rows"] if r["recipe"] == "fp")["ppl"][ds] for ds in texts}
+    ref = {r.get("label"): r["ppl"] for r in q["rows"] if r["recipe"] == "w4a8-gptq" and r.get("seed") in (0, None)}
+    rows = []
+    for r in q["rows"]:
+        if r["recipe"] in ("w4a8-gptq", "comet-w4ax", "comet-w4a4kv4") and r.get("label") in ref:
+            base = ref[r.get("label")]
+            rows.append([_label(r)] + [c for ds in texts for c in (_ppl(r["ppl"][ds]), _x(r["ppl"][ds] / fp[ds]),
+                                                                   _x(r["ppl"][ds] / base[ds]))])
+    head = ["recipe"] + [f"{ds} {h}" for ds in texts for h in ("ppl", "× FP", "× w4a8-gptq")]
+    return _table(head, "l" + "rrr" * len(texts), rows) + "\n\n" + _quality_source(res, "quality")
 
 
 def t_kv4_bytes(res: Results) -> str:
@@ -526,7 +558,7 @@ def _quality_source(res: Results, name: str) -> str:
     d = res(name)
     env = d["env"]
     libs = ", ".join(f"{k} {env[k]}" for k in ("torch", "transformers", "numpy", "gensim") if env.get(k))
-    cmds = [d["command"]] + [c for c in d.get("commands", []) if c != d["command"]]
+    cmds = d.get("commands") or [d["command"]]  # a merged file lists every command; "command" joins them
     return (f"Source: `docs/results/{name}.json`: " + "; then ".join(f"`{c}`" for c in cmds)
             + f" ({libs}, {env.get('threads')} thread{'' if env.get('threads') == 1 else 's'}, "
             f"device {env.get('device')}).")
@@ -599,7 +631,7 @@ def t_peers(res: Results) -> str:
             f"Peers: `docs/results/peers.json`: `{p['command']}`.")
 
 
-TABLES.update({"quality": t_quality, "gptq-variants": t_gptq_variants, "peers": t_peers})
+TABLES.update({"quality": t_quality, "gptq-variants": t_gptq_variants, "peers": t_peers, "comet-pair": t_comet_pair})
 
 
 # -------------------------------------------------------------------------------------------- driver
