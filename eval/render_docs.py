@@ -534,12 +534,61 @@ def t_offload(res: Results) -> str:
     return t + "\n\n" + res.source("offload_gpu_h100", "offload_cpu")
 
 
+def t_kernels_act_prefill(res: Results) -> str:
+    """Activation-quantized GEMMs at prefill sizes on every Llama-3-8B Linear shape: the per-group forms against
+    the per-token one (int32 accumulation over all of K, scales once in the epilogue)."""
+    d = res("int8_gemm_h100")
+    by: dict[tuple, dict[str, float]] = {}
+    for r in d["rows"]:
+        by.setdefault((r["K"], r["N"], r["M"]), {})[r["contender"]] = r["us"]
+    rows = []
+    for (k, n, m), c in sorted(by.items()):
+        b = c["bf16"]
+
+        def cell(name, c=c, b=b):
+            v = c.get(name)
+            return f"{v:.1f} ({v / b:.2f})" if v is not None else "–"
+        rows.append([f"{k}×{n}", str(m), f"{b:.1f}", cell("w6a8_linear"), cell("w6a8_token"), cell("w6a8_token_gemm"),
+                     cell("comet_linear"), _f(c.get("act_quant_a8"), ".1f"), _f(c.get("act_quant_comet"), ".1f")])
+    t = _table(["K×N", "M", "cuBLAS bf16", "W6A8 per group, linear", "W6A8 per token, linear",
+                "W6A8 per token, GEMM only", "COMET W4A4/A8 linear", "INT8 quantize (per token)",
+                "COMET quantize (gather + blocks)"], "lrrrrrrrr", rows)
+    return (t + "\n\nµs per call, CUDA-graph replays over weight copies > 2.5× L2; linear: activation "
+            "quantization and GEMM; in parentheses × cuBLAS bf16 of the same run. " + res.source("int8_gemm_h100"))
+
+
+def _latency_rows(d: dict, variants=None) -> list[list[str]]:
+    return [[r["variant"], str(d["config"]["prompt"]), f"{r['prefill_tok_s']:,.0f}", _f(r["prefill_x"]),
+             f"{r['prefill_eager_tok_s']:,.0f}" if r.get("prefill_eager_tok_s") else "–", _f(r.get("prefill_eager_x")),
+             _f(r["decode_ms_per_token"], ".3f"), _f(r["decode_x"]), _f(r["peak_gib"])]
+            for r in d["summary"] if variants is None or r["variant"] in variants]
+
+
+LATENCY_HEAD = (["model", "prompt", "prefill tok/s", "× bf16", "eager prefill tok/s", "× bf16", "decode ms/token",
+                 "× bf16", "peak GiB"], "lrrrrrrrr")
+
+
+def t_latency_prefetch(res: Results) -> str:
+    t = _table(LATENCY_HEAD[0], LATENCY_HEAD[1], _latency_rows(res("latency_prefetch_p512_h100")))
+    return (t + "\n\nLlama-3-8B shape, random weights, batch 1, 128 new tokens, bfloat16, CUDA graphs, "
+            "torch.compile; the rows without a suffix run with the workspace prefetch on. "
+            + res.source("latency_prefetch_p512_h100"))
+
+
+def t_latency_act_prefill(res: Results) -> str:
+    t = _table(LATENCY_HEAD[0], LATENCY_HEAD[1], _latency_rows(res("latency_act_prefill_p2048_h100")))
+    return (t + "\n\nLlama-3-8B shape, random weights, batch 1, 128 new tokens, bfloat16, CUDA graphs, "
+            "torch.compile. " + res.source("latency_act_prefill_p2048_h100"))
+
+
 TABLES: dict[str, Callable[[Results], str]] = {
     "recipes": t_recipes, "recipe-list": t_recipe_list, "backbone": t_backbone, "hlq": t_hlq, "flexq": t_flexq, "int6-proxy": t_int6_proxy,
     "arcquant": t_arcquant, "arcquant-gemma3": t_arcquant_gemma3, "comet": t_comet, "kv4-bytes": t_kv4_bytes,
     "kv4-ppl": t_kv4_ppl, "kv4-generate": t_kv4_generate, "kernels-wq": t_kernels_wq, "kernels-act": t_kernels_act,
     "latency-wq": t_latency_wq, "latency-act": t_latency_act, "latency-prefill": t_latency_prefill,
     "prefill-profile": t_prefill_profile, "prefill-gemm": t_prefill_gemm, "offload": t_offload,
+    "kernels-act-prefill": t_kernels_act_prefill, "latency-prefetch": t_latency_prefetch,
+    "latency-act-prefill": t_latency_act_prefill,
 }
 
 
