@@ -680,7 +680,37 @@ def t_peers(res: Results) -> str:
             f"Peers: `docs/results/peers.json`: `{p['command']}`.")
 
 
-TABLES.update({"quality": t_quality, "gptq-variants": t_gptq_variants, "peers": t_peers, "comet-pair": t_comet_pair})
+def t_peers_brief(res: Results) -> str:
+    """The README's short form: the shipped W4/W3 GPTQ recipes as they are now (quality-job rows without a
+    label; mean ± sd over seeds) beside every peer row."""
+    q, p = res("quality"), res("peers")
+    texts = [t["dataset"] for t in q["texts"]]
+    fp = {ds: next(r for r in q["rows"] if r["recipe"] == "fp")["ppl"][ds] for ds in texts}
+    rows = []
+    for line, rs in _quality_rows(q).items():
+        if rs[0]["recipe"] in ("gptq-w4g128", "gptq-w3g128") and not rs[0].get("label"):
+            cells = []
+            for ds in texts:
+                m, sd = _seed_stats(rs, ds)
+                cells += [_pm(m, sd, _ppl), _x(m / fp[ds])]
+            rows.append((rs[0]["bits_per_weight"], f"quantkit `{line}`" + (f" ({len(rs)} seeds)" if len(rs) > 1 else ""),
+                         cells))
+    for r in p["rows"]:
+        v = r["peer"].get("versions", {})
+        lib = f"llm-compressor {v.get('llmcompressor')}" if r["peer"]["library"] == "llmc" else f"hqq {v.get('hqq')}"
+        rows.append((r["bits_per_weight"], f"{lib} `{r['config']}`",
+                     [c for ds in texts for c in (_ppl(r["ppl"][ds]), _x(r["ppl"][ds] / fp[ds]))]))
+    rows.sort(key=lambda x: -x[0])
+    head = ["method", "bits/weight"] + [h for ds in texts for h in (f"{ds} ppl", "× FP")]
+    t = _table(head, "lr" + "rr" * len(texts), [[name, _f(bits, ".3f"), *cells] for bits, name, cells in rows])
+    return (t + f"\n\nDemo model, PTB test (first {q['texts'][0]['windows']} windows) and enwiki (first "
+            f"{q['texts'][1]['windows']}), calibration {q['nsamples']} × {q['seq_len']} tokens of PTB train, the "
+            "same evaluator for every row; bits per weight as each library stores them (quantkit pads K = 576 to "
+            "whole groups of 128). Details and sources: docs/results.md.")
+
+
+TABLES.update({"quality": t_quality, "gptq-variants": t_gptq_variants, "peers": t_peers, "comet-pair": t_comet_pair,
+               "peers-brief": t_peers_brief})
 
 
 # -------------------------------------------------------------------------------------------- driver
