@@ -571,7 +571,7 @@ LATENCY_HEAD = (["model", "prompt", "prefill tok/s", "× bf16", "eager prefill t
 def t_latency_prefetch(res: Results) -> str:
     t = _table(LATENCY_HEAD[0], LATENCY_HEAD[1], _latency_rows(res("latency_prefetch_p512_h100")))
     return (t + "\n\nLlama-3-8B shape, random weights, batch 1, 128 new tokens, bfloat16, CUDA graphs, "
-            "torch.compile; the rows without a suffix run with the workspace prefetch on. "
+            "torch.compile; the quantized rows without a suffix run with the workspace prefetch on. "
             + res.source("latency_prefetch_p512_h100"))
 
 
