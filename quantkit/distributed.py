@@ -390,6 +390,9 @@ def launch(nproc: int, argv: list[str]) -> int:
                 return next(((int(p.stem[4:]), t) for p in found if (t := p.read_text().strip())), None)
 
             reported = first("txt")
+            # a worker stopped mid-update may leave its progress bar without a newline on the shared stderr:
+            # start on a fresh line so the error is a line of its own
+            print(file=sys.stderr, flush=True)
             if reported:
                 print(f"error: {reported[1]}", file=sys.stderr, flush=True)
                 return 2
