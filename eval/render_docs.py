@@ -325,7 +325,7 @@ def t_comet_pair(res: Results) -> str:
     """COMET against its own weights with INT8 activations, from the quality job (both texts)."""
     q = res("quality")
     texts = [t["dataset"] for t in q["texts"]]
-    fp = {ds: next(r for r in q["rows"] if r["recipe"] == "fp")["ppl"][ds] for ds in texts}
+    fp = {ds: _quality_rows(q)["fp"][0]["ppl"][ds] for ds in texts}
     ref = {r.get("label"): r["ppl"] for r in q["rows"] if r["recipe"] == "w4a8-gptq" and r.get("seed") in (0, None)}
     rows = []
     for r in q["rows"]:
@@ -653,6 +653,12 @@ def t_gptq_variants(res: Results) -> str:
 PEER_TWINS = ("gptq-w4g128", "gptq-w3g128", "hlq-w3g128")
 
 
+def _peer_library(row: dict) -> str:
+    """A peer row's library and version, as the peer's environment reported it."""
+    v = row["peer"].get("versions", {})
+    return f"llm-compressor {v.get('llmcompressor')}" if row["peer"]["library"] == "llmc" else f"hqq {v.get('hqq')}"
+
+
 def t_peers(res: Results) -> str:
     """quantkit's default GPTQ recipes beside the peers, by the same evaluator on the same windows."""
     q, p = res("quality"), res("peers")
@@ -667,10 +673,7 @@ def t_peers(res: Results) -> str:
             rs = [r for r in rs if r.get("seed") == 0] or rs
             rows.append((rs[0]["bits_per_weight"], f"quantkit {line}", rs[0]["ppl"]))
     for r in p["rows"]:
-        v = r["peer"].get("versions", {})
-        lib = (f"llm-compressor {v.get('llmcompressor')}" if r["peer"]["library"] == "llmc"
-               else f"hqq {v.get('hqq')}")
-        rows.append((r["bits_per_weight"], f"{lib}: `{r['config']}`", r["ppl"]))
+        rows.append((r["bits_per_weight"], f"{_peer_library(r)}: `{r['config']}`", r["ppl"]))
     rows.sort(key=lambda x: -x[0])
     head = ["method", "bits/weight"] + [f"{ds} ppl" if i % 2 == 0 else "× FP" for ds in texts for i in range(2)]
     body = [[name, _f(bits, ".3f")] + [c for ds in texts for c in (_ppl(ppl[ds]), _x(ppl[ds] / fp[ds]))]
@@ -685,7 +688,7 @@ def t_peers_brief(res: Results) -> str:
     label; mean ± sd over seeds) beside every peer row."""
     q, p = res("quality"), res("peers")
     texts = [t["dataset"] for t in q["texts"]]
-    fp = {ds: next(r for r in q["rows"] if r["recipe"] == "fp")["ppl"][ds] for ds in texts}
+    fp = {ds: _quality_rows(q)["fp"][0]["ppl"][ds] for ds in texts}
     rows = []
     for line, rs in _quality_rows(q).items():
         if rs[0]["recipe"] in ("gptq-w4g128", "gptq-w3g128") and not rs[0].get("label"):
@@ -696,9 +699,7 @@ def t_peers_brief(res: Results) -> str:
             rows.append((rs[0]["bits_per_weight"], f"quantkit `{line}`" + (f" ({len(rs)} seeds)" if len(rs) > 1 else ""),
                          cells))
     for r in p["rows"]:
-        v = r["peer"].get("versions", {})
-        lib = f"llm-compressor {v.get('llmcompressor')}" if r["peer"]["library"] == "llmc" else f"hqq {v.get('hqq')}"
-        rows.append((r["bits_per_weight"], f"{lib} `{r['config']}`",
+        rows.append((r["bits_per_weight"], f"{_peer_library(r)} `{r['config']}`",
                      [c for ds in texts for c in (_ppl(r["ppl"][ds]), _x(r["ppl"][ds] / fp[ds]))]))
     rows.sort(key=lambda x: -x[0])
     head = ["method", "bits/weight"] + [h for ds in texts for h in (f"{ds} ppl", "× FP")]
